@@ -1,0 +1,1 @@
+"""The broker daemon: session service, allocator and host assignment (control path only)."""

@@ -1,0 +1,37 @@
+"""Apply the allocator to Redis: forget lost hosts, compute targets, tell hosts what to run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import structlog
+
+from broker.allocator import Demand, place, targets
+from broker.store import BrokerStore
+
+log = structlog.get_logger(__name__)
+
+
+def reconcile(store: BrokerStore) -> None:
+    """One allocation round. Idempotent: with nothing changed it writes nothing."""
+    registered = store.hosts()
+    alive = store.alive(sorted(registered))
+    for host_id in sorted(set(registered) - alive):
+        log.warning("host_lost", host_id=host_id)
+        store.forget_host(host_id)
+    cores = {h: registered[h].cores for h in alive}
+    sessions = store.open_sessions()
+    wanted = targets(
+        sum(cores.values()),
+        [Demand(s.id, s.min_units, s.max_units, s.priority) for s in sessions],
+    )
+    current = store.assignments(sorted(alive))
+    new = place(cores, current, wanted)
+    for host_id, assignment in new.items():
+        if assignment != current.get(host_id, {}):
+            log.info("host_assigned", host_id=host_id, assignment=assignment)
+            store.set_assignments(host_id, assignment)
+    for s in sessions:
+        state = "running" if wanted.get(s.id, 0) > 0 else "queued"
+        if state != s.state:
+            store.save_session(dataclasses.replace(s, state=state))

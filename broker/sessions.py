@@ -1,0 +1,188 @@
+"""The session service: create / get / close / list sessions and attach client ids.
+
+Each operation takes the params dict of a `ControlRequest` and returns plain data for the
+`ControlReply`; user errors are raised as `SoafarmError`s and travel back to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import structlog
+
+from broker.store import BrokerStore
+from registration import Registry
+from soafarm.config import Settings, broker_settings_with
+from soafarm.errors import ConfigError, SessionClosed, SessionNotFound
+from soafarm.names import Names, check_client_id
+from soafarm.records import SessionRecord
+from soafarm.topology import request_queue, response_queue
+
+log = structlog.get_logger(__name__)
+
+RESOURCE_UNITS = ("core",)
+
+
+def _int_param(params: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, not {value!r}")
+    return value
+
+
+class SessionService:
+    """Answers control requests; owns session queues and records."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: BrokerStore,
+        registry: Registry,
+        channel: pika.adapters.blocking_connection.BlockingChannel,
+        on_change: Callable[[], None],
+    ) -> None:
+        """`on_change` is called after sessions change, so the allocator runs at once."""
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.channel = channel
+        self.names = Names(settings.namespace)
+        self.on_change = on_change
+
+    def handle(self, op: str, params: dict[str, Any]) -> Any:
+        """Run control operation `op`; unknown operations are a ConfigError."""
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "create": self.create,
+            "get": self.get,
+            "close": self.close,
+            "list": self.list_sessions,
+            "attach_client": self.attach_client,
+            "hosts": self.hosts,
+            "ping": lambda _p: {"namespace": self.settings.namespace},
+        }
+        if op not in handlers:
+            raise ConfigError(f"unknown control operation {op!r}; known: {', '.join(handlers)}")
+        return handlers[op](params)
+
+    def _session(self, params: dict[str, Any]) -> SessionRecord:
+        sid = _int_param(params, "session_id")
+        record = self.store.get_session(sid)
+        if record is None:
+            if self.store.was_closed(sid):
+                raise SessionClosed(f"session {sid} is closed")
+            raise SessionNotFound(
+                f"no session {sid} in namespace {self.settings.namespace!r} "
+                "(see `soafarm sessions list`)"
+            )
+        return record
+
+    def create(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Resolve the service, declare the session's queues, record it, allocate hosts."""
+        service = params.get("service")
+        if not isinstance(service, str) or not service:
+            raise ConfigError("service must be a non-empty string")
+        version = params.get("version")
+        if version is not None and not isinstance(version, str):
+            raise ConfigError(f"version must be a string like '1.0', not {version!r}")
+        registration = self.registry.resolve(service, version)
+        min_units = _int_param(params, "min_units", 1)
+        max_units = _int_param(params, "max_units", min_units)
+        if min_units < 0 or max_units < max(min_units, 1):
+            raise ConfigError(
+                f"need 0 <= min_units <= max_units and max_units >= 1 "
+                f"(got {min_units}..{max_units})"
+            )
+        unit = params.get("resource_unit", "core")
+        if unit not in RESOURCE_UNITS:
+            raise ConfigError(f"resource_unit {unit!r} is not supported; use: {RESOURCE_UNITS}")
+        overrides = params.get("broker_settings") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError("broker_settings must be a table of broker settings")
+        effective = broker_settings_with(
+            broker_settings_with(self.settings.broker, registration.broker, str(registration.path)),
+            overrides,
+            "SessionStartInfo.broker_settings",
+        )
+        sid = self.store.new_session_id()
+        record = SessionRecord(
+            id=sid,
+            service=registration.name,
+            version=registration.version,
+            state="queued",
+            min_units=min_units,
+            max_units=max_units,
+            priority=_int_param(params, "priority", 2000),
+            resource_unit=unit,
+            created=time.time(),
+            owner=str(params.get("owner", "")),
+            broker_settings=dataclasses.asdict(effective),
+            include_exception_detail_in_faults=registration.include_exception_detail_in_faults,
+            max_concurrent_calls=registration.max_concurrent_calls,
+        )
+        self.channel.queue_declare(**request_queue(self.names, sid).declare_kwargs())
+        self.store.save_session(record)
+        log.info("session_created", session_id=sid, service=registration.label,
+                 min_units=min_units, max_units=max_units)
+        self.on_change()
+        return self.describe(self.store.get_session(sid) or record)
+
+    def describe(self, record: SessionRecord) -> dict[str, Any]:
+        """The session record plus its live instances and clients, as plain data."""
+        out = dataclasses.asdict(record)
+        out["request_queue"] = self.names.request_queue(record.id)
+        out["instances"] = [dataclasses.asdict(i) for i in self.store.instances(record.id)]
+        out["clients"] = self.store.clients(record.id)
+        return out
+
+    def get(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One session's record, instances and clients."""
+        return self.describe(self._session(params))
+
+    def list_sessions(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every open session, optionally only those of one service."""
+        service = params.get("service")
+        return [
+            self.describe(r) for r in self.store.open_sessions()
+            if service is None or r.service == service
+        ]
+
+    def hosts(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every live worker host with its cores, assignments and heartbeat age."""
+        registered = self.store.hosts()
+        alive = self.store.alive(sorted(registered))
+        assignments = self.store.assignments(sorted(alive))
+        now = time.time()
+        return [
+            {
+                **dataclasses.asdict(registered[h]),
+                "assignments": {str(k): v for k, v in assignments[h].items()},
+                "uptime": round(now - registered[h].started, 1),
+            }
+            for h in sorted(alive)
+        ]
+
+    def attach_client(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Declare the response queue of a client id; returns its name."""
+        record = self._session(params)
+        client_id = check_client_id(str(params.get("client_id", "")))
+        spec = response_queue(self.names, record.id, client_id)
+        self.channel.queue_declare(**spec.declare_kwargs())
+        self.store.add_client(record.id, client_id)
+        return {"response_queue": spec.name, "request_queue": self.names.request_queue(record.id)}
+
+    def close(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Delete the session's queues and keys; its hosts are freed by the next allocation."""
+        record = self._session(params)
+        queues = [self.names.request_queue(record.id)] + [
+            self.names.response_queue(record.id, c) for c in self.store.clients(record.id)
+        ]
+        self.store.delete_session(record.id)
+        for q in queues:
+            self.channel.queue_delete(queue=q)
+        log.info("session_closed", session_id=record.id, service=record.service)
+        self.on_change()
+        return {"session_id": record.id, "state": "closed"}

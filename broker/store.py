@@ -1,0 +1,119 @@
+"""The broker daemon's view of Redis: sessions, hosts, assignments and instances."""
+
+from __future__ import annotations
+
+import redis
+
+from soafarm.names import Names
+from soafarm.records import HostRecord, InstanceRecord, SessionRecord
+
+CLOSED_TOMBSTONE_SECONDS = 7 * 24 * 3600
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class BrokerStore:
+    """Typed reads and writes of the broker's Redis state."""
+
+    def __init__(self, client: redis.Redis, names: Names) -> None:
+        """Use `client` for every key of `names`' namespace."""
+        self.r = client
+        self.names = names
+
+    # --- sessions -------------------------------------------------------------------------
+    def new_session_id(self) -> int:
+        """A fresh session id, unique in this namespace."""
+        return int(self.r.incr(self.names.session_counter_key))
+
+    def save_session(self, record: SessionRecord) -> None:
+        """Create or update a session record."""
+        pipe = self.r.pipeline()
+        pipe.set(self.names.session_key(record.id), record.to_json())
+        pipe.sadd(self.names.sessions_key, record.id)
+        pipe.execute()
+
+    def get_session(self, session_id: int) -> SessionRecord | None:
+        """The open session with this id, or None."""
+        raw = self.r.get(self.names.session_key(session_id))
+        return None if raw is None else SessionRecord.from_json(raw)
+
+    def was_closed(self, session_id: int) -> bool:
+        """True if this session existed and was closed (within the tombstone's lifetime)."""
+        return bool(self.r.exists(self.names.closed_session_key(session_id)))
+
+    def open_sessions(self) -> list[SessionRecord]:
+        """Every open session, oldest first."""
+        ids = sorted(int(x) for x in self.r.smembers(self.names.sessions_key))
+        if not ids:
+            return []
+        raws = self.r.mget([self.names.session_key(i) for i in ids])
+        return [SessionRecord.from_json(raw) for raw in raws if raw is not None]
+
+    def add_client(self, session_id: int, client_id: str) -> None:
+        """Remember a client id so its response queue is deleted with the session."""
+        self.r.sadd(self.names.session_clients_key(session_id), client_id)
+
+    def clients(self, session_id: int) -> list[str]:
+        """Client ids that have a response queue in this session."""
+        members = self.r.smembers(self.names.session_clients_key(session_id))
+        return sorted(_text(x) for x in members)
+
+    def instances(self, session_id: int) -> list[InstanceRecord]:
+        """Service instances currently serving this session."""
+        raws = self.r.hvals(self.names.session_instances_key(session_id))
+        return sorted((InstanceRecord.from_json(x) for x in raws), key=lambda i: i.id)
+
+    def delete_session(self, session_id: int) -> None:
+        """Drop every key of the session and leave a tombstone saying it was closed."""
+        n = self.names
+        pipe = self.r.pipeline()
+        pipe.srem(n.sessions_key, session_id)
+        pipe.delete(
+            n.session_key(session_id),
+            n.session_clients_key(session_id),
+            n.session_instances_key(session_id),
+        )
+        pipe.set(n.closed_session_key(session_id), "1", ex=CLOSED_TOMBSTONE_SECONDS)
+        pipe.execute()
+
+    # --- hosts ----------------------------------------------------------------------------
+    def hosts(self) -> dict[str, HostRecord]:
+        """Every registered host, alive or not."""
+        raw = self.r.hgetall(self.names.hosts_key)
+        return {_text(k): HostRecord.from_json(v) for k, v in raw.items()}
+
+    def alive(self, host_ids: list[str]) -> set[str]:
+        """The subset of `host_ids` whose heartbeat key still exists."""
+        pipe = self.r.pipeline()
+        for h in host_ids:
+            pipe.exists(self.names.host_heartbeat_key(h))
+        return {h for h, ok in zip(host_ids, pipe.execute(), strict=True) if ok}
+
+    def forget_host(self, host_id: str) -> None:
+        """Remove a lost host and its assignments."""
+        pipe = self.r.pipeline()
+        pipe.hdel(self.names.hosts_key, host_id)
+        pipe.delete(self.names.host_assignments_key(host_id), self.names.host_wake_key(host_id))
+        pipe.execute()
+
+    def assignments(self, host_ids: list[str]) -> dict[str, dict[int, int]]:
+        """Current assignments of each host."""
+        pipe = self.r.pipeline()
+        for h in host_ids:
+            pipe.hgetall(self.names.host_assignments_key(h))
+        return {
+            h: {int(k): int(v) for k, v in raw.items()}
+            for h, raw in zip(host_ids, pipe.execute(), strict=True)
+        }
+
+    def set_assignments(self, host_id: str, assignments: dict[int, int]) -> None:
+        """Replace a host's assignments and wake it so it applies them at once."""
+        key = self.names.host_assignments_key(host_id)
+        pipe = self.r.pipeline()
+        pipe.delete(key)
+        if assignments:
+            pipe.hset(key, mapping={str(k): v for k, v in assignments.items()})
+        pipe.rpush(self.names.host_wake_key(host_id), "1")
+        pipe.execute()

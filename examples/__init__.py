@@ -1,0 +1,1 @@
+"""Example services shipped with soafarm, each with its registration file (`<name>.toml`)."""

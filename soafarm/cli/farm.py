@@ -1,0 +1,129 @@
+"""Commands that run farm processes: broker, worker, up, demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from types import FrameType
+
+import click
+
+from soafarm.cli import cli, with_settings
+from soafarm.config import Settings
+from soafarm.errors import SoafarmError
+
+
+def _stop_on_signals(stop: object) -> None:
+    """Route SIGTERM and SIGINT to `stop()`, so daemons drain instead of dying mid-call."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop()  # type: ignore[operator]
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@cli.command()
+@with_settings
+def broker(settings: Settings) -> None:
+    """Run the broker daemon (session service and allocator) until SIGTERM or Ctrl-C."""
+    from broker.daemon import BrokerDaemon
+
+    daemon = BrokerDaemon(settings)
+    _stop_on_signals(daemon.stop)
+    daemon.run()
+
+
+@cli.command()
+@with_settings
+@click.option("--name", help="Host id (default: <hostname>-<pid>-<random>).")
+@click.option("--cores", type=click.IntRange(min=0), help="Cores to offer (default: all).")
+def worker(settings: Settings, name: str | None, cores: int | None) -> None:
+    """Run a worker host: register, heartbeat, run service instances it is assigned."""
+    from workers.host import WorkerHost
+
+    if cores is not None:
+        settings = settings.replace(worker=dataclasses.replace(settings.worker, cores=cores))
+    host = WorkerHost(settings, name)
+    _stop_on_signals(host.stop)
+    host.run()
+
+
+def _embedded(settings: Settings, enabled: bool):  # type: ignore[no-untyped-def]
+    from soafarm.embedded import EmbeddedServers
+
+    return EmbeddedServers(settings, enabled=enabled)
+
+
+@cli.command()
+@with_settings
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker hosts to start.")
+@click.option("--cores", default=0, type=click.IntRange(min=0),
+              help="Cores each worker host offers (default: all).")
+@click.option("--embedded/--no-embedded", default=True, show_default=True,
+              help="Start private RabbitMQ/Redis when none answers at a localhost URL.")
+def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
+    """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything."""
+    from soafarm.farm import LocalFarm
+
+    servers = _embedded(settings, embedded)
+    with servers as effective:
+        for line in servers.started:
+            click.echo(f"started {line} for the farm's lifetime", err=True)
+        farm = LocalFarm(effective, workers=workers, cores=cores)
+        farm.start()
+        click.echo(
+            f"soafarm is up: broker + {workers} worker host(s), namespace "
+            f"{effective.namespace!r}. Press Ctrl-C to stop.", err=True,
+        )
+        try:
+            farm.wait()
+        except KeyboardInterrupt:
+            click.echo("stopping...", err=True)
+        finally:
+            farm.stop()
+
+
+@cli.command()
+@with_settings
+@click.option("--requests", "count", default=20_000, show_default=True,
+              type=click.IntRange(min=1), help="Echo requests to send.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--embedded/--no-embedded", default=True, show_default=True,
+              help="Start private RabbitMQ/Redis when none answers at a localhost URL.")
+def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
+    """Start a farm, push echo requests through a session, print the throughput, stop."""
+    from soafarm.client import BrokerClient
+    from soafarm.farm import LocalFarm
+    from soafarm.session import Session, SessionStartInfo
+
+    servers = _embedded(settings, embedded)
+    with servers as reachable:
+        for line in servers.started:
+            click.echo(f"started {line} for this demo", err=True)
+        # a private namespace: the demo never touches another farm's sessions or hosts
+        effective = reachable.replace(namespace=f"{reachable.namespace}.demo-{os.getpid()}")
+        click.echo(f"starting a local farm ({workers} worker host(s))...")
+        with (
+            LocalFarm(effective, workers=workers),
+            Session.create(SessionStartInfo("echo"), effective) as session,
+        ):
+            units = sum(h["cores"] for h in session.control.call("hosts"))
+            session.wait_for_instances(units)
+            click.echo(f"session {session.id}: {units} echo service instance(s) ready; "
+                       f"sending {count:,} requests")
+            start = time.perf_counter()
+            with BrokerClient(session) as client:
+                for i in range(count):
+                    client.send_request("echo", f"hello {i}", user_data=i)
+                client.end_requests()
+                seen = [r.user_data for r in client.get_responses(timeout=60)
+                        if r.result.endswith(f":hello {r.user_data}")]
+            elapsed = time.perf_counter() - start
+        if sorted(seen) != list(range(count)):
+            raise SoafarmError(f"demo got {len(seen)} correct responses of {count}")
+        click.echo(f"{count:,} requests, every response received once, in {elapsed:.2f} s: "
+                   f"{count / elapsed:,.0f} requests/s end to end")

@@ -1,0 +1,76 @@
+"""Commands that read local configuration: `config show`, `services list|validate`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from soafarm.cli import cli, with_settings
+from soafarm.cli.output import emit_json, emit_table
+from soafarm.config import Settings
+from soafarm.errors import RegistrationError
+
+
+@cli.group()
+def config() -> None:
+    """Inspect the effective configuration."""
+
+
+@config.command("show")
+@with_settings
+def config_show(settings: Settings) -> None:
+    """Print every setting after file, environment and options (passwords masked), as JSON."""
+    emit_json(settings.as_dict())
+
+
+@cli.group()
+def services() -> None:
+    """List and validate service registration files."""
+
+
+@services.command("list")
+@with_settings
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def services_list(settings: Settings, as_json: bool) -> None:
+    """List registered services (name, version, entry point, file) and broken files."""
+    from registration import Registry
+
+    regs, problems = Registry(settings.service_registration_path).scan()
+    if as_json:
+        emit_json({
+            "services": [
+                {**dataclasses.asdict(r), "path": str(r.path),
+                 "python_path": [str(p) for p in r.python_path]}
+                for r in regs
+            ],
+            "problems": [{"path": str(p.path), "error": p.error} for p in problems],
+        })
+        return
+    emit_table(
+        "Registered services",
+        ["name", "version", "entry point", "file"],
+        [(r.name, r.version or "-", r.entry_point, r.path) for r in regs],
+    )
+    for p in problems:
+        click.echo(f"invalid: {p.error}", err=True)
+
+
+@services.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def services_validate(files: tuple[Path, ...]) -> None:
+    """Check registration files; exit 1 with one line per problem if any is invalid."""
+    from registration import parse_registration
+
+    bad = 0
+    for path in files:
+        try:
+            reg = parse_registration(path)
+        except RegistrationError as e:
+            click.echo(f"invalid: {e}", err=True)
+            bad += 1
+        else:
+            click.echo(f"ok: {path}: service {reg.label} -> {reg.entry_point}")
+    if bad:
+        raise RegistrationError(f"{bad} of {len(files)} registration file(s) invalid")

@@ -1,0 +1,91 @@
+"""Commands that ask the broker daemon: `sessions list|show|close`, `hosts`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from soafarm.cli import cli, with_settings
+from soafarm.cli.output import emit_json, emit_table
+from soafarm.config import Settings
+from soafarm.control import ControlClient
+
+
+def _call(settings: Settings, op: str, **params: Any) -> Any:
+    control = ControlClient(settings)
+    try:
+        return control.call(op, **params)
+    finally:
+        control.close()
+
+
+def _age(created: float) -> str:
+    seconds = int(time.time() - created)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds}s"
+
+
+@cli.group()
+def sessions() -> None:
+    """List, show and close sessions."""
+
+
+@sessions.command("list")
+@with_settings
+@click.option("--service", help="Only sessions of this service.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sessions_list(settings: Settings, service: str | None, as_json: bool) -> None:
+    """List open sessions with state, units and age."""
+    rows = _call(settings, "list", service=service)
+    if as_json:
+        emit_json(rows)
+        return
+    emit_table(
+        f"Sessions in namespace {settings.namespace!r}",
+        ["id", "service", "state", "instances", "units", "age", "owner"],
+        [
+            (s["id"], s["service"] + (f" {s['version']}" if s["version"] else ""), s["state"],
+             len(s["instances"]), f"{s['min_units']}..{s['max_units']}", _age(s["created"]),
+             s["owner"])
+            for s in rows
+        ],
+    )
+
+
+@sessions.command("show")
+@with_settings
+@click.argument("session_id", type=int)
+def sessions_show(settings: Settings, session_id: int) -> None:
+    """Print one session's record, instances and clients as JSON."""
+    emit_json(_call(settings, "get", session_id=session_id))
+
+
+@sessions.command("close")
+@with_settings
+@click.argument("session_id", type=int)
+def sessions_close(settings: Settings, session_id: int) -> None:
+    """Close a session: delete its queues and pending requests, free its hosts."""
+    _call(settings, "close", session_id=session_id)
+    click.echo(f"session {session_id} closed")
+
+
+@cli.command()
+@with_settings
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hosts(settings: Settings, as_json: bool) -> None:
+    """List live worker hosts with cores and the instances they run per session."""
+    rows = _call(settings, "hosts")
+    if as_json:
+        emit_json(rows)
+        return
+    emit_table(
+        f"Worker hosts in namespace {settings.namespace!r}",
+        ["id", "cores", "instances (session: n)", "uptime"],
+        [
+            (h["id"], h["cores"],
+             ", ".join(f"{k}: {v}" for k, v in h["assignments"].items()) or "-",
+             f"{h['uptime']:.0f}s")
+            for h in rows
+        ],
+    )

@@ -1,0 +1,248 @@
+"""BrokerClient: send requests to a session and get their responses back.
+
+Requests are buffered and sent together as one AMQP message (a batch) when the buffer holds
+`client.request_batch_size` requests, would pass `max_message_bytes`, or on `flush()`,
+`end_requests()` and `get_responses()`. Each request keeps its own id and user data, and each
+response is delivered to the caller exactly once, even if an instance ran it twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, Self
+
+from kombu import Consumer, Producer, Queue
+from kombu.message import Message
+
+from soafarm.connections import kombu_connection
+from soafarm.errors import DecodeError, ResponseTimeout, SessionError
+from soafarm.names import check_client_id
+from soafarm.protocol import (
+    BATCH_HEADER_ALLOWANCE,
+    CONTENT_TYPE,
+    Request,
+    Response,
+    ResponseBatch,
+    decode,
+    encode_request,
+    encode_request_batch,
+)
+from soafarm.session import Session
+
+RESPONSE_PREFETCH = 64
+
+
+class BrokerClient:
+    """One client id's batch of requests in a session, and its responses."""
+
+    def __init__(self, session: Session, client_id: str = "default") -> None:
+        """Attach `client_id` to the session (its response queue is declared by the broker)."""
+        self.session = session
+        self.settings = session.settings
+        self.client_id = check_client_id(client_id)
+        queues = session.control.call(
+            "attach_client", session_id=session.id, client_id=self.client_id
+        )
+        self.request_queue: str = queues["request_queue"]
+        self.response_queue: str = queues["response_queue"]
+        self.connection = kombu_connection(self.settings)
+        self.channel = self.connection.channel()
+        self.producer = Producer(self.channel)
+        self._buffer: list[bytes] = []
+        self._buffer_bytes = 0
+        self._next_id = 0
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()
+        self._ready: deque[Response] = deque()
+        self._sealed = False
+        self._consumer: Consumer | None = None
+        self._handler_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.duplicates = 0
+
+    # --- sending --------------------------------------------------------------------------
+    def send_request(self, op: str, *args: Any, user_data: Any = None, **kwargs: Any) -> int:
+        """Queue a call of operation `op`; returns the request id.
+
+        Raises EncodeError / MessageTooLarge at once (nothing is sent) if the request cannot
+        be encoded or is over `max_message_bytes`.
+        """
+        if self._sealed:
+            raise SessionError("end_requests() was called: this client's batch is sealed")
+        limit = self.settings.max_message_bytes
+        body = encode_request(Request(self._next_id, op, args, kwargs, user_data), limit)
+        if self._buffer and self._buffer_bytes + len(body) > limit - BATCH_HEADER_ALLOWANCE:
+            self.flush()
+        request_id = self._next_id
+        self._next_id += 1
+        self._buffer.append(body)
+        self._buffer_bytes += len(body)
+        with self._lock:
+            self._pending.add(request_id)
+        if len(self._buffer) >= self.settings.client.request_batch_size:
+            self.flush()
+        return request_id
+
+    def flush(self) -> None:
+        """Send the buffered requests now, as one message."""
+        if not self._buffer:
+            return
+        body = encode_request_batch(
+            self.session.id, self.client_id, self.response_queue, self._buffer
+        )
+        self.producer.publish(
+            body,
+            routing_key=self.request_queue,
+            exchange="",
+            content_type=CONTENT_TYPE,
+            content_encoding="binary",
+            delivery_mode=1,
+        )
+        self._buffer = []
+        self._buffer_bytes = 0
+
+    def end_requests(self) -> None:
+        """Send what is buffered and seal the batch: no more requests from this client."""
+        self.flush()
+        self._sealed = True
+
+    @property
+    def sent(self) -> int:
+        """How many requests this client has queued."""
+        return self._next_id
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent whose response has not been received yet."""
+        with self._lock:
+            return len(self._pending)
+
+    # --- receiving ------------------------------------------------------------------------
+    def _accept(self, body: bytes) -> list[Response]:
+        """Decode a response batch and keep only first-seen responses of this client."""
+        batch = decode(body, self.settings.max_message_bytes)
+        if not isinstance(batch, ResponseBatch):
+            raise DecodeError(f"expected a response batch, got {type(batch).__name__}")
+        fresh = []
+        with self._lock:
+            for response in batch.responses:
+                if response.id in self._pending:
+                    self._pending.remove(response.id)
+                    fresh.append(response)
+                else:
+                    self.duplicates += 1
+        return fresh
+
+    def _on_message(self, message: Message) -> None:
+        self._ready.extend(self._accept(message.body))
+        message.ack()
+
+    def _consume(self) -> None:
+        if self._consumer is None:
+            self._consumer = Consumer(
+                self.channel,
+                queues=[Queue(self.response_queue, no_declare=True)],
+                on_message=self._on_message,
+                accept=[CONTENT_TYPE],
+                prefetch_count=RESPONSE_PREFETCH,
+            )
+            self._consumer.consume()
+
+    def get_responses(self, timeout: float | None = None) -> Iterator[Response]:
+        """Yield the responses of every request sent so far, each once, in arrival order.
+
+        `timeout` is how many seconds to wait for the next response before raising
+        ResponseTimeout (None waits forever). Sends anything still buffered first.
+        """
+        if self._handler_thread is not None:
+            raise SessionError("a response handler is set; get_responses() cannot be used too")
+        self.flush()
+        self._consume()
+        while True:
+            while self._ready:
+                yield self._ready.popleft()
+            if not self.outstanding:
+                return
+            self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout_error(timeout or 0.0)
+            try:
+                self.connection.drain_events(timeout=min(left, 1.0))
+            except TimeoutError:
+                continue
+
+    def _timeout_error(self, timeout: float) -> ResponseTimeout:
+        try:
+            instances = len(self.session.status()["instances"])
+            where = f"session {self.session.id} has {instances} service instance(s)"
+        except Exception as e:  # the timeout is the error to report; status is a hint
+            where = f"session status unavailable ({e})"
+        return ResponseTimeout(
+            f"no response for {timeout:g}s; {self.outstanding} of {self.sent} requests still "
+            f"outstanding; {where}; are worker hosts running (`soafarm hosts`)?"
+        )
+
+    def set_response_handler(self, callback: Callable[[Response], None]) -> None:
+        """Call `callback(response)` for each response, on a background thread of its own.
+
+        Exceptions in the callback stop the handler; `close()` stops it too.
+        """
+        if self._handler_thread is not None or self._consumer is not None:
+            raise SessionError("responses are already being received by this client")
+        self.flush()
+        connection = kombu_connection(self.settings)
+
+        def on_message(message: Message) -> None:
+            for response in self._accept(message.body):
+                callback(response)
+            message.ack()
+
+        def loop() -> None:
+            with connection:
+                channel = connection.channel()
+                consumer = Consumer(
+                    channel, queues=[Queue(self.response_queue, no_declare=True)],
+                    on_message=on_message, accept=[CONTENT_TYPE],
+                    prefetch_count=RESPONSE_PREFETCH,
+                )
+                with consumer:
+                    while not self._stop.is_set():
+                        try:
+                            connection.drain_events(timeout=0.2)
+                        except TimeoutError:
+                            continue
+
+        self._handler_thread = threading.Thread(target=loop, name="responses", daemon=True)
+        self._handler_thread.start()
+
+    def close(self) -> None:
+        """Send what is buffered and release the connection (the session stays open)."""
+        try:
+            self.flush()
+        finally:
+            self._stop.set()
+            if self._handler_thread is not None:
+                self._handler_thread.join(timeout=5)
+            self.connection.release()
+
+    def __enter__(self) -> Self:
+        """Use as a context manager: the client closes on exit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the client."""
+        self.close()

@@ -1,0 +1,316 @@
+"""One typed settings object, loaded once: defaults < TOML file < `SOAFARM_*` env vars < options.
+
+Top-level keys map to `SOAFARM_<KEY>`; keys of a section map to `SOAFARM_<SECTION>_<KEY>`
+(for example `SOAFARM_BROKER_MESSAGE_RESEND_LIMIT`). Unknown keys in the file or the
+environment are rejected with the allowed names, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from soafarm.errors import ConfigError
+
+ENV_PREFIX = "SOAFARM_"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+MiB = 1024 * 1024
+
+
+def mask_url(url: str) -> str:
+    """Return `url` with its password replaced by `**`, safe for logs and error messages."""
+    return str(maybe_sanitize_url(url, mask="**"))
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Per-session broker policies, with the names and defaults of HPC Pack's seeds.
+
+    Times are in seconds. These can be overridden per service (registration `[broker]` table)
+    and per session (`SessionStartInfo.broker_settings`).
+    """
+
+    message_resend_limit: int = 3
+    service_operation_timeout: float = 86_400.0
+    client_connection_timeout: float = 300.0
+    client_idle_timeout: float = 300.0
+    session_idle_timeout: float = 0.0
+    message_throttle_start_threshold: int = 5_120
+    message_throttle_stop_threshold: int = 3_840
+    load_sampling_interval: float = 1.0
+    allocation_adjust_interval: float = 30.0
+    allocation_grow_load_ratio_threshold: int = 125
+    allocation_shrink_load_ratio_threshold: int = 75
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the client library talks to the farm."""
+
+    #: Requests sent close together travel in one AMQP message of at most this many requests.
+    request_batch_size: int = 100
+    #: Seconds to wait for the broker daemon to answer a control request (create, close...).
+    control_timeout: float = 10.0
+    #: Seconds to wait for a TCP connection to RabbitMQ before reporting it unreachable.
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker host registers and runs service instances."""
+
+    #: Cores this host offers; 0 means all cores of the machine.
+    cores: int = 0
+    #: Seconds between heartbeats written to Redis.
+    heartbeat_interval: float = 1.0
+    #: A host whose heartbeat is older than this many seconds is treated as lost.
+    host_timeout: float = 5.0
+
+    def effective_cores(self) -> int:
+        """The number of cores to offer: `cores`, or the machine's count when 0."""
+        return self.cores or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable in soafarm. Build it with `load_settings()`."""
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = "soafarm"
+    service_registration_path: tuple[Path, ...] = ()
+    max_message_bytes: int = 4 * MiB
+    log_format: str = "console"
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def __repr__(self) -> str:
+        shown = {**self.as_dict()}
+        inner = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return f"Settings({inner})"
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The AMQP URLs to try in order (failover): `amqp_url` split on `;`."""
+        return [u.strip() for u in self.amqp_url.split(";") if u.strip()]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict of every setting with secrets masked (for `soafarm config show`)."""
+        out = dataclasses.asdict(self)
+        out["amqp_url"] = ";".join(mask_url(u) for u in self.amqp_urls)
+        out["redis_url"] = mask_url(self.redis_url)
+        out["service_registration_path"] = [str(p) for p in self.service_registration_path]
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with top-level fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "broker": BrokerSettings,
+    "client": ClientSettings,
+    "worker": WorkerSettings,
+}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool | float):
+        raise ValueError(value)
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return value
+
+
+def _to_paths(value: Any) -> tuple[Path, ...]:
+    items = value.split(os.pathsep) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(value)
+    return tuple(Path(str(p)).expanduser() for p in items if str(p))
+
+
+_CONVERTERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Convert a TOML or env value to the annotated type, or raise ConfigError naming `where`."""
+    convert = _to_paths if typing.get_origin(kind) is tuple else _CONVERTERS.get(kind)
+    if convert is None:
+        raise ConfigError(f"{where}: unsupported setting type {kind!r}")
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", "list of paths")
+        raise ConfigError(f"{where}: expected {name}, got {value!r}") from None
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _apply(cls: type[Any], current: Any, values: Mapping[str, Any], where: str) -> Any:
+    """Return `current` (a dataclass) with `values` applied, rejecting unknown keys."""
+    types_ = _field_types(cls)
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in types_:
+            allowed = ", ".join(sorted(types_))
+            raise ConfigError(f"{where}: unknown setting {key!r}; allowed: {allowed}")
+        kind = types_[key]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: [{key}] must be a table")
+            changes[key] = _apply(kind, getattr(current, key), value, f"{where} [{key}]")
+        else:
+            changes[key] = _coerce(value, kind, f"{where}: {key}")
+    return dataclasses.replace(current, **changes)
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn `SOAFARM_*` variables into the nested dict shape of the TOML file."""
+    top = _field_types(Settings)
+    out: dict[str, Any] = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        section = next((s for s in _SECTIONS if key.startswith(s + "_")), None)
+        if section is not None and key[len(section) + 1 :] in _field_types(_SECTIONS[section]):
+            out.setdefault(section, {})[key[len(section) + 1 :]] = raw
+        elif key in top and key not in _SECTIONS:
+            out[key] = raw
+        else:
+            allowed = sorted(
+                [ENV_PREFIX + k.upper() for k in top if k not in _SECTIONS]
+                + [f"{ENV_PREFIX}{s.upper()}_<KEY>" for s in _SECTIONS]
+            )
+            raise ConfigError(f"unknown environment variable {var}; allowed: {', '.join(allowed)}")
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, turning every failure into a ConfigError that names the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings: defaults, then the TOML file, then env vars, then `overrides`.
+
+    `config_file` defaults to `$SOAFARM_CONFIG`; `overrides` are already-typed top-level values
+    (from CLI options); `None` values in it are ignored.
+    """
+    env = os.environ if environ is None else environ
+    settings = Settings()
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        settings = _apply(Settings, settings, read_toml(Path(path)), str(path))
+    settings = _apply(Settings, settings, _env_values(env), "environment")
+    if overrides:
+        settings = _apply(
+            Settings, settings, {k: v for k, v in overrides.items() if v is not None}, "options"
+        )
+    _validate(settings)
+    result: Settings = settings
+    return result
+
+
+def broker_settings_with(
+    base: BrokerSettings, values: Mapping[str, Any], where: str
+) -> BrokerSettings:
+    """`base` with per-service or per-session broker settings applied (unknown keys rejected)."""
+    result: BrokerSettings = _apply(BrokerSettings, base, values, where)
+    return result
+
+
+def _validate(settings: Settings) -> None:
+    if not settings.namespace or not all(c.isalnum() or c in "-_." for c in settings.namespace):
+        raise ConfigError(
+            f"namespace {settings.namespace!r} must be non-empty and use only letters, digits, "
+            "'-', '_' and '.'"
+        )
+    if settings.max_message_bytes < 1024:
+        raise ConfigError("max_message_bytes must be at least 1024")
+    if settings.client.request_batch_size < 1:
+        raise ConfigError("client.request_batch_size must be at least 1")
+    if settings.log_format not in {"console", "json"}:
+        raise ConfigError(f"log_format must be 'console' or 'json', not {settings.log_format!r}")
+
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`SOAFARM_*` variables that make `load_settings()` in a child process rebuild `settings`.
+
+    Used to start broker, worker and service-instance processes with exactly the parent's
+    effective settings (file, environment and options already applied).
+    """
+
+    def text(value: Any) -> str:
+        if isinstance(value, tuple):
+            return os.pathsep.join(str(p) for p in value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in _SECTIONS:
+            for sf in dataclasses.fields(value):
+                var = f"{ENV_PREFIX}{f.name.upper()}_{sf.name.upper()}"
+                out[var] = text(getattr(value, sf.name))
+        else:
+            out[f"{ENV_PREFIX}{f.name.upper()}"] = text(value)
+    return out
+
+
+def child_environment(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a soafarm child process: `base` (default os.environ) with every
+    `SOAFARM_*` variable replaced by those of `settings_env(settings)`."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(ENV_PREFIX)}
+    env.update(settings_env(settings))
+    return env

@@ -1,0 +1,85 @@
+"""Opening connections to RabbitMQ and Redis, with one clear error when they are unreachable.
+
+The client library uses kombu (failover across URLs, retry policies); the broker daemon and
+worker hosts use pika (explicit channels, tight consume loops). Both go through here so the
+error a user sees names the URL (password masked) and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pika
+import redis
+from kombu import Connection
+
+from soafarm.config import Settings, mask_url
+from soafarm.errors import ConnectionFailed
+
+RABBITMQ_HINT = (
+    "is RabbitMQ running? start it with `rabbitmq-server -detached`, or use `soafarm up`"
+)
+REDIS_HINT = "is Redis running? start it with `redis-server --daemonize yes`, or use `soafarm up`"
+
+
+def rabbitmq_unreachable(url: str, error: BaseException) -> ConnectionFailed:
+    """The error for a RabbitMQ URL that cannot be reached."""
+    why = str(error) or type(error).__name__
+    return ConnectionFailed(
+        f"cannot connect to RabbitMQ at {mask_url(url)}: {why}; {RABBITMQ_HINT}"
+    )
+
+
+def kombu_connection(settings: Settings) -> Connection:
+    """An open kombu connection to the first reachable AMQP URL (`;`-separated for failover)."""
+    conn = Connection(
+        settings.amqp_urls,
+        connect_timeout=settings.client.connect_timeout,
+        heartbeat=0,
+        transport_options={"max_retries": 1},
+    )
+    try:
+        conn.ensure_connection(max_retries=1, timeout=settings.client.connect_timeout)
+    except Exception as e:
+        conn.release()
+        raise rabbitmq_unreachable(settings.amqp_url, e) from None
+    return conn
+
+
+def pika_connection(settings: Settings, name: str) -> pika.BlockingConnection:
+    """An open pika connection to the first reachable AMQP URL; `name` shows in RabbitMQ."""
+    last: BaseException | None = None
+    for url in settings.amqp_urls:
+        params = pika.URLParameters(url)
+        params.client_properties = {"connection_name": name}
+        params.socket_timeout = settings.client.connect_timeout
+        params.blocked_connection_timeout = 300
+        try:
+            return pika.BlockingConnection(params)
+        except Exception as e:
+            last = e
+    assert last is not None
+    raise rabbitmq_unreachable(settings.amqp_url, last)
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client that has answered a PING, or ConnectionFailed naming the URL."""
+    try:
+        client: redis.Redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.client.connect_timeout,
+            health_check_interval=30,
+            decode_responses=False,
+        )
+        client.ping()
+    except (redis.RedisError, ValueError, OSError) as e:
+        raise ConnectionFailed(
+            f"cannot connect to Redis at {mask_url(settings.redis_url)}: {e}; {REDIS_HINT}"
+        ) from None
+    return client
+
+
+def amqp_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the AMQP connection is gone" for pika and kombu users alike."""
+    kinds: list[Any] = [pika.exceptions.AMQPError, ConnectionError, OSError]
+    return tuple(kinds)

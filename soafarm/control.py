@@ -1,0 +1,103 @@
+"""RPC to the broker daemon's session service over AMQP (the control path)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import uuid
+from typing import Any
+
+from kombu import Connection, Consumer, Producer, Queue
+from kombu.message import Message
+
+from soafarm import errors
+from soafarm.config import Settings, mask_url
+from soafarm.connections import kombu_connection
+from soafarm.errors import BrokerUnavailable, DecodeError, SoafarmError
+from soafarm.names import Names
+from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
+from soafarm.topology import control_queue
+
+
+def _error_class(name: str) -> type[SoafarmError]:
+    """Map an error name from the wire to a SoafarmError subclass (allow-list, never eval)."""
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, SoafarmError) and cls is not errors.ServiceFault:
+        return cls
+    return SoafarmError
+
+
+class ControlClient:
+    """A connection to the broker daemon: `call(op, **params)` returns its result or raises."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Connect to RabbitMQ (ConnectionFailed if unreachable) and open a reply queue."""
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.connection: Connection = kombu_connection(settings)
+        self.channel = self.connection.channel()
+        self.reply_queue = Queue(
+            f"{settings.namespace}.reply.{uuid.uuid4().hex}",
+            exclusive=True, auto_delete=True, channel=self.channel,
+        )
+        self.reply_queue.declare()
+        self.replies: dict[str, bytes] = {}
+        self.consumer = Consumer(
+            self.channel, queues=[self.reply_queue], on_message=self._on_reply, no_ack=True,
+            accept=[CONTENT_TYPE],
+        )
+        self.consumer.consume()
+        self.producer = Producer(self.channel)
+        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+
+    def _on_reply(self, message: Message) -> None:
+        self.replies[message.properties.get("correlation_id", "")] = message.body
+
+    def _broker_consumers(self) -> int:
+        spec = control_queue(self.names)
+        _name, _count, consumers = self.channel.queue_declare(**spec.declare_kwargs())
+        return int(consumers)
+
+    def call(self, op: str, timeout: float | None = None, **params: Any) -> Any:
+        """Send a control request; wait for the broker's reply up to `timeout` seconds."""
+        timeout = self.settings.client.control_timeout if timeout is None else timeout
+        where = (f"on queue {self.names.control_queue} at "
+                 f"{mask_url(self.settings.amqp_urls[0])}")
+        hint = "start one with `soafarm broker` or `soafarm up`"
+        if self._broker_consumers() == 0:
+            raise BrokerUnavailable(f"no broker daemon is running {where}; {hint}")
+        corr = uuid.uuid4().hex
+        self.producer.publish(
+            encode(ControlRequest(op, params)),
+            routing_key=self.names.control_queue,
+            exchange="",
+            content_type=CONTENT_TYPE,
+            content_encoding="binary",
+            reply_to=self.reply_queue.name,
+            correlation_id=corr,
+            delivery_mode=1,
+        )
+        deadline = time.monotonic() + timeout
+        while corr not in self.replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerUnavailable(
+                    f"the broker daemon did not answer {op!r} within {timeout:g}s {where}; "
+                    f"is it overloaded or stuck? check its log, or {hint}"
+                )
+            try:
+                self.connection.drain_events(timeout=min(left, 1.0))
+            except TimeoutError:
+                continue
+        reply = decode(self.replies.pop(corr), self.settings.max_message_bytes)
+        if not isinstance(reply, ControlReply):
+            raise DecodeError(f"expected a control reply, got {type(reply).__name__}")
+        if not reply.ok:
+            raise _error_class(reply.error_type)(reply.error)
+        return reply.result
+
+    def close(self) -> None:
+        """Close the connection (the reply queue goes with it)."""
+        with contextlib.suppress(Exception):  # a dead connection must not mask the caller's error
+            self.connection.release()

@@ -1,0 +1,96 @@
+"""The soafarm exception hierarchy: everything user-facing derives from `SoafarmError`.
+
+Each class carries a one-line message that says what is wrong and what to do; the CLI prints
+exactly that line and exits with the class's `exit_code`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+#: CLI exit codes (documented in docs/cli.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_INTERRUPTED = 130
+
+
+class SoafarmError(Exception):
+    """Root of every error soafarm raises on purpose."""
+
+    exit_code: ClassVar[int] = EXIT_ERROR
+
+
+class ConfigError(SoafarmError):
+    """A configuration file, environment variable or option is invalid."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConnectionFailed(SoafarmError):
+    """RabbitMQ or Redis could not be reached (the message names the masked URL)."""
+
+    exit_code = EXIT_CONNECT
+
+
+class BrokerUnavailable(ConnectionFailed):
+    """No broker daemon answered a control request in time."""
+
+
+class RegistrationError(SoafarmError):
+    """A service registration file is malformed, or a service cannot be resolved."""
+
+
+class ServiceNotFound(RegistrationError):
+    """No registration file matches the requested service name (and version)."""
+
+
+class SessionError(SoafarmError):
+    """A session operation failed."""
+
+
+class SessionNotFound(SessionError):
+    """No session has the given id."""
+
+
+class SessionClosed(SessionError):
+    """The session was closed; it cannot be used any more."""
+
+
+class ResponseTimeout(SessionError):
+    """Responses did not all arrive within the caller's timeout."""
+
+
+class PayloadError(SoafarmError):
+    """A message cannot be encoded, decoded, or is over the size limit."""
+
+
+class EncodeError(PayloadError):
+    """A value cannot be encoded with msgpack (only plain data crosses the wire)."""
+
+
+class DecodeError(PayloadError):
+    """Bytes from the wire are not a valid soafarm message."""
+
+
+class MessageTooLarge(PayloadError):
+    """A request or response is larger than `max_message_bytes`."""
+
+
+class ServiceFault(SoafarmError):
+    """A request failed in the service; raised by `Response.result`.
+
+    `fault_type` is the service exception's class name, `detail` the traceback when the
+    registration sets `include_exception_detail_in_faults`, else an empty string.
+    """
+
+    def __init__(self, fault_type: str, message: str, detail: str = "") -> None:
+        super().__init__(f"{fault_type}: {message}")
+        self.fault_type = fault_type
+        self.message = message
+        self.detail = detail
+
+
+class Shutdown(BaseException):
+    """Raised inside daemons to stop them; a BaseException so `except Exception` lets it by."""

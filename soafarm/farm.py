@@ -1,0 +1,112 @@
+"""A local farm: a broker daemon and worker hosts as child processes of this one.
+
+Used by `soafarm up` (foreground farm for a laptop or single server) and `soafarm demo`.
+The children are the same `soafarm broker` / `soafarm worker` commands an operator runs on
+separate machines, started with this process's effective settings.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from types import TracebackType
+from typing import Self
+
+import structlog
+
+from soafarm.config import Settings, child_environment
+from soafarm.control import ControlClient
+from soafarm.errors import BrokerUnavailable, SoafarmError
+
+log = structlog.get_logger(__name__)
+
+STOP_TIMEOUT = 45.0
+
+
+class LocalFarm:
+    """Broker + `workers` worker hosts (each offering `cores` cores; 0 = all)."""
+
+    def __init__(self, settings: Settings, workers: int = 1, cores: int = 0) -> None:
+        """Nothing starts until `start()`."""
+        self.settings = settings
+        self.workers = workers
+        self.cores = cores
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def _spawn(self, what: str, *args: str) -> None:
+        env = child_environment(self.settings)
+        if self.cores:
+            env["SOAFARM_WORKER_CORES"] = str(self.cores)
+        proc = subprocess.Popen([sys.executable, "-m", "soafarm", *args], env=env)
+        self.procs.append((what, proc))
+
+    def check(self) -> None:
+        """Raise if a child process has exited (it logged why on stderr)."""
+        for what, proc in self.procs:
+            code = proc.poll()
+            if code is not None:
+                raise SoafarmError(f"the farm's {what} exited with code {code}; see its log above")
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the broker, then the worker hosts; return once all have registered."""
+        self._spawn("broker", "broker")
+        for i in range(self.workers):
+            self._spawn(f"worker {i}", "worker")
+        deadline = time.monotonic() + timeout
+        control = None
+        try:
+            while True:
+                self.check()
+                try:
+                    control = control or ControlClient(self.settings)
+                    if len(control.call("hosts", timeout=5)) >= self.workers:
+                        break
+                except BrokerUnavailable:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SoafarmError(f"the local farm did not come up within {timeout:g}s")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            if control is not None:
+                control.close()
+        log.info("farm_started", workers=self.workers, namespace=self.settings.namespace)
+
+    def wait(self) -> None:
+        """Block until a child exits (or a signal interrupts), then raise if one did."""
+        while True:
+            self.check()
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop worker hosts first (they drain their instances), then the broker."""
+        for _what, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for what, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("farm_process_killed", process=what)
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> Self:
+        """Start the farm."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the farm."""
+        self.stop()

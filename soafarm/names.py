@@ -1,0 +1,91 @@
+"""Every RabbitMQ queue name and Redis key, built in one place so the namespace is applied once.
+
+AMQP names use `.` separators, Redis keys `:`; both start with the settings' namespace, which
+is how tests (and several farms on one RabbitMQ/Redis) stay isolated from each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from soafarm.errors import ConfigError
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def check_client_id(client_id: str) -> str:
+    """Return `client_id` if it is 1-64 characters of letters, digits, '-', '_' or '.'."""
+    if not 1 <= len(client_id) <= 64 or not set(client_id) <= _ID_CHARS:
+        raise ConfigError(
+            f"client id {client_id!r} must be 1-64 characters of letters, digits, '-', '_', '.'"
+        )
+    return client_id
+
+
+@dataclass(frozen=True)
+class Names:
+    """Queue and key names of one namespace."""
+
+    namespace: str
+
+    # --- RabbitMQ -------------------------------------------------------------------------
+    @property
+    def control_queue(self) -> str:
+        """The broker daemon's RPC queue (create / get / close / list sessions)."""
+        return f"{self.namespace}.control"
+
+    def request_queue(self, session_id: int) -> str:
+        """The queue that holds a session's request batches, consumed by its service instances."""
+        return f"{self.namespace}.session.{session_id}.requests"
+
+    def response_queue(self, session_id: int, client_id: str) -> str:
+        """The queue that holds the response batches of one client id of a session."""
+        return f"{self.namespace}.session.{session_id}.responses.{check_client_id(client_id)}"
+
+    def session_queue_prefix(self, session_id: int) -> str:
+        """Prefix shared by every queue of a session (used to find them on close)."""
+        return f"{self.namespace}.session.{session_id}."
+
+    # --- Redis ----------------------------------------------------------------------------
+    @property
+    def session_counter_key(self) -> str:
+        """INCR counter that hands out session ids."""
+        return f"{self.namespace}:session:next_id"
+
+    @property
+    def sessions_key(self) -> str:
+        """Set of the ids of open sessions."""
+        return f"{self.namespace}:sessions"
+
+    def session_key(self, session_id: int) -> str:
+        """Hash: the session record."""
+        return f"{self.namespace}:session:{session_id}"
+
+    def session_clients_key(self, session_id: int) -> str:
+        """Set of the client ids that declared a response queue in this session."""
+        return f"{self.namespace}:session:{session_id}:clients"
+
+    def session_instances_key(self, session_id: int) -> str:
+        """Hash: instance id -> JSON of the service instances serving this session."""
+        return f"{self.namespace}:session:{session_id}:instances"
+
+    def closed_session_key(self, session_id: int) -> str:
+        """Tombstone kept for a while after close, so attach can say "closed", not "unknown"."""
+        return f"{self.namespace}:session:{session_id}:closed"
+
+    @property
+    def hosts_key(self) -> str:
+        """Hash: host id -> JSON of the registered worker hosts."""
+        return f"{self.namespace}:hosts"
+
+    def host_heartbeat_key(self, host_id: str) -> str:
+        """String with a TTL: present while the host is alive."""
+        return f"{self.namespace}:host:{host_id}:heartbeat"
+
+    def host_assignments_key(self, host_id: str) -> str:
+        """Hash: session id -> number of service instances this host should run for it."""
+        return f"{self.namespace}:host:{host_id}:assignments"
+
+    def host_wake_key(self, host_id: str) -> str:
+        """List the broker pushes to so a host reconciles its assignments at once."""
+        return f"{self.namespace}:host:{host_id}:wake"

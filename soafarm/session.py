@@ -1,0 +1,136 @@
+"""Sessions: a client's handle on a service's pool of instances, created through the broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
+from soafarm.control import ControlClient
+from soafarm.errors import ConfigError, SessionError
+
+#: Sent for "no upper bound" on units: the allocator never gives more than the farm has.
+UNBOUNDED_UNITS = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class SessionStartInfo:
+    """What a session asks for: a service (and version), units, priority, broker settings.
+
+    `max_units=None` means as many units as the farm can give.
+    """
+
+    service: str
+    version: str | None = None
+    min_units: int = 1
+    max_units: int | None = None
+    resource_unit: str = "core"
+    priority: int = 2000
+    broker_settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Reject bad values now, with the field's name, rather than at the broker."""
+        if not self.service:
+            raise ConfigError("SessionStartInfo.service must name a registered service")
+        if self.min_units < 0:
+            raise ConfigError(f"SessionStartInfo.min_units must be >= 0, not {self.min_units}")
+        if self.max_units is not None and self.max_units < max(self.min_units, 1):
+            raise ConfigError(
+                f"SessionStartInfo.max_units ({self.max_units}) must be >= min_units "
+                f"({self.min_units}) and >= 1"
+            )
+        broker_settings_with(
+            BrokerSettings(), self.broker_settings, "SessionStartInfo.broker_settings"
+        )
+
+    def to_params(self, owner: str) -> dict[str, Any]:
+        """The `create` control request's parameters."""
+        return {
+            "service": self.service,
+            "version": self.version,
+            "min_units": self.min_units,
+            "max_units": UNBOUNDED_UNITS if self.max_units is None else self.max_units,
+            "resource_unit": self.resource_unit,
+            "priority": self.priority,
+            "broker_settings": dict(self.broker_settings),
+            "owner": owner,
+        }
+
+
+class Session:
+    """An open session. Use `Session.create(...)`; closing it frees its hosts and queues."""
+
+    def __init__(self, control: ControlClient, record: dict[str, Any], settings: Settings) -> None:
+        """Wrap a session the broker created; prefer `Session.create`."""
+        self.control = control
+        self.record = record
+        self.settings = settings
+        self.closed = False
+
+    @classmethod
+    def create(cls, info: SessionStartInfo, settings: Settings | None = None) -> Self:
+        """Ask the broker daemon for a new session; raises if none answers or the service is
+        unknown. `settings` default to `load_settings()` (the `SOAFARM_*` variables)."""
+        settings = settings or load_settings()
+        control = ControlClient(settings)
+        try:
+            record = control.call("create", **info.to_params(control.owner))
+        except BaseException:
+            control.close()
+            raise
+        return cls(control, record, settings)
+
+    @property
+    def id(self) -> int:
+        """The session id (give it to `soafarm sessions show`)."""
+        return int(self.record["id"])
+
+    @property
+    def service(self) -> str:
+        """The service name."""
+        return str(self.record["service"])
+
+    def status(self) -> dict[str, Any]:
+        """The session's record as the broker sees it now: state, instances, clients."""
+        self.record = self.control.call("get", session_id=self.id)
+        return self.record
+
+    def wait_for_instances(self, count: int, timeout: float = 60.0) -> int:
+        """Block until at least `count` service instances serve the session; return how many."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = len(self.status()["instances"])
+            if n >= count:
+                return n
+            if time.monotonic() >= deadline:
+                raise SessionError(
+                    f"session {self.id} has {n} of {count} service instances after {timeout:g}s; "
+                    "are worker hosts running (`soafarm hosts`)?"
+                )
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Close the session: its queues and pending requests are deleted, hosts freed."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.control.call("close", session_id=self.id)
+        finally:
+            self.control.close()
+
+    def __enter__(self) -> Self:
+        """Use as a context manager: the session closes on exit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the session."""
+        self.close()

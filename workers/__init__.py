@@ -1,0 +1,1 @@
+"""Worker hosts: register, heartbeat, and run service instances for assigned sessions."""

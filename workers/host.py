@@ -1,0 +1,174 @@
+"""The worker host agent: registers with cores and a heartbeat, runs assigned instances.
+
+The broker writes "session S: N instances" into this host's assignment hash in Redis and
+pushes to its wake list; the host reconciles its child processes at once (and at every
+heartbeat anyway), starting instances with `python -m workers.instance` and stopping extras
+with SIGTERM, which lets them finish and acknowledge what they hold (drain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+import structlog
+
+from soafarm.config import Settings, child_environment
+from soafarm.connections import redis_client
+from soafarm.names import Names
+from soafarm.records import HostRecord
+from workers.instance import InstanceSpec
+
+log = structlog.get_logger(__name__)
+
+STOP_GRACE_SECONDS = 30.0
+MAX_RESTART_DELAY = 30.0
+
+
+@dataclass
+class _SessionProcs:
+    """Instance processes of one session on this host, and its restart back-off."""
+
+    running: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    failures: int = 0
+    next_start: float = 0.0
+    counter: int = 0
+
+
+class WorkerHost:
+    """One worker host. `run()` blocks until `stop()` (or a signal)."""
+
+    def __init__(self, settings: Settings, name: str | None = None) -> None:
+        """Connect to Redis now, so a wrong URL fails fast with a clear error."""
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.hostname = socket.gethostname()
+        self.id = name or f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.cores = settings.worker.effective_cores()
+        self.redis = redis_client(settings)
+        self.sessions: dict[int, _SessionProcs] = {}
+        self.stopping_procs: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+        self.stopping = threading.Event()
+        self.env = child_environment(settings)
+
+    def stop(self) -> None:
+        """Ask `run()` to stop every instance (draining) and return."""
+        self.stopping.set()
+        with contextlib.suppress(redis.RedisError):  # best effort: the BLPOP times out anyway
+            self.redis.rpush(self.names.host_wake_key(self.id), "stop")
+
+    def _heartbeat(self) -> None:
+        record = HostRecord(self.id, self.hostname, os.getpid(), self.cores, self.started)
+        pipe = self.redis.pipeline()
+        pipe.hset(self.names.hosts_key, self.id, record.to_json())
+        pipe.set(
+            self.names.host_heartbeat_key(self.id), "1",
+            px=int(self.settings.worker.host_timeout * 1000),
+        )
+        pipe.execute()
+
+    def run(self) -> None:
+        """Heartbeat and reconcile until stopped; then drain and deregister."""
+        self.started = time.time()
+        wake = self.names.host_wake_key(self.id)
+        self._heartbeat()
+        log.info("host_started", host_id=self.id, cores=self.cores)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.redis.blpop([wake], timeout=self.settings.worker.heartbeat_interval)
+                    self.redis.delete(wake)
+                    self._heartbeat()
+                    raw = self.redis.hgetall(self.names.host_assignments_key(self.id))
+                    wanted = {int(k): int(v) for k, v in raw.items()}
+                except redis.RedisError as e:
+                    log.warning("redis_unreachable", error=str(e))
+                    self.stopping.wait(1.0)
+                    continue
+                if not self.stopping.is_set():
+                    self.reconcile(wanted)
+        finally:
+            self._shutdown()
+
+    def reconcile(self, wanted: dict[int, int]) -> None:
+        """Start or stop instance processes so each session has what `wanted` says."""
+        self._reap()
+        now = time.monotonic()
+        for sid in set(self.sessions) | set(wanted):
+            procs = self.sessions.setdefault(sid, _SessionProcs())
+            want = wanted.get(sid, 0)
+            while len(procs.running) > want:
+                iid, proc = procs.running.pop()
+                log.info("instance_stopping", instance=iid)
+                proc.send_signal(signal.SIGTERM)
+                self.stopping_procs.append((iid, sid, proc))
+            while len(procs.running) < want and now >= procs.next_start:
+                procs.running.append(self._start(sid, procs))
+            if want == 0 and not procs.running:
+                del self.sessions[sid]
+
+    def _start(self, sid: int, procs: _SessionProcs) -> tuple[str, subprocess.Popen[bytes]]:
+        iid = f"{self.id}.{sid}.{procs.counter}"
+        procs.counter += 1
+        spec = InstanceSpec(sid, iid, self.id, self.hostname)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.instance", spec.to_json()], env=self.env
+        )
+        log.info("instance_starting", instance=iid, pid=proc.pid)
+        return iid, proc
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for sid, procs in self.sessions.items():
+            for iid, proc in list(procs.running):
+                code = proc.poll()
+                if code is None:
+                    continue
+                procs.running.remove((iid, proc))
+                self.redis.hdel(self.names.session_instances_key(sid), iid)
+                procs.failures += 1
+                delay = min(2.0 ** (procs.failures - 1) - 1, MAX_RESTART_DELAY)
+                procs.next_start = now + delay
+                log.warning("instance_exited", instance=iid, code=code, restart_in=delay)
+        for entry in list(self.stopping_procs):
+            iid, sid, proc = entry
+            if proc.poll() is not None:
+                self.stopping_procs.remove(entry)
+                self.redis.hdel(self.names.session_instances_key(sid), iid)
+
+    def _shutdown(self) -> None:
+        procs = [p for s in self.sessions.values() for _, p in s.running]
+        procs += [p for _, _, p in self.stopping_procs]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("instance_killed", pid=p.pid)
+                p.kill()
+                p.wait()
+        try:
+            pipe = self.redis.pipeline()
+            pipe.hdel(self.names.hosts_key, self.id)
+            pipe.delete(
+                self.names.host_heartbeat_key(self.id),
+                self.names.host_assignments_key(self.id),
+                self.names.host_wake_key(self.id),
+            )
+            pipe.execute()
+        except redis.RedisError as e:
+            log.warning("deregister_failed", error=str(e))
+        log.info("host_stopped", host_id=self.id)
+

@@ -1,0 +1,229 @@
+"""A service instance: one process that loads a service and serves one session's requests.
+
+The pika I/O loop runs on the main thread (so heartbeats keep flowing during long calls);
+calls run on a worker thread, which hands each response publish and the final ack back to the
+I/O thread with `add_callback_threadsafe`. A batch is acknowledged only after all its
+responses are published, so a killed instance loses nothing: RabbitMQ redelivers the batch.
+
+Run as `python -m workers.instance '<spec json>'` by the worker host, with the farm's
+settings in `SOAFARM_*` variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import pika
+import structlog
+
+from registration import Registry
+from registration.registry import load_service_class
+from soafarm.config import Settings, load_settings
+from soafarm.connections import pika_connection, redis_client
+from soafarm.errors import DecodeError, SessionNotFound, SoafarmError
+from soafarm.logs import configure_logging
+from soafarm.names import Names
+from soafarm.protocol import (
+    BATCH_HEADER_ALLOWANCE,
+    CONTENT_TYPE,
+    RequestBatch,
+    decode,
+    encode_response_batch,
+)
+from soafarm.records import InstanceRecord, SessionRecord
+from soafarm.service import ServiceContext, construct, operations_of
+from workers.runner import CallRunner
+
+log = structlog.get_logger(__name__)
+
+#: Responses of a long batch are published at least this often (seconds), so progress flows.
+RESPONSE_LINGER = 0.05
+EXIT_LOAD_FAILED = 4
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What the worker host tells an instance process to serve."""
+
+    session_id: int
+    instance_id: str
+    host_id: str
+    hostname: str
+
+    def to_json(self) -> str:
+        """JSON for the command line."""
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> InstanceSpec:
+        """Parse `to_json`'s output."""
+        return cls(**json.loads(text))
+
+
+class ServiceInstance:
+    """Loads the session's service, then consumes its request queue until told to stop."""
+
+    def __init__(self, settings: Settings, spec: InstanceSpec) -> None:
+        """Nothing connects until `run()`."""
+        self.settings = settings
+        self.spec = spec
+        self.names = Names(settings.namespace)
+        self.stopping = threading.Event()
+        self.inbox: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        # deliveries received and not yet acknowledged; touched only on the I/O thread
+        self.held = 0
+
+    def stop(self) -> None:
+        """Stop taking new work; finish and acknowledge what is held, then exit."""
+        self.stopping.set()
+
+    def _load(self, record: SessionRecord) -> CallRunner:
+        registration = Registry(self.settings.service_registration_path).resolve(
+            record.service, record.version
+        )
+        os.environ.update(registration.environment)
+        cls = load_service_class(registration)
+        context = ServiceContext(
+            session_id=record.id,
+            host_name=self.spec.hostname,
+            instance_id=self.spec.instance_id,
+            service_name=registration.name,
+            service_version=registration.version,
+            environment=dict(registration.environment),
+        )
+        service = construct(cls, context)
+        return CallRunner(
+            service,
+            operations_of(cls),
+            record.include_exception_detail_in_faults,
+            self.settings.max_message_bytes,
+        )
+
+    def run(self) -> None:
+        """Serve until stopped or the session's queue disappears."""
+        r = redis_client(self.settings)
+        raw = r.get(self.names.session_key(self.spec.session_id))
+        if raw is None:
+            raise SessionNotFound(f"session {self.spec.session_id} no longer exists")
+        record = SessionRecord.from_json(raw)
+        runner = self._load(record)
+        connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+
+        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            self.held += 1
+            self.inbox.put((method.delivery_tag, body))
+
+        tag = channel.basic_consume(self.names.request_queue(record.id), on_message)
+        channel.add_on_cancel_callback(lambda _frame: self.stop())
+        worker = threading.Thread(
+            target=self._work, args=(runner, connection, channel), name="calls", daemon=True
+        )
+        worker.start()
+        instances_key = self.names.session_instances_key(record.id)
+        r.hset(instances_key, self.spec.instance_id, InstanceRecord(
+            self.spec.instance_id, self.spec.host_id, os.getpid(), time.time()).to_json())
+        log.info("instance_started", instance=self.spec.instance_id, service=record.service)
+        try:
+            while not self.stopping.is_set():
+                connection.process_data_events(time_limit=0.2)
+            if channel.is_open:
+                channel.basic_cancel(tag)
+            while self.held:  # drain: finish and ack what this instance holds
+                connection.process_data_events(time_limit=0.05)
+            connection.process_data_events(time_limit=0)
+        finally:
+            self.inbox.put(None)
+            r.hdel(instances_key, self.spec.instance_id)
+            if connection.is_open:
+                connection.close()
+            log.info("instance_stopped", instance=self.spec.instance_id)
+
+    def _work(
+        self,
+        runner: CallRunner,
+        connection: pika.BlockingConnection,
+        channel: pika.adapters.blocking_connection.BlockingChannel,
+    ) -> None:
+        limit = self.settings.max_message_bytes
+        props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1)
+
+        def publish(batch: RequestBatch, items: list[bytes]) -> None:
+            body = encode_response_batch(
+                batch.session_id, batch.client_id, self.spec.instance_id, items
+            )
+            channel.basic_publish("", batch.reply_to, body, props)
+
+        def finish(tag: int, batch: RequestBatch | None, items: list[bytes]) -> None:
+            if batch is None:
+                channel.basic_reject(tag, requeue=False)  # to the dead-letter queue, intact
+            else:
+                if items:
+                    publish(batch, items)
+                channel.basic_ack(tag)
+            self.held -= 1
+
+        while (item := self.inbox.get()) is not None:
+            tag, body = item
+            try:
+                message = decode(body, limit)
+                if not isinstance(message, RequestBatch):
+                    raise DecodeError(f"expected a request batch, got {type(message).__name__}")
+            except DecodeError as e:
+                log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
+                connection.add_callback_threadsafe(lambda t=tag: finish(t, None, []))
+                continue
+            pending: list[bytes] = []
+            size = 0
+            last = time.monotonic()
+            for request in message.requests:
+                encoded = runner.run(request)
+                if pending and size + len(encoded) > limit - BATCH_HEADER_ALLOWANCE:
+                    out, pending, size = pending, [], 0
+                    connection.add_callback_threadsafe(lambda b=message, o=out: publish(b, o))
+                pending.append(encoded)
+                size += len(encoded)
+                now = time.monotonic()
+                if now - last >= RESPONSE_LINGER:
+                    out, pending, size, last = pending, [], 0, now
+                    connection.add_callback_threadsafe(lambda b=message, o=out: publish(b, o))
+            connection.add_callback_threadsafe(
+                lambda t=tag, b=message, o=pending: finish(t, b, o)
+            )
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of an instance process; exit code 4 means the service failed to load."""
+    settings = load_settings()
+    configure_logging(settings.log_format)
+    spec = InstanceSpec.from_json(argv[0])
+    instance = ServiceInstance(settings, spec)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        instance.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        instance.run()
+    except SoafarmError as e:
+        log.error("instance_failed", instance=spec.instance_id, error=str(e))
+        return EXIT_LOAD_FAILED
+    except Exception as e:
+        log.exception("instance_failed", instance=spec.instance_id, error=repr(e))
+        return EXIT_LOAD_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
