@@ -34,7 +34,8 @@ def targets(capacity: int, demands: list[Demand]) -> dict[int, int]:
             left -= d.min_units
     # a session whose minimum is not met waits (queued) rather than run below it
     growing = [
-        d for d in order
+        d
+        for d in order
         if out[d.session_id] < d.max_units and (out[d.session_id] > 0 or d.min_units == 0)
     ]
     while left > 0 and growing:  # then share the rest evenly, highest priority first

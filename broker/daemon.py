@@ -74,9 +74,7 @@ class BrokerDaemon:
                 self.settings, self.store, self.registry, channel, self._mark_dirty
             )
 
-            def on_control(
-                ch: Any, method: Any, props: pika.BasicProperties, body: bytes
-            ) -> None:
+            def on_control(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
                 reply = self._answer(service, body)
                 if props.reply_to:
                     ch.basic_publish(

@@ -125,8 +125,13 @@ class SessionService:
         )
         self.channel.queue_declare(**request_queue(self.names, sid).declare_kwargs())
         self.store.save_session(record)
-        log.info("session_created", session_id=sid, service=registration.label,
-                 min_units=min_units, max_units=max_units)
+        log.info(
+            "session_created",
+            session_id=sid,
+            service=registration.label,
+            min_units=min_units,
+            max_units=max_units,
+        )
         self.on_change()
         return self.describe(self.store.get_session(sid) or record)
 
@@ -146,7 +151,8 @@ class SessionService:
         """Every open session, optionally only those of one service."""
         service = params.get("service")
         return [
-            self.describe(r) for r in self.store.open_sessions()
+            self.describe(r)
+            for r in self.store.open_sessions()
             if service is None or r.service == service
         ]
 

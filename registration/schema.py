@@ -76,7 +76,7 @@ _TOP_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "service_init_timeout": ((int, float), "number of seconds > 0"),
     "include_exception_detail_in_faults": (bool, "true or false"),
     "description": (str, "string"),
-    "environment": (dict, "table of NAME = \"value\""),
+    "environment": (dict, 'table of NAME = "value"'),
     "broker": (dict, "table of broker settings"),
 }
 

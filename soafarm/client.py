@@ -210,8 +210,10 @@ class BrokerClient:
             with connection:
                 channel = connection.channel()
                 consumer = Consumer(
-                    channel, queues=[Queue(self.response_queue, no_declare=True)],
-                    on_message=on_message, accept=[CONTENT_TYPE],
+                    channel,
+                    queues=[Queue(self.response_queue, no_declare=True)],
+                    on_message=on_message,
+                    accept=[CONTENT_TYPE],
                     prefetch_count=RESPONSE_PREFETCH,
                 )
                 with consumer:

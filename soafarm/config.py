@@ -280,7 +280,6 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"log_format must be 'console' or 'json', not {settings.log_format!r}")
 
 
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """`SOAFARM_*` variables that make `load_settings()` in a child process rebuild `settings`.
 
@@ -310,7 +309,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def child_environment(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a soafarm child process: `base` (default os.environ) with every
     `SOAFARM_*` variable replaced by those of `settings_env(settings)`."""
-    env = {k: v for k, v in (os.environ if base is None else base).items()
-           if not k.startswith(ENV_PREFIX)}
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith(ENV_PREFIX)
+    }
     env.update(settings_env(settings))
     return env

@@ -39,12 +39,17 @@ class ControlClient:
         self.channel = self.connection.channel()
         self.reply_queue = Queue(
             f"{settings.namespace}.reply.{uuid.uuid4().hex}",
-            exclusive=True, auto_delete=True, channel=self.channel,
+            exclusive=True,
+            auto_delete=True,
+            channel=self.channel,
         )
         self.reply_queue.declare()
         self.replies: dict[str, bytes] = {}
         self.consumer = Consumer(
-            self.channel, queues=[self.reply_queue], on_message=self._on_reply, no_ack=True,
+            self.channel,
+            queues=[self.reply_queue],
+            on_message=self._on_reply,
+            no_ack=True,
             accept=[CONTENT_TYPE],
         )
         self.consumer.consume()
@@ -62,8 +67,7 @@ class ControlClient:
     def call(self, op: str, timeout: float | None = None, **params: Any) -> Any:
         """Send a control request; wait for the broker's reply up to `timeout` seconds."""
         timeout = self.settings.client.control_timeout if timeout is None else timeout
-        where = (f"on queue {self.names.control_queue} at "
-                 f"{mask_url(self.settings.amqp_urls[0])}")
+        where = f"on queue {self.names.control_queue} at {mask_url(self.settings.amqp_urls[0])}"
         hint = "start one with `soafarm broker` or `soafarm up`"
         if self._broker_consumers() == 0:
             raise BrokerUnavailable(f"no broker daemon is running {where}; {hint}")

@@ -135,8 +135,14 @@ def encode_request(request: Request, limit: int) -> bytes:
 
     Only plain data (None, bool, int, float, str, bytes, lists, dicts) can be sent.
     """
-    item = [request.id, request.op, list(request.args), request.kwargs, request.user_data,
-            request.retries]
+    item = [
+        request.id,
+        request.op,
+        list(request.args),
+        request.kwargs,
+        request.user_data,
+        request.retries,
+    ]
     return check_size(_packb(item), limit, f"request {request.id} ({request.op})")
 
 
@@ -157,9 +163,7 @@ def encode_request_batch(
     session_id: int, client_id: str, reply_to: str, encoded_requests: list[bytes]
 ) -> bytes:
     """Join requests already encoded by `encode_request` into one batch body."""
-    return _join_batch(
-        (KIND_REQUESTS, VERSION, session_id, client_id, reply_to), encoded_requests
-    )
+    return _join_batch((KIND_REQUESTS, VERSION, session_id, client_id, reply_to), encoded_requests)
 
 
 def encode_response_batch(
@@ -179,13 +183,16 @@ def encode(message: Message) -> bytes:
         return encode_request_batch(message.session_id, message.client_id, message.reply_to, items)
     if isinstance(message, ResponseBatch):
         return encode_response_batch(
-            message.session_id, message.client_id, message.instance,
+            message.session_id,
+            message.client_id,
+            message.instance,
             [encode_response(r) for r in message.responses],
         )
     if isinstance(message, ControlRequest):
         return _packb([KIND_CONTROL, VERSION, message.op, message.params])
-    return _packb([KIND_CONTROL_REPLY, VERSION, message.ok, message.result, message.error_type,
-                   message.error])
+    return _packb(
+        [KIND_CONTROL_REPLY, VERSION, message.ok, message.result, message.error_type, message.error]
+    )
 
 
 def _response_item(r: Response) -> list[Any]:
@@ -235,20 +242,26 @@ def _build(data: Any) -> Message:
     if kind == KIND_REQUESTS:
         _check(len(data) == 6, "request batch")
         _, _, sid, cid, reply_to, items = data
-        _check(isinstance(sid, int) and isinstance(cid, str) and isinstance(reply_to, str),
-               "request batch header")
+        _check(
+            isinstance(sid, int) and isinstance(cid, str) and isinstance(reply_to, str),
+            "request batch header",
+        )
         _check(isinstance(items, list), "request list")
         return RequestBatch(sid, cid, reply_to, tuple(_request(i) for i in items))
     if kind == KIND_RESPONSES:
         _check(len(data) == 6, "response batch")
         _, _, sid, cid, instance, items = data
-        _check(isinstance(sid, int) and isinstance(cid, str) and isinstance(instance, str),
-               "response batch header")
+        _check(
+            isinstance(sid, int) and isinstance(cid, str) and isinstance(instance, str),
+            "response batch header",
+        )
         _check(isinstance(items, list), "response list")
         return ResponseBatch(sid, cid, instance, tuple(_response(i) for i in items))
     if kind == KIND_CONTROL:
-        _check(len(data) == 4 and isinstance(data[2], str) and isinstance(data[3], dict),
-               "control request")
+        _check(
+            len(data) == 4 and isinstance(data[2], str) and isinstance(data[3], dict),
+            "control request",
+        )
         return ControlRequest(data[2], data[3])
     if kind == KIND_CONTROL_REPLY:
         _check(len(data) == 6 and isinstance(data[2], bool), "control reply")

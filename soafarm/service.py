@@ -33,8 +33,9 @@ class ServiceContext:
 def operations_of(cls: type) -> frozenset[str]:
     """The operation names of a service class: its public callables."""
     return frozenset(
-        name for name, member in inspect.getmembers(cls) if not name.startswith("_")
-        and callable(member)
+        name
+        for name, member in inspect.getmembers(cls)
+        if not name.startswith("_") and callable(member)
     )
 
 

@@ -71,7 +71,8 @@ class WorkerHost:
         pipe = self.redis.pipeline()
         pipe.hset(self.names.hosts_key, self.id, record.to_json())
         pipe.set(
-            self.names.host_heartbeat_key(self.id), "1",
+            self.names.host_heartbeat_key(self.id),
+            "1",
             px=int(self.settings.worker.host_timeout * 1000),
         )
         pipe.execute()
@@ -171,4 +172,3 @@ class WorkerHost:
         except redis.RedisError as e:
             log.warning("deregister_failed", error=str(e))
         log.info("host_stopped", host_id=self.id)
-

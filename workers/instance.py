@@ -131,8 +131,13 @@ class ServiceInstance:
         )
         worker.start()
         instances_key = self.names.session_instances_key(record.id)
-        r.hset(instances_key, self.spec.instance_id, InstanceRecord(
-            self.spec.instance_id, self.spec.host_id, os.getpid(), time.time()).to_json())
+        r.hset(
+            instances_key,
+            self.spec.instance_id,
+            InstanceRecord(
+                self.spec.instance_id, self.spec.host_id, os.getpid(), time.time()
+            ).to_json(),
+        )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         try:
             while not self.stopping.is_set():
@@ -197,9 +202,7 @@ class ServiceInstance:
                 if now - last >= RESPONSE_LINGER:
                     out, pending, size, last = pending, [], 0, now
                     connection.add_callback_threadsafe(lambda b=message, o=out: publish(b, o))
-            connection.add_callback_threadsafe(
-                lambda t=tag, b=message, o=pending: finish(t, b, o)
-            )
+            connection.add_callback_threadsafe(lambda t=tag, b=message, o=pending: finish(t, b, o))
 
 
 def main(argv: list[str]) -> int:

@@ -39,13 +39,21 @@ class SoafarmGroup(click.Group):
 def with_settings(f: F) -> F:
     """Add the shared connection options and pass the loaded `Settings` as first argument."""
 
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                  help="TOML settings file [env: SOAFARM_CONFIG].")
+    @click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        help="TOML settings file [env: SOAFARM_CONFIG].",
+    )
     @click.option("--amqp-url", help="RabbitMQ URL(s), ';'-separated [env: SOAFARM_AMQP_URL].")
     @click.option("--redis-url", help="Redis URL [env: SOAFARM_REDIS_URL].")
     @click.option("--namespace", help="Prefix of every queue and key [env: SOAFARM_NAMESPACE].")
-    @click.option("--log-level", default="info", show_default=True,
-                  type=click.Choice(["debug", "info", "warning", "error"]))
+    @click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error"]),
+    )
     @functools.wraps(f)
     def wrapper(
         config_file: str | None,
@@ -76,6 +84,6 @@ def main() -> None:
     cli(prog_name="soafarm")
 
 
-from soafarm.cli import farm, info, sessions  # noqa: E402  (commands register on `cli`)
+from soafarm.cli import call, farm, info, sessions  # noqa: E402  (commands register on `cli`)
 
-__all__ = ["cli", "farm", "info", "main", "sessions", "with_settings"]
+__all__ = ["call", "cli", "farm", "info", "main", "sessions", "with_settings"]

@@ -12,6 +12,7 @@ import click
 
 from soafarm.cli import cli, with_settings
 from soafarm.config import Settings
+from soafarm.embedded import EmbeddedServers
 from soafarm.errors import SoafarmError
 
 
@@ -51,25 +52,32 @@ def worker(settings: Settings, name: str | None, cores: int | None) -> None:
     host.run()
 
 
-def _embedded(settings: Settings, enabled: bool):  # type: ignore[no-untyped-def]
-    from soafarm.embedded import EmbeddedServers
-
-    return EmbeddedServers(settings, enabled=enabled)
-
-
 @cli.command()
 @with_settings
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Worker hosts to start.")
-@click.option("--cores", default=0, type=click.IntRange(min=0),
-              help="Cores each worker host offers (default: all).")
-@click.option("--embedded/--no-embedded", default=True, show_default=True,
-              help="Start private RabbitMQ/Redis when none answers at a localhost URL.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker hosts to start.",
+)
+@click.option(
+    "--cores",
+    default=0,
+    type=click.IntRange(min=0),
+    help="Cores each worker host offers (default: all).",
+)
+@click.option(
+    "--embedded/--no-embedded",
+    default=True,
+    show_default=True,
+    help="Start private RabbitMQ/Redis when none answers at a localhost URL.",
+)
 def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
     """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything."""
     from soafarm.farm import LocalFarm
 
-    servers = _embedded(settings, embedded)
+    servers = EmbeddedServers(settings, enabled=embedded)
     with servers as effective:
         for line in servers.started:
             click.echo(f"started {line} for the farm's lifetime", err=True)
@@ -77,7 +85,8 @@ def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
         farm.start()
         click.echo(
             f"soafarm is up: broker + {workers} worker host(s), namespace "
-            f"{effective.namespace!r}. Press Ctrl-C to stop.", err=True,
+            f"{effective.namespace!r}. Press Ctrl-C to stop.",
+            err=True,
         )
         try:
             farm.wait()
@@ -89,18 +98,28 @@ def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
 
 @cli.command()
 @with_settings
-@click.option("--requests", "count", default=20_000, show_default=True,
-              type=click.IntRange(min=1), help="Echo requests to send.")
+@click.option(
+    "--requests",
+    "count",
+    default=20_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Echo requests to send.",
+)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--embedded/--no-embedded", default=True, show_default=True,
-              help="Start private RabbitMQ/Redis when none answers at a localhost URL.")
+@click.option(
+    "--embedded/--no-embedded",
+    default=True,
+    show_default=True,
+    help="Start private RabbitMQ/Redis when none answers at a localhost URL.",
+)
 def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
     """Start a farm, push echo requests through a session, print the throughput, stop."""
     from soafarm.client import BrokerClient
     from soafarm.farm import LocalFarm
     from soafarm.session import Session, SessionStartInfo
 
-    servers = _embedded(settings, embedded)
+    servers = EmbeddedServers(settings, enabled=embedded)
     with servers as reachable:
         for line in servers.started:
             click.echo(f"started {line} for this demo", err=True)
@@ -113,17 +132,24 @@ def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
         ):
             units = sum(h["cores"] for h in session.control.call("hosts"))
             session.wait_for_instances(units)
-            click.echo(f"session {session.id}: {units} echo service instance(s) ready; "
-                       f"sending {count:,} requests")
+            click.echo(
+                f"session {session.id}: {units} echo service instance(s) ready; "
+                f"sending {count:,} requests"
+            )
             start = time.perf_counter()
             with BrokerClient(session) as client:
                 for i in range(count):
                     client.send_request("echo", f"hello {i}", user_data=i)
                 client.end_requests()
-                seen = [r.user_data for r in client.get_responses(timeout=60)
-                        if r.result.endswith(f":hello {r.user_data}")]
+                seen = [
+                    r.user_data
+                    for r in client.get_responses(timeout=60)
+                    if r.result.endswith(f":hello {r.user_data}")
+                ]
             elapsed = time.perf_counter() - start
         if sorted(seen) != list(range(count)):
             raise SoafarmError(f"demo got {len(seen)} correct responses of {count}")
-        click.echo(f"{count:,} requests, every response received once, in {elapsed:.2f} s: "
-                   f"{count / elapsed:,.0f} requests/s end to end")
+        click.echo(
+            f"{count:,} requests, every response received once, in {elapsed:.2f} s: "
+            f"{count / elapsed:,.0f} requests/s end to end"
+        )

@@ -39,14 +39,19 @@ def services_list(settings: Settings, as_json: bool) -> None:
 
     regs, problems = Registry(settings.service_registration_path).scan()
     if as_json:
-        emit_json({
-            "services": [
-                {**dataclasses.asdict(r), "path": str(r.path),
-                 "python_path": [str(p) for p in r.python_path]}
-                for r in regs
-            ],
-            "problems": [{"path": str(p.path), "error": p.error} for p in problems],
-        })
+        emit_json(
+            {
+                "services": [
+                    {
+                        **dataclasses.asdict(r),
+                        "path": str(r.path),
+                        "python_path": [str(p) for p in r.python_path],
+                    }
+                    for r in regs
+                ],
+                "problems": [{"path": str(p.path), "error": p.error} for p in problems],
+            }
+        )
         return
     emit_table(
         "Registered services",

@@ -45,9 +45,15 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
         f"Sessions in namespace {settings.namespace!r}",
         ["id", "service", "state", "instances", "units", "age", "owner"],
         [
-            (s["id"], s["service"] + (f" {s['version']}" if s["version"] else ""), s["state"],
-             len(s["instances"]), f"{s['min_units']}..{s['max_units']}", _age(s["created"]),
-             s["owner"])
+            (
+                s["id"],
+                s["service"] + (f" {s['version']}" if s["version"] else ""),
+                s["state"],
+                len(s["instances"]),
+                f"{s['min_units']}..{s['max_units']}",
+                _age(s["created"]),
+                s["owner"],
+            )
             for s in rows
         ],
     )
@@ -83,9 +89,12 @@ def hosts(settings: Settings, as_json: bool) -> None:
         f"Worker hosts in namespace {settings.namespace!r}",
         ["id", "cores", "instances (session: n)", "uptime"],
         [
-            (h["id"], h["cores"],
-             ", ".join(f"{k}: {v}" for k, v in h["assignments"].items()) or "-",
-             f"{h['uptime']:.0f}s")
+            (
+                h["id"],
+                h["cores"],
+                ", ".join(f"{k}: {v}" for k, v in h["assignments"].items()) or "-",
+                f"{h['uptime']:.0f}s",
+            )
             for h in rows
         ],
     )

@@ -1,0 +1,320 @@
+"""Private RabbitMQ and Redis instances for `soafarm up` / `soafarm demo` on a bare machine.
+
+When nothing answers at a configured localhost URL and the server binary is installed, we start
+our own instance on a free port, with its data and logs in a temp dir, and point the settings at
+it. We only ever stop processes we started ourselves; a server that already answers is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pika
+import redis
+import structlog
+
+from soafarm.config import Settings
+from soafarm.errors import ConnectionFailed
+
+log = structlog.get_logger(__name__)
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+#: Debian's /usr/sbin/rabbitmq-* wrappers `su` to the rabbitmq user, which could neither write
+#: our private temp dir nor be signalled as our child, so we run the real scripts from here.
+RABBITMQ_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something accepts a TCP connection on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _local_endpoint(url: str, default_port: int) -> tuple[str, int] | None:
+    """(host, port) of `url` when its host is this machine, else None."""
+    parts = urlsplit(url)
+    if parts.hostname not in LOCAL_HOSTS:
+        return None
+    return parts.hostname or "localhost", parts.port or default_port
+
+
+def _script(name: str) -> str | None:
+    """Path of a server script we can run as our own child, or None if it is not installed."""
+    real = RABBITMQ_SCRIPTS / name
+    if name.startswith("rabbitmq") and real.is_file():
+        return str(real)
+    return shutil.which(name)
+
+
+@dataclass
+class _Server:
+    """A private server process we started, and how to talk to and stop it."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    url: str
+    probe: Callable[[], None]  # raises until the server answers
+    graceful_stop: Callable[[], None]
+
+
+class EmbeddedServers:
+    """Context manager. On enter, for each of RabbitMQ and Redis: if the configured URL's host is
+    localhost/127.0.0.1/::1 and nothing accepts a TCP connection on its host:port, and the server
+    binary is on PATH (rabbitmq-server / redis-server), start a private instance on a free port of
+    its own, with its own data directory under a temp dir, and wait until it answers. Returns
+    (from __enter__) the Settings with the URLs pointed at the private instances (unchanged where
+    the configured server answered). On exit, stop what it started (gracefully, then kill after a
+    deadline) and remove the temp dir. Never touches a server it did not start."""
+
+    def __init__(
+        self, settings: Settings, enabled: bool = True, startup_timeout: float = 60.0
+    ) -> None:
+        self.settings = settings
+        self.enabled = enabled
+        self.startup_timeout = startup_timeout
+        #: One human line per private server started.
+        self.started: list[str] = []
+        self.temp_dir: Path | None = None
+        self._servers: list[_Server] = []
+
+    def __enter__(self) -> Settings:
+        """Start what is missing and return the settings that point at it."""
+        if not self.enabled:
+            return self.settings
+        result = self.settings
+        try:
+            # Launch both first, then wait: their start-up times overlap.
+            if (redis_server := self._maybe_start_redis()) is not None:
+                result = result.replace(redis_url=redis_server.url)
+            if (rabbit := self._maybe_start_rabbitmq()) is not None:
+                result = result.replace(amqp_url=rabbit.url)
+            for server in self._servers:
+                self._wait_ready(server)
+        except BaseException:
+            # The temp dir is kept on failure: the error message points at the logs in it.
+            self._stop_all()
+            raise
+        return result
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop every server we started and remove the temp dir."""
+        self._stop_all()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+    def _dir(self, name: str) -> Path:
+        if self.temp_dir is None:
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="soafarm-embedded-"))
+        path = self.temp_dir / name
+        path.mkdir()
+        return path
+
+    def _launch(
+        self, argv: list[str], log_path: Path, env: dict[str, str] | None
+    ) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as out:  # the child keeps its own copy of the descriptor
+            # A session of its own, so the whole process tree can be signalled as one group.
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def _maybe_start_redis(self) -> _Server | None:
+        url = self.settings.redis_url
+        endpoint = _local_endpoint(url, 6379)
+        binary = _script("redis-server")
+        if endpoint is None or answers(*endpoint) or binary is None:
+            return None
+        port, data = free_port(), self._dir("redis")
+        log_path = data / "redis.log"
+        # Appending to the same file as --logfile: start-up errors on stderr land there too.
+        proc = self._launch(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data),
+                "--logfile",
+                str(log_path),
+            ],
+            log_path,
+            None,
+        )
+        db = urlsplit(url).path.strip("/") or "0"
+        # No credentials: the private server has no password, and AUTH would fail against it.
+        server = _Server(
+            "Redis",
+            proc,
+            port,
+            log_path,
+            f"redis://127.0.0.1:{port}/{db}",
+            lambda: _ping_redis(port),
+            proc.terminate,
+        )
+        self._servers.append(server)
+        return server
+
+    def _maybe_start_rabbitmq(self) -> _Server | None:
+        endpoints = [_local_endpoint(u, 5672) for u in self.settings.amqp_urls]
+        binary = _script("rabbitmq-server")
+        # With failover URLs, start ours only if every one is local and none answers.
+        if not endpoints or binary is None:
+            return None
+        if any(e is None or answers(*e) for e in endpoints):
+            return None
+        ctl = _script("rabbitmqctl")
+        base = self._dir("rabbitmq")
+        node = f"soafarm-{os.getpid()}-{secrets.token_hex(3)}@localhost"
+        with socket.socket() as a, socket.socket() as b:  # both open at once: two distinct ports
+            a.bind(("127.0.0.1", 0))
+            b.bind(("127.0.0.1", 0))
+            port, dist_port = a.getsockname()[1], b.getsockname()[1]
+        (base / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
+        (base / "rabbitmq-env.conf").write_text("")  # instead of the system node's NODENAME etc.
+        # The system rabbitmq.conf pins its listener to 5672, so we need a config file of our own.
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+        env = {
+            **os.environ,
+            "HOME": str(base),  # a private Erlang cookie, shared with our rabbitmqctl
+            "RABBITMQ_NODENAME": node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+        log_path = base / "console.log"
+        proc = self._launch([binary], log_path, env)
+
+        def stop() -> None:
+            # `rabbitmqctl stop` shuts the node down cleanly; SIGTERM to the start script (which
+            # forwards it to the VM) covers a missing rabbitmqctl or a node still booting.
+            done = (
+                ctl is not None
+                and subprocess.run(
+                    [ctl, "-n", node, "stop"],
+                    env=env,
+                    timeout=STOP_TIMEOUT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                ).returncode
+                == 0
+            )
+            if not done:
+                proc.terminate()
+
+        url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        server = _Server("RabbitMQ", proc, port, log_path, url, lambda: _open_amqp(url), stop)
+        self._servers.append(server)
+        return server
+
+    def _wait_ready(self, server: _Server) -> None:
+        began = time.monotonic()
+        deadline = began + self.startup_timeout
+        why = f"no answer within {self.startup_timeout:g}s"
+        while time.monotonic() < deadline:
+            if (code := server.proc.poll()) is not None:
+                why = f"exited with code {code}"
+                break
+            try:
+                server.probe()
+            except Exception as e:  # not up yet: keep polling until the deadline
+                why = f"no answer within {self.startup_timeout:g}s ({e or type(e).__name__})"
+                time.sleep(0.2)
+                continue
+            seconds = round(time.monotonic() - began, 2)
+            log.info(
+                "embedded_server_started",
+                server=server.name.lower(),
+                port=server.port,
+                seconds=seconds,
+                log=str(server.log_path),
+            )
+            self.started.append(
+                f"private {server.name} on 127.0.0.1:{server.port} "
+                f"(data in {server.log_path.parent})"
+            )
+            return
+        raise ConnectionFailed(
+            f"cannot start a private {server.name} on 127.0.0.1:{server.port}: "
+            f"{why}; see {server.log_path}"
+        )
+
+    def _stop_all(self) -> None:
+        while self._servers:
+            server = self._servers.pop()
+            _stop(server)
+
+
+def _ping_redis(port: int) -> None:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _open_amqp(url: str) -> None:
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = 2
+    pika.BlockingConnection(params).close()
+
+
+def _stop(server: _Server) -> None:
+    """Stop gracefully, then kill the process group after a deadline; never raises."""
+    proc = server.proc
+    if proc.poll() is None:
+        try:
+            server.graceful_stop()
+            proc.wait(STOP_TIMEOUT)
+        except (OSError, subprocess.SubprocessError):
+            log.warning("embedded_server_kill", server=server.name.lower(), port=server.port)
+            # Only while our child is alive is its pid still its (and its children's) group id.
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.info("embedded_server_stopped", server=server.name.lower(), port=server.port)

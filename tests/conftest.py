@@ -1,0 +1,79 @@
+"""Shared fixtures. Integration tests use the real RabbitMQ and Redis, each test in its own
+namespace (queue and key prefix), which it deletes afterwards; nothing shared is flushed."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+import redis
+
+from soafarm.config import Settings, load_settings
+from soafarm.farm import LocalFarm
+from soafarm.names import Names
+
+START_HINT = (
+    "integration tests need the real servers: start RabbitMQ with `rabbitmq-server -detached && "
+    "rabbitmqctl await_startup` and Redis with `redis-server --daemonize yes --bind 127.0.0.1 "
+    "--port 6379 --save '' --appendonly no` (or run .ci/run, which does both)"
+)
+
+
+def _base_settings() -> Settings:
+    # tests never depend on the developer's own SOAFARM_* variables
+    return load_settings(environ={})
+
+
+@pytest.fixture(scope="session")
+def servers() -> None:
+    """Fail loudly (never skip) when RabbitMQ or Redis is not reachable."""
+    s = _base_settings()
+    try:
+        redis.Redis.from_url(s.redis_url, socket_connect_timeout=2).ping()
+        pika.BlockingConnection(pika.URLParameters(s.amqp_url)).close()
+    except Exception as e:
+        pytest.fail(f"{type(e).__name__}: {e}; {START_HINT}", pytrace=False)
+
+
+def _delete_namespace(settings: Settings) -> None:
+    names = Names(settings.namespace)
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = list(r.scan_iter(match=f"{settings.namespace}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+    for queue in (names.control_queue, f"{settings.namespace}.dead-letters"):
+        channel.queue_delete(queue=queue)
+    conn.close()
+
+
+@pytest.fixture
+def settings(servers: None, tmp_path: Path) -> Iterator[Settings]:
+    """Settings in a fresh namespace, with `tmp_path/services` on the registration path."""
+    (tmp_path / "services").mkdir()
+    s = _base_settings().replace(
+        namespace=f"test-{uuid.uuid4().hex[:10]}",
+        service_registration_path=(tmp_path / "services",),
+    )
+    yield s
+    _delete_namespace(s)
+
+
+@pytest.fixture
+def farm(settings: Settings) -> Iterator[LocalFarm]:
+    """A broker and one 2-core worker host in the test's namespace."""
+    with LocalFarm(settings, workers=1, cores=2) as running:
+        yield running
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """Environment for running the `soafarm` CLI as a subprocess against `settings`."""
+    from soafarm.config import child_environment
+
+    return child_environment(settings, os.environ)

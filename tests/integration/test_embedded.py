@@ -1,0 +1,121 @@
+"""Private RabbitMQ / Redis servers started by `EmbeddedServers`, against the real binaries."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pika
+import pytest
+import redis
+
+from soafarm.config import Settings
+from soafarm.embedded import EmbeddedServers, answers, free_port
+from soafarm.errors import ConnectionFailed
+
+pytestmark = pytest.mark.integration
+
+
+def require_binaries() -> None:
+    """The embedded servers are a promise of `soafarm up`: test them, never skip them."""
+    assert shutil.which("redis-server"), "redis-server is not installed (apt-get install redis)"
+    assert (
+        shutil.which("rabbitmq-server") or Path("/usr/lib/rabbitmq/bin/rabbitmq-server").is_file()
+    ), "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+
+
+def port_of(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None
+    return port
+
+
+@pytest.fixture
+def real_servers(servers: None) -> Settings:
+    """Default settings, whose localhost RabbitMQ and Redis are running (else the suite fails)."""
+    require_binaries()
+    return Settings()
+
+
+def test_private_redis_started_and_stopped(real_servers: Settings) -> None:
+    dead = free_port()
+    settings = real_servers.replace(redis_url=f"redis://127.0.0.1:{dead}/3")
+    servers = EmbeddedServers(settings)
+    with servers as effective:
+        port = port_of(effective.redis_url)
+        assert effective.redis_url == f"redis://127.0.0.1:{port}/3"
+        assert effective.amqp_url == settings.amqp_url  # the real RabbitMQ answered
+        assert len(servers.started) == 1
+        assert f"private Redis on 127.0.0.1:{port}" in servers.started[0]
+        client = redis.Redis.from_url(effective.redis_url)
+        try:
+            assert client.ping()
+            client.set("k", "v")
+            assert client.get("k") == b"v"
+        finally:
+            client.close()
+        temp_dir = servers.temp_dir
+        assert temp_dir is not None
+        assert temp_dir.is_dir()
+    assert not answers("127.0.0.1", port)
+    assert not temp_dir.exists()
+
+
+def test_private_rabbitmq_started_and_stopped(real_servers: Settings) -> None:
+    dead = free_port()
+    settings = real_servers.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{dead}/")
+    servers = EmbeddedServers(settings)
+    with servers as effective:
+        port = port_of(effective.amqp_url)
+        assert effective.amqp_url == f"amqp://guest:guest@127.0.0.1:{port}/"
+        assert effective.redis_url == settings.redis_url  # the real Redis answered
+        assert len(servers.started) == 1
+        assert f"private RabbitMQ on 127.0.0.1:{port}" in servers.started[0]
+        conn = pika.BlockingConnection(pika.URLParameters(effective.amqp_url))
+        try:
+            channel = conn.channel()
+            channel.queue_declare("embedded-test", auto_delete=True)
+            channel.basic_publish("", "embedded-test", b"hello")
+            _, _, body = channel.basic_get("embedded-test", auto_ack=True)
+            assert body == b"hello"
+        finally:
+            conn.close()
+        temp_dir = servers.temp_dir
+        assert temp_dir is not None
+    assert not answers("127.0.0.1", port)
+    assert not temp_dir.exists()
+
+
+def test_answering_servers_are_left_alone(real_servers: Settings) -> None:
+    servers = EmbeddedServers(real_servers)
+    with servers as effective:
+        assert effective == real_servers
+        assert servers.started == []
+        assert servers.temp_dir is None
+
+
+def test_disabled_starts_nothing() -> None:
+    dead_amqp, dead_redis = free_port(), free_port()
+    settings = Settings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{dead_amqp}/",
+        redis_url=f"redis://127.0.0.1:{dead_redis}/0",
+    )
+    servers = EmbeddedServers(settings, enabled=False)
+    with servers as effective:
+        assert effective == settings
+        assert servers.started == []
+        assert servers.temp_dir is None
+
+
+def test_start_timeout_stops_the_server_and_names_the_log(real_servers: Settings) -> None:
+    settings = real_servers.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    servers = EmbeddedServers(settings, startup_timeout=0.0)
+    try:
+        with pytest.raises(ConnectionFailed, match=r"private Redis .*redis\.log"):
+            servers.__enter__()
+        assert servers.started == []
+        assert servers.temp_dir is not None
+        assert (servers.temp_dir / "redis" / "redis.log").exists()  # kept for the user to read
+    finally:
+        servers.__exit__(None, None, None)
