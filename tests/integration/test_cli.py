@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,23 @@ def test_up_runs_until_ctrl_c_then_stops_cleanly(settings: Settings) -> None:
                 proc.kill()
     after = soafarm(settings, "hosts", "--json")
     assert_one_line_error(after, 3, "no broker daemon is running")
+
+
+def test_tutorial_runs_as_written(settings: Settings) -> None:
+    tutorial = Path(__file__).resolve().parents[2] / "docs" / "tutorial"
+    with_tutorial = settings.replace(service_registration_path=(tutorial,))
+    listed = soafarm(with_tutorial, "services", "list", "--json")
+    assert "pricer" in [s["name"] for s in json.loads(listed.stdout)["services"]]
+    with LocalFarm(with_tutorial, workers=1, cores=2):
+        result = subprocess.run(
+            [sys.executable, str(tutorial / "run_pricer.py")],
+            env=cli_env(with_tutorial),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "200 options priced in session" in result.stdout
+    first = float(result.stdout.splitlines()[0].split(":")[1])
+    assert 20.0 < first < 30.0  # strike 80, spot 100, 20% vol, 1 year: about 24.6
