@@ -141,6 +141,7 @@ class SessionService:
         out["request_queue"] = self.names.request_queue(record.id)
         out["instances"] = [dataclasses.asdict(i) for i in self.store.instances(record.id)]
         out["clients"] = self.store.clients(record.id)
+        out["load_errors"] = self.store.load_errors(record.id)
         return out
 
     def get(self, params: dict[str, Any]) -> dict[str, Any]:

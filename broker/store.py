@@ -65,6 +65,11 @@ class BrokerStore:
         raws = self.r.hvals(self.names.session_instances_key(session_id))
         return sorted((InstanceRecord.from_json(x) for x in raws), key=lambda i: i.id)
 
+    def load_errors(self, session_id: int) -> dict[str, str]:
+        """Why the service failed to load, per host (empty when it loaded everywhere)."""
+        raw = self.r.hgetall(self.names.session_load_errors_key(session_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
     def delete_session(self, session_id: int) -> None:
         """Drop every key of the session and leave a tombstone saying it was closed."""
         n = self.names
@@ -74,6 +79,7 @@ class BrokerStore:
             n.session_key(session_id),
             n.session_clients_key(session_id),
             n.session_instances_key(session_id),
+            n.session_load_errors_key(session_id),
         )
         pipe.set(n.closed_session_key(session_id), "1", ex=CLOSED_TOMBSTONE_SECONDS)
         pipe.execute()

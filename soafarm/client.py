@@ -182,8 +182,10 @@ class BrokerClient:
 
     def _timeout_error(self, timeout: float) -> ResponseTimeout:
         try:
-            instances = len(self.session.status()["instances"])
-            where = f"session {self.session.id} has {instances} service instance(s)"
+            status = self.session.status()
+            where = f"session {self.session.id} has {len(status['instances'])} service instance(s)"
+            for host, why in sorted(status.get("load_errors", {}).items())[:1]:
+                where += f"; the service failed to load on {host}: {why}"
         except Exception as e:  # the timeout is the error to report; status is a hint
             where = f"session status unavailable ({e})"
         return ResponseTimeout(

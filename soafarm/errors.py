@@ -90,7 +90,3 @@ class ServiceFault(SoafarmError):
         self.fault_type = fault_type
         self.message = message
         self.detail = detail
-
-
-class Shutdown(BaseException):
-    """Raised inside daemons to stop them; a BaseException so `except Exception` lets it by."""

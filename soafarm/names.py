@@ -69,6 +69,10 @@ class Names:
         """Hash: instance id -> JSON of the service instances serving this session."""
         return f"{self.namespace}:session:{session_id}:instances"
 
+    def session_load_errors_key(self, session_id: int) -> str:
+        """Hash: host id -> why the service could not be loaded there (last failure)."""
+        return f"{self.namespace}:session:{session_id}:load_errors"
+
     def closed_session_key(self, session_id: int) -> str:
         """Tombstone kept for a while after close, so attach can say "closed", not "unknown"."""
         return f"{self.namespace}:session:{session_id}:closed"

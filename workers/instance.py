@@ -29,7 +29,7 @@ from registration import Registry
 from registration.registry import load_service_class
 from soafarm.config import Settings, load_settings
 from soafarm.connections import pika_connection, redis_client
-from soafarm.errors import DecodeError, SessionNotFound, SoafarmError
+from soafarm.errors import DecodeError, RegistrationError, SessionNotFound, SoafarmError
 from soafarm.logs import configure_logging
 from soafarm.names import Names
 from soafarm.protocol import (
@@ -40,8 +40,7 @@ from soafarm.protocol import (
     encode_response_batch,
 )
 from soafarm.records import InstanceRecord, SessionRecord
-from soafarm.service import ServiceContext, construct, operations_of
-from workers.runner import CallRunner
+from soafarm.service import CallRunner, ServiceContext, construct, operations_of
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +114,13 @@ class ServiceInstance:
         if raw is None:
             raise SessionNotFound(f"session {self.spec.session_id} no longer exists")
         record = SessionRecord.from_json(raw)
-        runner = self._load(record)
+        try:
+            runner = self._load(record)
+        except Exception as e:
+            # recorded so the client's timeout and `soafarm sessions show` can say why
+            why = str(e) if isinstance(e, SoafarmError) else f"{type(e).__name__}: {e}"
+            r.hset(self.names.session_load_errors_key(record.id), self.spec.host_id, why)
+            raise RegistrationError(f"service {record.service!r} failed to load: {why}") from e
         connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
         channel = connection.channel()
         channel.basic_qos(prefetch_count=1)

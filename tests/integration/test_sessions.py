@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pika
@@ -14,6 +15,7 @@ from soafarm.errors import (
     EncodeError,
     MessageTooLarge,
     RegistrationError,
+    ResponseTimeout,
     ServiceNotFound,
     SessionClosed,
     SessionNotFound,
@@ -200,3 +202,23 @@ def test_own_service_from_registration_path(settings: Settings, farm: LocalFarm)
         client.end_requests()
         (response,) = client.get_responses(timeout=30)
     assert response.result == 103
+
+
+def test_a_service_that_cannot_load_is_named_in_the_timeout_error(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    folder: Path = settings.service_registration_path[0]
+    (folder / "noload.toml").write_text('entry_point = "does_not_exist:Nothing"\n')
+    with (
+        Session.create(SessionStartInfo("noload"), settings) as session,
+        BrokerClient(session) as client,
+    ):
+        client.send_request("anything")
+        deadline = time.monotonic() + 30
+        while not session.status()["load_errors"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the broker with a deadline: the event is in Redis
+        assert "does_not_exist" in str(session.status()["load_errors"])
+        with pytest.raises(ResponseTimeout) as e:
+            list(client.get_responses(timeout=1))
+        assert "1 of 1 requests still outstanding" in str(e.value)
+        assert "failed to load" in str(e.value) and "does_not_exist" in str(e.value)
