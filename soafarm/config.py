@@ -90,6 +90,7 @@ class Settings:
     service_registration_path: tuple[Path, ...] = ()
     max_message_bytes: int = 4 * MiB
     log_format: str = "console"
+    log_level: str = "info"
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -276,6 +277,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("max_message_bytes must be at least 1024")
     if settings.client.request_batch_size < 1:
         raise ConfigError("client.request_batch_size must be at least 1")
+    if settings.log_level not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(
+            f"log_level must be debug, info, warning or error, not {settings.log_level!r}"
+        )
     if settings.log_format not in {"console", "json"}:
         raise ConfigError(f"log_format must be 'console' or 'json', not {settings.log_format!r}")
 

@@ -213,7 +213,7 @@ class ServiceInstance:
 def main(argv: list[str]) -> int:
     """Entry point of an instance process; exit code 4 means the service failed to load."""
     settings = load_settings()
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level)
     spec = InstanceSpec.from_json(argv[0])
     instance = ServiceInstance(settings, spec)
 

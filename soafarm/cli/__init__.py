@@ -50,9 +50,8 @@ def with_settings(f: F) -> F:
     @click.option("--namespace", help="Prefix of every queue and key [env: SOAFARM_NAMESPACE].")
     @click.option(
         "--log-level",
-        default="info",
-        show_default=True,
         type=click.Choice(["debug", "info", "warning", "error"]),
+        help="Log level [env: SOAFARM_LOG_LEVEL; default: info].",
     )
     @functools.wraps(f)
     def wrapper(
@@ -60,14 +59,19 @@ def with_settings(f: F) -> F:
         amqp_url: str | None,
         redis_url: str | None,
         namespace: str | None,
-        log_level: str,
+        log_level: str | None,
         **kwargs: Any,
     ) -> Any:
         settings: Settings = load_settings(
             config_file,
-            {"amqp_url": amqp_url, "redis_url": redis_url, "namespace": namespace},
+            {
+                "amqp_url": amqp_url,
+                "redis_url": redis_url,
+                "namespace": namespace,
+                "log_level": log_level,
+            },
         )
-        configure_logging(settings.log_format, log_level)
+        configure_logging(settings.log_format, settings.log_level)
         return f(settings, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -14,6 +14,7 @@ from soafarm.cli import cli, with_settings
 from soafarm.config import Settings
 from soafarm.embedded import EmbeddedServers
 from soafarm.errors import SoafarmError
+from soafarm.logs import configure_logging
 
 
 def _stop_on_signals(stop: object) -> None:
@@ -124,7 +125,12 @@ def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
         for line in servers.started:
             click.echo(f"started {line} for this demo", err=True)
         # a private namespace: the demo never touches another farm's sessions or hosts
-        effective = reachable.replace(namespace=f"{reachable.namespace}.demo-{os.getpid()}")
+        effective = reachable.replace(
+            namespace=f"{reachable.namespace}.demo-{os.getpid()}",
+            # the farm's own info lines would drown the demo's output; warnings still show
+            log_level="warning" if settings.log_level == "info" else settings.log_level,
+        )
+        configure_logging(effective.log_format, effective.log_level)
         click.echo(f"starting a local farm ({workers} worker host(s))...")
         with (
             LocalFarm(effective, workers=workers),
