@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 import pika
+import redis
 import structlog
 
 from broker.assignment import reconcile
 from broker.sessions import SessionService
 from broker.store import BrokerStore
 from registration import Registry
-from soafarm.config import Settings
+from soafarm.config import Settings, mask_url
 from soafarm.connections import amqp_error_types, pika_connection, redis_client
 from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
@@ -97,7 +98,10 @@ class BrokerDaemon:
                 if self._dirty or now - last >= RECONCILE_INTERVAL:
                     self._dirty = False
                     last = now
-                    reconcile(self.store)
+                    try:
+                        reconcile(self.store)
+                    except redis.RedisError as e:  # keep answering; the next round retries
+                        log.warning("redis_unreachable", error=str(e))
         finally:
             if connection.is_open:
                 connection.close()
@@ -113,6 +117,14 @@ class BrokerDaemon:
             return ControlReply(True, service.handle(request.op, request.params))
         except SoafarmError as e:
             return ControlReply(False, None, type(e).__name__, str(e))
+        except redis.RedisError as e:
+            where = mask_url(self.settings.redis_url)
+            return ControlReply(
+                False,
+                None,
+                "ConnectionFailed",
+                f"the broker daemon cannot reach Redis at {where}: {e}",
+            )
         except amqp_error_types():
             raise
         except Exception as e:  # a bug must not kill the daemon; the caller gets its text

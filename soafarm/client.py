@@ -18,7 +18,7 @@ from typing import Any, Self
 from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
-from soafarm.connections import kombu_connection
+from soafarm.connections import kombu_connection, reporting_lost_connection
 from soafarm.errors import DecodeError, ResponseTimeout, SessionError
 from soafarm.names import check_client_id
 from soafarm.protocol import (
@@ -94,14 +94,15 @@ class BrokerClient:
         body = encode_request_batch(
             self.session.id, self.client_id, self.response_queue, self._buffer
         )
-        self.producer.publish(
-            body,
-            routing_key=self.request_queue,
-            exchange="",
-            content_type=CONTENT_TYPE,
-            content_encoding="binary",
-            delivery_mode=1,
-        )
+        with reporting_lost_connection(self.connection, self.settings.amqp_url):
+            self.producer.publish(
+                body,
+                routing_key=self.request_queue,
+                exchange="",
+                content_type=CONTENT_TYPE,
+                content_encoding="binary",
+                delivery_mode=1,
+            )
         self._buffer = []
         self._buffer_bytes = 0
 
@@ -161,13 +162,14 @@ class BrokerClient:
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
         self.flush()
-        self._consume()
         while True:
             while self._ready:
                 yield self._ready.popleft()
             if not self.outstanding:
                 return
-            self._wait(timeout)
+            with reporting_lost_connection(self.connection, self.settings.amqp_url):
+                self._consume()
+                self._wait(timeout)
 
     def _wait(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

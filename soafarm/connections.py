@@ -7,6 +7,8 @@ error a user sees names the URL (password masked) and what to do.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pika
@@ -28,6 +30,18 @@ def rabbitmq_unreachable(url: str, error: BaseException) -> ConnectionFailed:
     return ConnectionFailed(
         f"cannot connect to RabbitMQ at {mask_url(url)}: {why}; {RABBITMQ_HINT}"
     )
+
+
+@contextlib.contextmanager
+def reporting_lost_connection(connection: Connection, url: str) -> Iterator[None]:
+    """Turn a kombu connection failure inside the block into one ConnectionFailed line."""
+    try:
+        yield
+    except connection.connection_errors as e:
+        raise ConnectionFailed(
+            f"lost the connection to RabbitMQ at {mask_url(url)}: {e or type(e).__name__}; "
+            f"{RABBITMQ_HINT}"
+        ) from None
 
 
 def kombu_connection(settings: Settings) -> Connection:

@@ -13,7 +13,7 @@ from kombu.message import Message
 
 from soafarm import errors
 from soafarm.config import Settings, mask_url
-from soafarm.connections import kombu_connection
+from soafarm.connections import kombu_connection, reporting_lost_connection
 from soafarm.errors import BrokerUnavailable, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
@@ -69,31 +69,32 @@ class ControlClient:
         timeout = self.settings.client.control_timeout if timeout is None else timeout
         where = f"on queue {self.names.control_queue} at {mask_url(self.settings.amqp_urls[0])}"
         hint = "start one with `soafarm broker` or `soafarm up`"
-        if self._broker_consumers() == 0:
-            raise BrokerUnavailable(f"no broker daemon is running {where}; {hint}")
-        corr = uuid.uuid4().hex
-        self.producer.publish(
-            encode(ControlRequest(op, params)),
-            routing_key=self.names.control_queue,
-            exchange="",
-            content_type=CONTENT_TYPE,
-            content_encoding="binary",
-            reply_to=self.reply_queue.name,
-            correlation_id=corr,
-            delivery_mode=1,
-        )
-        deadline = time.monotonic() + timeout
-        while corr not in self.replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerUnavailable(
-                    f"the broker daemon did not answer {op!r} within {timeout:g}s {where}; "
-                    f"is it overloaded or stuck? check its log, or {hint}"
-                )
-            try:
-                self.connection.drain_events(timeout=min(left, 1.0))
-            except TimeoutError:
-                continue
+        with reporting_lost_connection(self.connection, self.settings.amqp_url):
+            if self._broker_consumers() == 0:
+                raise BrokerUnavailable(f"no broker daemon is running {where}; {hint}")
+            corr = uuid.uuid4().hex
+            self.producer.publish(
+                encode(ControlRequest(op, params)),
+                routing_key=self.names.control_queue,
+                exchange="",
+                content_type=CONTENT_TYPE,
+                content_encoding="binary",
+                reply_to=self.reply_queue.name,
+                correlation_id=corr,
+                delivery_mode=1,
+            )
+            deadline = time.monotonic() + timeout
+            while corr not in self.replies:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnavailable(
+                        f"the broker daemon did not answer {op!r} within {timeout:g}s {where}; "
+                        f"is it overloaded or stuck? check its log, or {hint}"
+                    )
+                try:
+                    self.connection.drain_events(timeout=min(left, 1.0))
+                except TimeoutError:
+                    continue
         reply = decode(self.replies.pop(corr), self.settings.max_message_bytes)
         if not isinstance(reply, ControlReply):
             raise DecodeError(f"expected a control reply, got {type(reply).__name__}")

@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 STOP_GRACE_SECONDS = 30.0
 MAX_RESTART_DELAY = 30.0
+HEALTHY_RUN_SECONDS = 30.0
 
 
 @dataclass
@@ -39,6 +40,7 @@ class _SessionProcs:
     """Instance processes of one session on this host, and its restart back-off."""
 
     running: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    started: dict[str, float] = field(default_factory=dict)
     failures: int = 0
     next_start: float = 0.0
     counter: int = 0
@@ -96,7 +98,10 @@ class WorkerHost:
                     self.stopping.wait(1.0)
                     continue
                 if not self.stopping.is_set():
-                    self.reconcile(wanted)
+                    try:
+                        self.reconcile(wanted)
+                    except redis.RedisError as e:
+                        log.warning("redis_unreachable", error=str(e))
         finally:
             self._shutdown()
 
@@ -124,6 +129,7 @@ class WorkerHost:
         proc = subprocess.Popen(
             [sys.executable, "-m", "workers.instance", spec.to_json()], env=self.env
         )
+        procs.started[iid] = time.monotonic()
         log.info("instance_starting", instance=iid, pid=proc.pid)
         return iid, proc
 
@@ -136,6 +142,8 @@ class WorkerHost:
                     continue
                 procs.running.remove((iid, proc))
                 self.redis.hdel(self.names.session_instances_key(sid), iid)
+                if now - procs.started.pop(iid, now) > HEALTHY_RUN_SECONDS:
+                    procs.failures = 0  # it served a while: this exit is news, not a crash loop
                 procs.failures += 1
                 delay = min(2.0 ** (procs.failures - 1) - 1, MAX_RESTART_DELAY)
                 procs.next_start = now + delay

@@ -10,8 +10,10 @@ import pytest
 
 from soafarm import BrokerClient, ServiceFault, Session, SessionStartInfo
 from soafarm.config import Settings
+from soafarm.control import ControlClient
 from soafarm.errors import (
     BrokerUnavailable,
+    ConnectionFailed,
     EncodeError,
     MessageTooLarge,
     RegistrationError,
@@ -22,6 +24,7 @@ from soafarm.errors import (
 )
 from soafarm.farm import LocalFarm
 from soafarm.names import Names
+from tests.proxy import CuttableProxy
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +225,26 @@ def test_a_service_that_cannot_load_is_named_in_the_timeout_error(
             list(client.get_responses(timeout=1))
         assert "1 of 1 requests still outstanding" in str(e.value)
         assert "failed to load" in str(e.value) and "does_not_exist" in str(e.value)
+
+
+def test_rabbitmq_connection_lost_mid_session_is_one_clear_error(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    with CuttableProxy(("127.0.0.1", 5672)) as proxy:
+        through = settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        session = Session.create(SessionStartInfo("echo"), through)
+        client = BrokerClient(session)
+        client.send_request("echo", "before")
+        assert len(list(client.get_responses(timeout=30))) == 1
+        proxy.cut()
+        client.send_request("echo", "after")
+        with pytest.raises(ConnectionFailed) as e:
+            list(client.get_responses(timeout=30))
+        assert f"lost the connection to RabbitMQ at amqp://guest:**@127.0.0.1:{proxy.port}/" in (
+            str(e.value)
+        )
+        client.connection.release()
+        session.control.close()
+    # the session itself lives on in the broker: close it over a working connection
+    with Session(ControlClient(settings), {"id": session.id}, settings):
+        pass
