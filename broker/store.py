@@ -5,13 +5,9 @@ from __future__ import annotations
 import redis
 
 from soafarm.names import Names
-from soafarm.records import HostRecord, InstanceRecord, SessionRecord
+from soafarm.records import HostRecord, InstanceRecord, SessionRecord, as_text
 
 CLOSED_TOMBSTONE_SECONDS = 7 * 24 * 3600
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class BrokerStore:
@@ -58,7 +54,7 @@ class BrokerStore:
     def clients(self, session_id: int) -> list[str]:
         """Client ids that have a response queue in this session."""
         members = self.r.smembers(self.names.session_clients_key(session_id))
-        return sorted(_text(x) for x in members)
+        return sorted(as_text(x) for x in members)
 
     def instances(self, session_id: int) -> list[InstanceRecord]:
         """Service instances currently serving this session."""
@@ -68,7 +64,7 @@ class BrokerStore:
     def load_errors(self, session_id: int) -> dict[str, str]:
         """Why the service failed to load, per host (empty when it loaded everywhere)."""
         raw = self.r.hgetall(self.names.session_load_errors_key(session_id))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     def delete_session(self, session_id: int) -> None:
         """Drop every key of the session and leave a tombstone saying it was closed."""
@@ -88,7 +84,7 @@ class BrokerStore:
     def hosts(self) -> dict[str, HostRecord]:
         """Every registered host, alive or not."""
         raw = self.r.hgetall(self.names.hosts_key)
-        return {_text(k): HostRecord.from_json(v) for k, v in raw.items()}
+        return {as_text(k): HostRecord.from_json(v) for k, v in raw.items()}
 
     def alive(self, host_ids: list[str]) -> set[str]:
         """The subset of `host_ids` whose heartbeat key still exists."""

@@ -17,12 +17,42 @@ from typing import Self
 import structlog
 
 from soafarm.config import Settings, child_environment
+from soafarm.connections import pika_connection, redis_client
 from soafarm.control import ControlClient
 from soafarm.errors import BrokerUnavailable, SoafarmError
+from soafarm.names import Names
+from soafarm.records import as_text
+from soafarm.topology import control_queue, dead_letter_queue
 
 log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT = 45.0
+
+
+def delete_namespace(settings: Settings) -> None:
+    """Delete every queue and key of `settings.namespace` (a private demo or test farm's).
+
+    Only for namespaces nobody else uses: it removes the sessions' pending requests too.
+    """
+    names = Names(settings.namespace)
+    r = redis_client(settings)
+    queues = [control_queue(names).name, dead_letter_queue(names).name]
+    for raw in r.smembers(names.sessions_key):
+        sid = int(raw)
+        queues.append(names.request_queue(sid))
+        clients = r.smembers(names.session_clients_key(sid))
+        queues += [names.response_queue(sid, as_text(c)) for c in clients]
+    connection = pika_connection(settings, f"soafarm-cleanup {settings.namespace}")
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_delete(queue=queue)
+    finally:
+        connection.close()
+    keys = list(r.scan_iter(match=f"{settings.namespace}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
 
 
 class LocalFarm:

@@ -14,6 +14,11 @@ from typing import Any, Self
 from soafarm.errors import DecodeError
 
 
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (clients are built without decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class _JsonRecord:
     """Mixin: (de)serialise a flat dataclass as JSON, ignoring unknown fields (newer writers)."""
 

@@ -13,8 +13,7 @@ import pytest
 import redis
 
 from soafarm.config import Settings, load_settings
-from soafarm.farm import LocalFarm
-from soafarm.names import Names
+from soafarm.farm import LocalFarm, delete_namespace
 
 START_HINT = (
     "integration tests need the real servers: start RabbitMQ with `rabbitmq-server -detached && "
@@ -39,20 +38,6 @@ def servers() -> None:
         pytest.fail(f"{type(e).__name__}: {e}; {START_HINT}", pytrace=False)
 
 
-def _delete_namespace(settings: Settings) -> None:
-    names = Names(settings.namespace)
-    r = redis.Redis.from_url(settings.redis_url)
-    keys = list(r.scan_iter(match=f"{settings.namespace}:*", count=1000))
-    if keys:
-        r.delete(*keys)
-    r.close()
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = conn.channel()
-    for queue in (names.control_queue, f"{settings.namespace}.dead-letters"):
-        channel.queue_delete(queue=queue)
-    conn.close()
-
-
 @pytest.fixture
 def settings(servers: None, tmp_path: Path) -> Iterator[Settings]:
     """Settings in a fresh namespace, with `tmp_path/services` on the registration path."""
@@ -62,7 +47,7 @@ def settings(servers: None, tmp_path: Path) -> Iterator[Settings]:
         service_registration_path=(tmp_path / "services",),
     )
     yield s
-    _delete_namespace(s)
+    delete_namespace(s)
 
 
 @pytest.fixture

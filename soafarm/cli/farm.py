@@ -117,7 +117,7 @@ def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
 def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
     """Start a farm, push echo requests through a session, print the throughput, stop."""
     from soafarm.client import BrokerClient
-    from soafarm.farm import LocalFarm
+    from soafarm.farm import LocalFarm, delete_namespace
     from soafarm.session import Session, SessionStartInfo
 
     servers = EmbeddedServers(settings, enabled=embedded)
@@ -132,27 +132,30 @@ def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
         )
         configure_logging(effective.log_format, effective.log_level)
         click.echo(f"starting a local farm ({workers} worker host(s))...")
-        with (
-            LocalFarm(effective, workers=workers),
-            Session.create(SessionStartInfo("echo"), effective) as session,
-        ):
-            units = sum(h["cores"] for h in session.control.call("hosts"))
-            session.wait_for_instances(units)
-            click.echo(
-                f"session {session.id}: {units} echo service instance(s) ready; "
-                f"sending {count:,} requests"
-            )
-            start = time.perf_counter()
-            with BrokerClient(session) as client:
-                for i in range(count):
-                    client.send_request("echo", f"hello {i}", user_data=i)
-                client.end_requests()
-                seen = [
-                    r.user_data
-                    for r in client.get_responses(timeout=60)
-                    if r.result.endswith(f":hello {r.user_data}")
-                ]
-            elapsed = time.perf_counter() - start
+        try:
+            with (
+                LocalFarm(effective, workers=workers),
+                Session.create(SessionStartInfo("echo"), effective) as session,
+            ):
+                units = sum(h["cores"] for h in session.control.call("hosts"))
+                session.wait_for_instances(units)
+                click.echo(
+                    f"session {session.id}: {units} echo service instance(s) ready; "
+                    f"sending {count:,} requests"
+                )
+                start = time.perf_counter()
+                with BrokerClient(session) as client:
+                    for i in range(count):
+                        client.send_request("echo", f"hello {i}", user_data=i)
+                    client.end_requests()
+                    seen = [
+                        r.user_data
+                        for r in client.get_responses(timeout=60)
+                        if r.result.endswith(f":hello {r.user_data}")
+                    ]
+                elapsed = time.perf_counter() - start
+        finally:
+            delete_namespace(effective)
         if sorted(seen) != list(range(count)):
             raise SoafarmError(f"demo got {len(seen)} correct responses of {count}")
         click.echo(
