@@ -20,7 +20,8 @@ def reconcile(store: BrokerStore) -> None:
         log.warning("host_lost", host_id=host_id)
         store.forget_host(host_id)
     cores = {h: registered[h].cores for h in alive}
-    sessions = store.open_sessions()
+    # a closed (not purged) durable session keeps its responses but runs nothing
+    sessions = [s for s in store.open_sessions() if s.state != "closed"]
     wanted = targets(
         sum(cores.values()),
         [Demand(s.id, s.min_units, s.max_units, s.priority) for s in sessions],

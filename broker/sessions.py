@@ -19,6 +19,7 @@ from registration import Registry
 from soafarm.config import Settings, broker_settings_with
 from soafarm.errors import ConfigError, SessionClosed, SessionNotFound
 from soafarm.names import Names, check_client_id
+from soafarm.progress import ProgressStore
 from soafarm.records import SessionRecord
 from soafarm.topology import request_queue, response_queue
 
@@ -61,6 +62,7 @@ class SessionService:
             "close": self.close,
             "list": self.list_sessions,
             "attach_client": self.attach_client,
+            "purge_client": self.purge_client,
             "hosts": self.hosts,
             "ping": lambda _p: {"namespace": self.settings.namespace},
         }
@@ -107,6 +109,7 @@ class SessionService:
             overrides,
             "SessionStartInfo.broker_settings",
         )
+        durable = bool(params.get("durable", False))
         sid = self.store.new_session_id()
         record = SessionRecord(
             id=sid,
@@ -122,8 +125,9 @@ class SessionService:
             broker_settings=dataclasses.asdict(effective),
             include_exception_detail_in_faults=registration.include_exception_detail_in_faults,
             max_concurrent_calls=registration.max_concurrent_calls,
+            durable=durable,
         )
-        self.channel.queue_declare(**request_queue(self.names, sid).declare_kwargs())
+        self.channel.queue_declare(**request_queue(self.names, sid, durable).declare_kwargs())
         self.store.save_session(record)
         log.info(
             "session_created",
@@ -140,7 +144,10 @@ class SessionService:
         out = dataclasses.asdict(record)
         out["request_queue"] = self.names.request_queue(record.id)
         out["instances"] = [dataclasses.asdict(i) for i in self.store.instances(record.id)]
-        out["clients"] = self.store.clients(record.id)
+        out["clients"] = [
+            ProgressStore(self.store.r, self.names, record.id, c).load().as_dict()
+            for c in self.store.clients(record.id)
+        ]
         out["load_errors"] = self.store.load_errors(record.id)
         return out
 
@@ -176,20 +183,44 @@ class SessionService:
         """Declare the response queue of a client id; returns its name."""
         record = self._session(params)
         client_id = check_client_id(str(params.get("client_id", "")))
-        spec = response_queue(self.names, record.id, client_id)
-        self.channel.queue_declare(**spec.declare_kwargs())
-        self.store.add_client(record.id, client_id)
-        return {"response_queue": spec.name, "request_queue": self.names.request_queue(record.id)}
+        spec = response_queue(self.names, record.id, client_id, record.durable)
+        if record.state != "closed":  # a closed durable session only serves its responses
+            self.channel.queue_declare(**spec.declare_kwargs())
+            ProgressStore(self.store.r, self.names, record.id, client_id).create()
+            self.store.add_client(record.id, client_id)
+        elif client_id not in self.store.clients(record.id):
+            raise SessionClosed(f"session {record.id} is closed and has no client {client_id!r}")
+        return {
+            "response_queue": spec.name,
+            "request_queue": self.names.request_queue(record.id),
+            "durable": record.durable,
+            "state": record.state,
+        }
 
     def close(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Delete the session's queues and keys; its hosts are freed by the next allocation."""
+        """End a session; its hosts are freed by the next allocation.
+
+        With `purge` (always, for interactive sessions) every queue and key goes. Without it, a
+        durable session keeps its responses, readable by attaching, until closed with purge.
+        """
         record = self._session(params)
-        queues = [self.names.request_queue(record.id)] + [
-            self.names.response_queue(record.id, c) for c in self.store.clients(record.id)
-        ]
-        self.store.delete_session(record.id)
-        for q in queues:
-            self.channel.queue_delete(queue=q)
-        log.info("session_closed", session_id=record.id, service=record.service)
+        purge = bool(params.get("purge", True)) or not record.durable
+        self.channel.queue_delete(queue=self.names.request_queue(record.id))
+        if purge:
+            for client_id in self.store.clients(record.id):
+                self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id))
+            self.store.delete_session(record.id)
+        else:
+            self.store.save_session(dataclasses.replace(record, state="closed"))
+        log.info("session_closed", session_id=record.id, service=record.service, purge=purge)
         self.on_change()
-        return {"session_id": record.id, "state": "closed"}
+        return {"session_id": record.id, "state": "closed", "purged": purge}
+
+    def purge_client(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Delete one client id's responses and counters; the session goes on."""
+        record = self._session(params)
+        client_id = check_client_id(str(params.get("client_id", "")))
+        self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id))
+        self.store.forget_client(record.id, client_id)
+        log.info("client_purged", session_id=record.id, client_id=client_id)
+        return {"session_id": record.id, "client_id": client_id, "purged": True}

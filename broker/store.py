@@ -66,9 +66,26 @@ class BrokerStore:
         raw = self.r.hgetall(self.names.session_load_errors_key(session_id))
         return {as_text(k): as_text(v) for k, v in raw.items()}
 
+    def client_keys(self, session_id: int, client_id: str) -> list[str]:
+        """Every Redis key of one client id (progress hash and bitmaps)."""
+        n = self.names
+        return [
+            n.client_key(session_id, client_id),
+            n.client_done_key(session_id, client_id),
+            n.client_read_key(session_id, client_id),
+        ]
+
+    def forget_client(self, session_id: int, client_id: str) -> None:
+        """Drop a purged client id's keys."""
+        pipe = self.r.pipeline()
+        pipe.srem(self.names.session_clients_key(session_id), client_id)
+        pipe.delete(*self.client_keys(session_id, client_id))
+        pipe.execute()
+
     def delete_session(self, session_id: int) -> None:
         """Drop every key of the session and leave a tombstone saying it was closed."""
         n = self.names
+        client_keys = [k for c in self.clients(session_id) for k in self.client_keys(session_id, c)]
         pipe = self.r.pipeline()
         pipe.srem(n.sessions_key, session_id)
         pipe.delete(
@@ -76,6 +93,7 @@ class BrokerStore:
             n.session_clients_key(session_id),
             n.session_instances_key(session_id),
             n.session_load_errors_key(session_id),
+            *client_keys,
         )
         pipe.set(n.closed_session_key(session_id), "1", ex=CLOSED_TOMBSTONE_SECONDS)
         pipe.execute()

@@ -14,15 +14,17 @@ from soafarm.config import Settings, load_settings
 from soafarm.errors import ServiceFault, SoafarmError
 from soafarm.protocol import Fault, Response
 from soafarm.service import ServiceContext
-from soafarm.session import Session, SessionStartInfo
+from soafarm.session import DurableSession, Session, SessionAttachInfo, SessionStartInfo
 
 __all__ = [
     "BrokerClient",
+    "DurableSession",
     "Fault",
     "Response",
     "ServiceContext",
     "ServiceFault",
     "Session",
+    "SessionAttachInfo",
     "SessionStartInfo",
     "Settings",
     "SoafarmError",

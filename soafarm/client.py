@@ -4,6 +4,10 @@ Requests are buffered and sent together as one AMQP message (a batch) when the b
 `client.request_batch_size` requests, would pass `max_message_bytes`, or on `flush()`,
 `end_requests()` and `get_responses()`. Each request keeps its own id and user data, and each
 response is delivered to the caller exactly once, even if an instance ran it twice.
+
+In a durable session a request id is its position in the client id's batch: `flush()`
+returns only once RabbitMQ has confirmed the requests, and a client that reattaches continues
+from `accepted`, so a request sent again after a crash keeps its id and is answered once.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import Any, Self
 from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
-from soafarm.connections import kombu_connection, reporting_lost_connection
-from soafarm.errors import DecodeError, ResponseTimeout, SessionError
-from soafarm.names import check_client_id
+from soafarm.connections import kombu_connection, redis_client, reporting_lost_connection
+from soafarm.errors import DecodeError, ResponseTimeout, SessionClosed, SessionError
+from soafarm.names import Names, check_client_id
+from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
@@ -31,34 +36,53 @@ from soafarm.protocol import (
     encode_request,
     encode_request_batch,
 )
+from soafarm.reader import StreamReader, StreamTarget
 from soafarm.session import Session
 
 RESPONSE_PREFETCH = 64
+#: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
+DURABLE_RETRY_POLICY = {
+    "max_retries": 60,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
 
 
 class BrokerClient:
     """One client id's batch of requests in a session, and its responses."""
 
     def __init__(self, session: Session, client_id: str = "default") -> None:
-        """Attach `client_id` to the session (its response queue is declared by the broker)."""
+        """Attach `client_id` to the session (its response queue is declared by the broker).
+
+        In a durable session, attaching an existing client id resumes it: `accepted` requests
+        are already in, and the next `send_request` gets id `accepted`.
+        """
         self.session = session
         self.settings = session.settings
         self.client_id = check_client_id(client_id)
-        queues = session.control.call(
+        info = session.control.call(
             "attach_client", session_id=session.id, client_id=self.client_id
         )
-        self.request_queue: str = queues["request_queue"]
-        self.response_queue: str = queues["response_queue"]
-        self.connection = kombu_connection(self.settings)
+        self.request_queue: str = info["request_queue"]
+        self.response_queue: str = info["response_queue"]
+        self.durable: bool = bool(info.get("durable", False))
+        self.closed_session = info.get("state") == "closed"
+        self.progress = ProgressStore(
+            redis_client(self.settings), Names(self.settings.namespace), session.id, client_id
+        )
+        start = self.progress.load()
+        self.connection = kombu_connection(self.settings, confirm=self.durable)
         self.channel = self.connection.channel()
         self.producer = Producer(self.channel)
         self._buffer: list[bytes] = []
         self._buffer_bytes = 0
-        self._next_id = 0
+        self._next_id = start.accepted if self.durable else 0
+        self._sent_here = 0
         self._pending: set[int] = set()
         self._lock = threading.Lock()
         self._ready: deque[Response] = deque()
-        self._sealed = False
+        self._sealed = start.sealed
         self._consumer: Consumer | None = None
         self._handler_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -71,8 +95,12 @@ class BrokerClient:
         Raises EncodeError / MessageTooLarge at once (nothing is sent) if the request cannot
         be encoded or is over `max_message_bytes`.
         """
+        if self.closed_session:
+            raise SessionClosed(f"session {self.session.id} is closed: it takes no requests")
         if self._sealed:
-            raise SessionError("end_requests() was called: this client's batch is sealed")
+            raise SessionError(
+                f"client id {self.client_id!r} is sealed (end_requests() was called)"
+            )
         limit = self.settings.max_message_bytes
         body = encode_request(Request(self._next_id, op, args, kwargs, user_data), limit)
         if self._buffer and self._buffer_bytes + len(body) > limit - BATCH_HEADER_ALLOWANCE:
@@ -81,19 +109,25 @@ class BrokerClient:
         self._next_id += 1
         self._buffer.append(body)
         self._buffer_bytes += len(body)
-        with self._lock:
-            self._pending.add(request_id)
+        if not self.durable:
+            with self._lock:
+                self._pending.add(request_id)
         if len(self._buffer) >= self.settings.client.request_batch_size:
             self.flush()
         return request_id
 
     def flush(self) -> None:
-        """Send the buffered requests now, as one message."""
+        """Send the buffered requests now, as one message; in a durable session, return once
+        RabbitMQ has confirmed them."""
         if not self._buffer:
             return
         body = encode_request_batch(
             self.session.id, self.client_id, self.response_queue, self._buffer
         )
+        options: dict[str, Any] = {"delivery_mode": 1}
+        if self.durable:
+            # a retried publish may duplicate the batch: same ids, answered once
+            options = {"delivery_mode": 2, "retry": True, "retry_policy": DURABLE_RETRY_POLICY}
         with reporting_lost_connection(self.connection, self.settings.amqp_url):
             self.producer.publish(
                 body,
@@ -101,28 +135,82 @@ class BrokerClient:
                 exchange="",
                 content_type=CONTENT_TYPE,
                 content_encoding="binary",
-                delivery_mode=1,
+                **options,
             )
+        self._sent_here += len(self._buffer)
         self._buffer = []
         self._buffer_bytes = 0
+        self.progress.record_accepted(self._next_id)
 
     def end_requests(self) -> None:
-        """Send what is buffered and seal the batch: no more requests from this client."""
+        """Send what is buffered and seal the batch: it has exactly `sent` requests."""
         self.flush()
+        self.progress.seal(self._next_id)
         self._sealed = True
 
     @property
     def sent(self) -> int:
-        """How many requests this client has queued."""
+        """Requests of this client id sent so far (in a durable session, across reattaches)."""
         return self._next_id
 
     @property
     def outstanding(self) -> int:
-        """Requests sent whose response has not been received yet."""
+        """Requests sent whose response has not been received yet (this process's view)."""
         with self._lock:
             return len(self._pending)
 
+    def status(self) -> ClientProgress:
+        """Progress of this client id from the farm's counters: accepted, done, faulted..."""
+        return self.progress.load()
+
+    def purge(self) -> None:
+        """Delete this client id's responses and counters (the session goes on)."""
+        self.session.control.call(
+            "purge_client", session_id=self.session.id, client_id=self.client_id
+        )
+
     # --- receiving ------------------------------------------------------------------------
+    def get_responses(
+        self, timeout: float | None = None, new_only: bool = False
+    ) -> Iterator[Response]:
+        """Yield responses, each once, in arrival order; ends when the batch is complete.
+
+        Complete means: every request of the sealed batch answered, or (before end_requests)
+        every request this client sent. A durable client id can be read again after any
+        reattach: all responses, or with `new_only` those no reader has handed out yet.
+        `timeout` is how many seconds to wait for the next response before raising
+        ResponseTimeout (None waits forever). Sends anything still buffered first.
+        """
+        if self._handler_thread is not None:
+            raise SessionError("a response handler is set; get_responses() cannot be used too")
+        self.flush()
+        if self.durable:
+            yield from self._stream_reader().responses(
+                timeout, new_only, StreamTarget(sent_here=self._next_id if self._sent_here else 0)
+            )
+            return
+        while True:
+            while self._ready:
+                yield self._ready.popleft()
+            if not self.outstanding:
+                return
+            with reporting_lost_connection(self.connection, self.settings.amqp_url):
+                self._consume()
+                self._wait(timeout)
+
+    def _stream_reader(self) -> StreamReader:
+        return StreamReader(self.settings, self.response_queue, self.progress, self._describe)
+
+    def _describe(self) -> str:
+        try:
+            status = self.session.status()
+        except Exception as e:  # the timeout is the error to report; status is a hint
+            return f"session status unavailable ({e})"
+        where = f"session {self.session.id} has {len(status['instances'])} service instance(s)"
+        for host, why in sorted(status.get("load_errors", {}).items())[:1]:
+            where += f"; the service failed to load on {host}: {why}"
+        return where + "; are worker hosts running (`soafarm hosts`)?"
+
     def _accept(self, body: bytes) -> list[Response]:
         """Decode a response batch and keep only first-seen responses of this client."""
         batch = decode(body, self.settings.max_message_bytes)
@@ -153,47 +241,19 @@ class BrokerClient:
             )
             self._consumer.consume()
 
-    def get_responses(self, timeout: float | None = None) -> Iterator[Response]:
-        """Yield the responses of every request sent so far, each once, in arrival order.
-
-        `timeout` is how many seconds to wait for the next response before raising
-        ResponseTimeout (None waits forever). Sends anything still buffered first.
-        """
-        if self._handler_thread is not None:
-            raise SessionError("a response handler is set; get_responses() cannot be used too")
-        self.flush()
-        while True:
-            while self._ready:
-                yield self._ready.popleft()
-            if not self.outstanding:
-                return
-            with reporting_lost_connection(self.connection, self.settings.amqp_url):
-                self._consume()
-                self._wait(timeout)
-
     def _wait(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._ready:
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                raise self._timeout_error(timeout or 0.0)
+                raise ResponseTimeout(
+                    f"no response for {timeout:g}s; {self.outstanding} of {self.sent} requests "
+                    f"still outstanding; {self._describe()}"
+                )
             try:
                 self.connection.drain_events(timeout=min(left, 1.0))
             except TimeoutError:
                 continue
-
-    def _timeout_error(self, timeout: float) -> ResponseTimeout:
-        try:
-            status = self.session.status()
-            where = f"session {self.session.id} has {len(status['instances'])} service instance(s)"
-            for host, why in sorted(status.get("load_errors", {}).items())[:1]:
-                where += f"; the service failed to load on {host}: {why}"
-        except Exception as e:  # the timeout is the error to report; status is a hint
-            where = f"session status unavailable ({e})"
-        return ResponseTimeout(
-            f"no response for {timeout:g}s; {self.outstanding} of {self.sent} requests still "
-            f"outstanding; {where}; are worker hosts running (`soafarm hosts`)?"
-        )
 
     def set_response_handler(self, callback: Callable[[Response], None]) -> None:
         """Call `callback(response)` for each response, on a background thread of its own.
@@ -203,32 +263,36 @@ class BrokerClient:
         if self._handler_thread is not None or self._consumer is not None:
             raise SessionError("responses are already being received by this client")
         self.flush()
-        connection = kombu_connection(self.settings)
+        target = self._handle_stream if self.durable else self._handle_queue
+        self._handler_thread = threading.Thread(
+            target=target, args=(callback,), name="responses", daemon=True
+        )
+        self._handler_thread.start()
 
+    def _handle_stream(self, callback: Callable[[Response], None]) -> None:
+        for response in self._stream_reader().responses(None, stop=self._stop):
+            callback(response)
+
+    def _handle_queue(self, callback: Callable[[Response], None]) -> None:
         def on_message(message: Message) -> None:
             for response in self._accept(message.body):
                 callback(response)
             message.ack()
 
-        def loop() -> None:
-            with connection:
-                channel = connection.channel()
-                consumer = Consumer(
-                    channel,
-                    queues=[Queue(self.response_queue, no_declare=True)],
-                    on_message=on_message,
-                    accept=[CONTENT_TYPE],
-                    prefetch_count=RESPONSE_PREFETCH,
-                )
-                with consumer:
-                    while not self._stop.is_set():
-                        try:
-                            connection.drain_events(timeout=0.2)
-                        except TimeoutError:
-                            continue
-
-        self._handler_thread = threading.Thread(target=loop, name="responses", daemon=True)
-        self._handler_thread.start()
+        with kombu_connection(self.settings) as connection:
+            consumer = Consumer(
+                connection.channel(),
+                queues=[Queue(self.response_queue, no_declare=True)],
+                on_message=on_message,
+                accept=[CONTENT_TYPE],
+                prefetch_count=RESPONSE_PREFETCH,
+            )
+            with consumer:
+                while not self._stop.is_set():
+                    try:
+                        connection.drain_events(timeout=0.2)
+                    except TimeoutError:
+                        continue
 
     def close(self) -> None:
         """Send what is buffered and release the connection (the session stays open)."""
@@ -239,6 +303,7 @@ class BrokerClient:
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
             self.connection.release()
+            self.progress.r.close()
 
     def __enter__(self) -> Self:
         """Use as a context manager: the client closes on exit."""

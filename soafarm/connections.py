@@ -44,13 +44,16 @@ def reporting_lost_connection(connection: Connection, url: str) -> Iterator[None
         ) from None
 
 
-def kombu_connection(settings: Settings) -> Connection:
-    """An open kombu connection to the first reachable AMQP URL (`;`-separated for failover)."""
+def kombu_connection(settings: Settings, confirm: bool = False) -> Connection:
+    """An open kombu connection to the first reachable AMQP URL (`;`-separated for failover).
+
+    With `confirm`, every publish returns only once RabbitMQ has confirmed it.
+    """
     conn = Connection(
         settings.amqp_urls,
         connect_timeout=settings.client.connect_timeout,
         heartbeat=0,
-        transport_options={"max_retries": 1},
+        transport_options={"max_retries": 1, "confirm_publish": confirm},
     )
     try:
         conn.ensure_connection(max_retries=1, timeout=settings.client.connect_timeout)

@@ -58,6 +58,10 @@ class SessionClosed(SessionError):
     """The session was closed; it cannot be used any more."""
 
 
+class ReaderTakenOver(SessionError):
+    """Another reader took over this client id's responses (one reader at a time)."""
+
+
 class ResponseTimeout(SessionError):
     """Responses did not all arrive within the caller's timeout."""
 

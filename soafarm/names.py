@@ -65,6 +65,18 @@ class Names:
         """Set of the client ids that declared a response queue in this session."""
         return f"{self.namespace}:session:{session_id}:clients"
 
+    def client_key(self, session_id: int, client_id: str) -> str:
+        """Hash: a client id's progress (accepted, total, sealed, done, faulted, reader...)."""
+        return f"{self.namespace}:session:{session_id}:client:{check_client_id(client_id)}"
+
+    def client_done_key(self, session_id: int, client_id: str) -> str:
+        """Bitmap: bit N set once request N of this client id has a response (counted once)."""
+        return self.client_key(session_id, client_id) + ":done"
+
+    def client_read_key(self, session_id: int, client_id: str) -> str:
+        """Bitmap: bit N set once response N was handed to a reader (for `new_only` reads)."""
+        return self.client_key(session_id, client_id) + ":read"
+
     def session_instances_key(self, session_id: int) -> str:
         """Hash: instance id -> JSON of the service instances serving this session."""
         return f"{self.namespace}:session:{session_id}:instances"

@@ -54,6 +54,7 @@ class SessionRecord(_JsonRecord):
     broker_settings: dict[str, Any] = field(default_factory=dict)
     include_exception_detail_in_faults: bool = False
     max_concurrent_calls: int = 0
+    durable: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from soafarm.errors import PayloadError
 from soafarm.protocol import Fault, Request, Response, check_size, encode_response
@@ -52,6 +52,14 @@ def construct(cls: type, context: ServiceContext) -> Any:
     return cls(context) if params else cls()
 
 
+class Outcome(NamedTuple):
+    """One request's encoded response, and whether it is a fault (for the counters)."""
+
+    request_id: int
+    faulted: bool
+    body: bytes
+
+
 class CallRunner:
     """Dispatches requests to a constructed service's public methods."""
 
@@ -64,7 +72,7 @@ class CallRunner:
         self.include_detail = include_detail
         self.limit = limit
 
-    def run(self, request: Request) -> bytes:
+    def run(self, request: Request) -> Outcome:
         """Call the operation; return the encoded response, a fault if the service raised."""
         if request.op not in self.operations:
             known = ", ".join(sorted(self.operations))
@@ -77,9 +85,11 @@ class CallRunner:
             return self._fault(request, Fault(type(e).__name__, str(e), detail))
         try:
             body = encode_response(Response(request.id, value, None, request.user_data))
-            return check_size(body, self.limit, f"response to request {request.id}")
+            checked = check_size(body, self.limit, f"response to request {request.id}")
+            return Outcome(request.id, False, checked)
         except PayloadError as e:
             return self._fault(request, Fault(type(e).__name__, str(e)))
 
-    def _fault(self, request: Request, fault: Fault) -> bytes:
-        return encode_response(Response(request.id, None, fault, request.user_data))
+    def _fault(self, request: Request, fault: Fault) -> Outcome:
+        body = encode_response(Response(request.id, None, fault, request.user_data))
+        return Outcome(request.id, True, body)

@@ -46,9 +46,10 @@ class SessionStartInfo:
             BrokerSettings(), self.broker_settings, "SessionStartInfo.broker_settings"
         )
 
-    def to_params(self, owner: str) -> dict[str, Any]:
+    def to_params(self, owner: str, durable: bool = False) -> dict[str, Any]:
         """The `create` control request's parameters."""
         return {
+            "durable": durable,
             "service": self.service,
             "version": self.version,
             "min_units": self.min_units,
@@ -60,8 +61,18 @@ class SessionStartInfo:
         }
 
 
+@dataclass(frozen=True)
+class SessionAttachInfo:
+    """Which session to attach to (from `session.id`, `soafarm sessions list`...)."""
+
+    session_id: int
+
+
 class Session:
-    """An open session. Use `Session.create(...)`; closing it frees its hosts and queues."""
+    """An interactive session. Use `Session.create(...)`; closing it frees its hosts and
+    queues, and leaving its `with` block closes it."""
+
+    durable = False
 
     def __init__(self, control: ControlClient, record: dict[str, Any], settings: Settings) -> None:
         """Wrap a session the broker created; prefer `Session.create`."""
@@ -77,7 +88,28 @@ class Session:
         settings = settings or load_settings()
         control = ControlClient(settings)
         try:
-            record = control.call("create", **info.to_params(control.owner))
+            record = control.call("create", **info.to_params(control.owner, cls.durable))
+        except BaseException:
+            control.close()
+            raise
+        return cls(control, record, settings)
+
+    @classmethod
+    def attach(cls, info: SessionAttachInfo, settings: Settings | None = None) -> Self:
+        """Attach to an existing session by id (from this or another process or machine)."""
+        settings = settings or load_settings()
+        control = ControlClient(settings)
+        try:
+            record = control.call("get", session_id=info.session_id)
+            if bool(record.get("durable")) != cls.durable:
+                kind, other = (
+                    ("durable", "DurableSession")
+                    if record.get("durable")
+                    else ("interactive", "Session")
+                )
+                raise SessionError(
+                    f"session {info.session_id} is {kind}: attach with {other}.attach"
+                )
         except BaseException:
             control.close()
             raise
@@ -112,14 +144,24 @@ class Session:
                 )
             time.sleep(0.05)
 
-    def close(self) -> None:
-        """Close the session: its queues and pending requests are deleted, hosts freed."""
+    def close(self, purge: bool = True) -> None:
+        """Close the session: no more requests; its hosts are freed and its queues deleted.
+
+        A durable session closed with `purge=False` keeps its responses, readable by attaching,
+        until it is closed with purge.
+        """
         if self.closed:
             return
         self.closed = True
         try:
-            self.control.call("close", session_id=self.id)
+            self.control.call("close", session_id=self.id, purge=purge)
         finally:
+            self.control.close()
+
+    def detach(self) -> None:
+        """Disconnect, leaving the session running (reattach with its id)."""
+        if not self.closed:
+            self.closed = True
             self.control.close()
 
     def __enter__(self) -> Self:
@@ -134,3 +176,21 @@ class Session:
     ) -> None:
         """Close the session."""
         self.close()
+
+
+class DurableSession(Session):
+    """A durable session: every request and response is persisted in RabbitMQ (quorum queue,
+    streams, publisher confirms). Leaving its `with` block only detaches: the session goes on,
+    and any process can `DurableSession.attach(SessionAttachInfo(id))` to read responses,
+    until `close()`."""
+
+    durable = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Detach (the session is not closed)."""
+        self.detach()

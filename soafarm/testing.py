@@ -69,7 +69,7 @@ class ServiceHarness:
         self._next_id += 1
         sent = encode_request(request, self.limit)  # the same checks as BrokerClient
         received: RequestBatch = self._wire(encode_request_batch(0, "t", "t", [sent]), RequestBatch)
-        answer = self.runner.run(received.requests[0])
+        answer = self.runner.run(received.requests[0]).body
         back: ResponseBatch = self._wire(
             encode_response_batch(0, "t", "t", [answer]), ResponseBatch
         )

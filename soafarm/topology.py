@@ -41,17 +41,24 @@ def dead_letter_queue(names: Names) -> QueueSpec:
     return QueueSpec(f"{names.namespace}.dead-letters", durable=True)
 
 
-def request_queue(names: Names, session_id: int) -> QueueSpec:
-    """An interactive session's request queue: a classic queue, fastest, dead-lettered."""
-    return QueueSpec(
-        names.request_queue(session_id),
-        arguments={
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": dead_letter_queue(names).name,
-        },
-    )
+def request_queue(names: Names, session_id: int, durable: bool = False) -> QueueSpec:
+    """A session's request queue, dead-lettered. Interactive: a classic queue, fastest.
+    Durable: a quorum queue (replicated, persisted, survives a RabbitMQ restart)."""
+    arguments: dict[str, Any] = {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue(names).name,
+    }
+    if durable:
+        arguments["x-queue-type"] = "quorum"
+    return QueueSpec(names.request_queue(session_id), durable=durable, arguments=arguments)
 
 
-def response_queue(names: Names, session_id: int, client_id: str) -> QueueSpec:
-    """An interactive client id's response queue (classic; dropped with the session)."""
-    return QueueSpec(names.response_queue(session_id, client_id))
+def response_queue(
+    names: Names, session_id: int, client_id: str, durable: bool = False
+) -> QueueSpec:
+    """A client id's responses. Interactive: a classic queue, read once. Durable: a stream,
+    persisted and re-readable from any offset until the client id or session is purged."""
+    name = names.response_queue(session_id, client_id)
+    if durable:
+        return QueueSpec(name, durable=True, arguments={"x-queue-type": "stream"})
+    return QueueSpec(name)

@@ -11,6 +11,7 @@ settings in `SOAFARM_*` variables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -23,15 +24,23 @@ from types import FrameType
 from typing import Any
 
 import pika
+import redis
 import structlog
 
 from registration import Registry
 from registration.registry import load_service_class
 from soafarm.config import Settings, load_settings
-from soafarm.connections import pika_connection, redis_client
-from soafarm.errors import DecodeError, RegistrationError, SessionNotFound, SoafarmError
+from soafarm.connections import amqp_error_types, pika_connection, redis_client
+from soafarm.errors import (
+    ConnectionFailed,
+    DecodeError,
+    RegistrationError,
+    SessionNotFound,
+    SoafarmError,
+)
 from soafarm.logs import configure_logging
 from soafarm.names import Names
+from soafarm.progress import DoneMarker
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
@@ -40,7 +49,7 @@ from soafarm.protocol import (
     encode_response_batch,
 )
 from soafarm.records import InstanceRecord, SessionRecord
-from soafarm.service import CallRunner, ServiceContext, construct, operations_of
+from soafarm.service import CallRunner, Outcome, ServiceContext, construct, operations_of
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +77,18 @@ class InstanceSpec:
         return cls(**json.loads(text))
 
 
+@dataclass(frozen=True)
+class _Link:
+    """One connection's objects, shared by the I/O thread and the call thread."""
+
+    connection: pika.BlockingConnection
+    channel: pika.adapters.blocking_connection.BlockingChannel
+    inbox: queue.Queue[tuple[int, bytes] | None]
+
+
 class ServiceInstance:
-    """Loads the session's service, then consumes its request queue until told to stop."""
+    """Loads the session's service once, then consumes its request queue until told to stop,
+    reconnecting (with the service kept loaded) when the connection to RabbitMQ drops."""
 
     def __init__(self, settings: Settings, spec: InstanceSpec) -> None:
         """Nothing connects until `run()`."""
@@ -77,7 +96,6 @@ class ServiceInstance:
         self.spec = spec
         self.names = Names(settings.namespace)
         self.stopping = threading.Event()
-        self.inbox: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
         # deliveries received and not yet acknowledged; touched only on the I/O thread
         self.held = 0
 
@@ -121,20 +139,7 @@ class ServiceInstance:
             why = str(e) if isinstance(e, SoafarmError) else f"{type(e).__name__}: {e}"
             r.hset(self.names.session_load_errors_key(record.id), self.spec.host_id, why)
             raise RegistrationError(f"service {record.service!r} failed to load: {why}") from e
-        connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
-        channel = connection.channel()
-        channel.basic_qos(prefetch_count=1)
-
-        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
-            self.held += 1
-            self.inbox.put((method.delivery_tag, body))
-
-        tag = channel.basic_consume(self.names.request_queue(record.id), on_message)
-        channel.add_on_cancel_callback(lambda _frame: self.stop())
-        worker = threading.Thread(
-            target=self._work, args=(runner, connection, channel), name="calls", daemon=True
-        )
-        worker.start()
+        marker = DoneMarker(r, self.names)
         instances_key = self.names.session_instances_key(record.id)
         r.hset(
             instances_key,
@@ -144,7 +149,45 @@ class ServiceInstance:
             ).to_json(),
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
+        backoff = 0.5
+        lost: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
         try:
+            while not self.stopping.is_set():
+                try:
+                    self._serve(record, runner, marker)
+                except lost as e:
+                    # the loaded service is kept: reconnect instead of paying its start-up again
+                    log.warning("rabbitmq_connection_lost", error=repr(e), retry_in=backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                r.hdel(instances_key, self.spec.instance_id)
+            log.info("instance_stopped", instance=self.spec.instance_id)
+
+    def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
+        """One connection's life: consume until stopped (then drain) or the connection fails."""
+        connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
+        inbox: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        calls: threading.Thread | None = None
+        try:
+            channel = connection.channel()
+            if record.durable:
+                channel.confirm_delivery()  # a response counts only once RabbitMQ has it
+            channel.basic_qos(prefetch_count=1)
+            self.held = 0
+            link = _Link(connection, channel, inbox)
+            calls = threading.Thread(
+                target=self._work, args=(runner, marker, link, record), name="calls"
+            )
+
+            def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+                self.held += 1
+                inbox.put((method.delivery_tag, body))
+
+            tag = channel.basic_consume(self.names.request_queue(record.id), on_message)
+            channel.add_on_cancel_callback(lambda _frame: self.stop())
+            calls.start()
             while not self.stopping.is_set():
                 connection.process_data_events(time_limit=0.2)
             if channel.is_open:
@@ -153,37 +196,57 @@ class ServiceInstance:
                 connection.process_data_events(time_limit=0.05)
             connection.process_data_events(time_limit=0)
         finally:
-            self.inbox.put(None)
-            r.hdel(instances_key, self.spec.instance_id)
+            inbox.put(None)
+            if calls is not None and calls.is_alive():
+                # one call thread at a time: services need not be thread-safe
+                calls.join()
             if connection.is_open:
-                connection.close()
-            log.info("instance_stopped", instance=self.spec.instance_id)
+                with contextlib.suppress(*amqp_error_types()):
+                    connection.close()
 
     def _work(
         self,
         runner: CallRunner,
-        connection: pika.BlockingConnection,
-        channel: pika.adapters.blocking_connection.BlockingChannel,
+        marker: DoneMarker,
+        link: _Link,
+        record: SessionRecord,
     ) -> None:
+        """The call thread: run each batch, hand publishes and the ack to the I/O thread."""
+        connection, channel, inbox = link.connection, link.channel, link.inbox
         limit = self.settings.max_message_bytes
-        props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1)
+        props = pika.BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=2 if record.durable else 1
+        )
 
-        def publish(batch: RequestBatch, items: list[bytes]) -> None:
+        def publish(batch: RequestBatch, outcomes: list[Outcome]) -> None:
             body = encode_response_batch(
-                batch.session_id, batch.client_id, self.spec.instance_id, items
+                batch.session_id,
+                batch.client_id,
+                self.spec.instance_id,
+                [o.body for o in outcomes],
             )
             channel.basic_publish("", batch.reply_to, body, props)
+            marker.mark(
+                batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
+            )
 
-        def finish(tag: int, batch: RequestBatch | None, items: list[bytes]) -> None:
+        def finish(tag: int, batch: RequestBatch | None, outcomes: list[Outcome]) -> None:
             if batch is None:
-                channel.basic_reject(tag, requeue=False)  # to the dead-letter queue, intact
+                channel.basic_reject(tag, requeue=False)  # dead-letter
             else:
-                if items:
-                    publish(batch, items)
+                if outcomes:
+                    publish(batch, outcomes)
                 channel.basic_ack(tag)
             self.held -= 1
 
-        while (item := self.inbox.get()) is not None:
+        def hand_over(callback: Any) -> bool:
+            try:
+                connection.add_callback_threadsafe(callback)
+            except Exception:  # the connection is gone: RabbitMQ redelivers this batch
+                return False
+            return True
+
+        while (item := inbox.get()) is not None:
             tag, body = item
             try:
                 message = decode(body, limit)
@@ -191,23 +254,26 @@ class ServiceInstance:
                     raise DecodeError(f"expected a request batch, got {type(message).__name__}")
             except DecodeError as e:
                 log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
-                connection.add_callback_threadsafe(lambda t=tag: finish(t, None, []))
+                hand_over(lambda t=tag: finish(t, None, []))
                 continue
-            pending: list[bytes] = []
+            pending: list[Outcome] = []
             size = 0
             last = time.monotonic()
             for request in message.requests:
-                encoded = runner.run(request)
-                if pending and size + len(encoded) > limit - BATCH_HEADER_ALLOWANCE:
+                outcome = runner.run(request)
+                if pending and size + len(outcome.body) > limit - BATCH_HEADER_ALLOWANCE:
                     out, pending, size = pending, [], 0
-                    connection.add_callback_threadsafe(lambda b=message, o=out: publish(b, o))
-                pending.append(encoded)
-                size += len(encoded)
+                    if not hand_over(lambda b=message, o=out: publish(b, o)):
+                        break
+                pending.append(outcome)
+                size += len(outcome.body)
                 now = time.monotonic()
                 if now - last >= RESPONSE_LINGER:
                     out, pending, size, last = pending, [], 0, now
-                    connection.add_callback_threadsafe(lambda b=message, o=out: publish(b, o))
-            connection.add_callback_threadsafe(lambda t=tag, b=message, o=pending: finish(t, b, o))
+                    if not hand_over(lambda b=message, o=out: publish(b, o)):
+                        break
+            else:
+                hand_over(lambda t=tag, b=message, o=pending: finish(t, b, o))
 
 
 def main(argv: list[str]) -> int:

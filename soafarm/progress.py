@@ -1,0 +1,168 @@
+"""Per-client-id progress in Redis: accepted, sealed total, done and faulted, readers.
+
+Counting is exact although execution is at-least-once: a worker marks each answered request
+in a bitmap with one Lua call per response batch, and only bits it newly sets are counted.
+Readers commit what they handed out the same way, so `new_only` reads skip it, and a reader
+lease makes a second reader of the same client id take over from the first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from soafarm.names import Names
+from soafarm.records import as_text
+
+# KEYS: client hash, done bitmap. ARGV: id, faulted (0/1), id, faulted, ...
+_MARK_DONE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local new, faulted = 0, 0
+for i = 1, #ARGV, 2 do
+  if redis.call('SETBIT', KEYS[2], ARGV[i], 1) == 0 then
+    new = new + 1
+    if ARGV[i + 1] == '1' then faulted = faulted + 1 end
+  end
+end
+if new > 0 then redis.call('HINCRBY', KEYS[1], 'done', new) end
+if faulted > 0 then redis.call('HINCRBY', KEYS[1], 'faulted', faulted) end
+return new
+"""
+
+# KEYS: client hash, read bitmap. ARGV: reader token, next offset, id, id, ...
+_COMMIT_READ = """
+if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return 0 end
+for i = 3, #ARGV do redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
+local current = tonumber(redis.call('HGET', KEYS[1], 'read_offset') or '-1')
+if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], 'read_offset', ARGV[2]) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ClientProgress:
+    """A client id's counters, as `client.status()` and `soafarm attach` show them."""
+
+    client_id: str
+    accepted: int
+    done: int
+    faulted: int
+    sealed: bool
+    total: int | None
+    read_offset: int | None
+
+    @property
+    def outstanding(self) -> int:
+        """Accepted requests without a response yet."""
+        return max(self.accepted - self.done, 0)
+
+    @property
+    def finished(self) -> bool:
+        """Sealed, and every request of the batch has a response."""
+        return self.sealed and self.total is not None and self.done >= self.total
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, with `outstanding` and `finished`."""
+        return {
+            "client_id": self.client_id,
+            "accepted": self.accepted,
+            "done": self.done,
+            "faulted": self.faulted,
+            "outstanding": self.outstanding,
+            "sealed": self.sealed,
+            "total": self.total,
+            "finished": self.finished,
+        }
+
+
+class ProgressStore:
+    """Reads and writes the progress keys of one client id of one session."""
+
+    def __init__(self, client: redis.Redis, names: Names, session_id: int, client_id: str) -> None:
+        """Bind to `session_id`/`client_id` in `names`' namespace."""
+        self.r = client
+        self.client_id = client_id
+        self.key = names.client_key(session_id, client_id)
+        self.done_key = names.client_done_key(session_id, client_id)
+        self.read_key = names.client_read_key(session_id, client_id)
+
+    def create(self) -> None:
+        """Create the counters if this client id is new (idempotent)."""
+        pipe = self.r.pipeline()
+        for field in ("accepted", "done", "faulted"):
+            pipe.hsetnx(self.key, field, 0)
+        pipe.execute()
+
+    def load(self) -> ClientProgress:
+        """The current counters."""
+        raw = {as_text(k): as_text(v) for k, v in self.r.hgetall(self.key).items()}
+        return parse_progress(self.client_id, raw)
+
+    def record_accepted(self, count: int) -> None:
+        """Requests 0..count-1 are safely in RabbitMQ (one writer per client id)."""
+        self.r.hset(self.key, "accepted", count)
+
+    def seal(self, total: int) -> None:
+        """end_requests(): the batch has exactly `total` requests."""
+        self.r.hset(self.key, mapping={"accepted": total, "total": total, "sealed": 1})
+
+    def take_reader(self) -> str:
+        """Become the one reader of this client id; the previous reader's next commit fails."""
+        token = uuid.uuid4().hex
+        self.r.hset(self.key, "reader", token)
+        return token
+
+    def is_reader(self, token: str) -> bool:
+        """True while `token` still holds the reader lease."""
+        return as_text(self.r.hget(self.key, "reader") or b"") == token
+
+    def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
+        """Record responses handed out up to stream offset `next_offset`; False if taken over."""
+        script: Any = self.r.register_script(_COMMIT_READ)
+        return bool(script(keys=[self.key, self.read_key], args=[token, next_offset, *ids]))
+
+    def read_bitmap(self) -> bytes:
+        """The bitmap of responses already handed out (bit N = request N)."""
+        raw = self.r.get(self.read_key) or b""
+        return raw if isinstance(raw, bytes) else raw.encode("latin-1")
+
+
+def parse_progress(client_id: str, raw: dict[str, str]) -> ClientProgress:
+    """Counters from a client hash read with HGETALL."""
+    total = raw.get("total")
+    offset = raw.get("read_offset")
+    return ClientProgress(
+        client_id=client_id,
+        accepted=int(raw.get("accepted", 0)),
+        done=int(raw.get("done", 0)),
+        faulted=int(raw.get("faulted", 0)),
+        sealed=raw.get("sealed") == "1",
+        total=None if total is None else int(total),
+        read_offset=None if offset is None else int(offset),
+    )
+
+
+class DoneMarker:
+    """Worker side: count responses once each, however often a request ran."""
+
+    def __init__(self, client: redis.Redis, names: Names) -> None:
+        """Load the counting script once."""
+        self.names = names
+        self.script: Any = client.register_script(_MARK_DONE)
+
+    def mark(self, session_id: int, client_id: str, outcomes: list[tuple[int, bool]]) -> int:
+        """Mark (request id, faulted) pairs answered; returns how many were new."""
+        if not outcomes:
+            return 0
+        args: list[int] = []
+        for request_id, faulted in outcomes:
+            args += [request_id, int(faulted)]
+        keys = [
+            self.names.client_key(session_id, client_id),
+            self.names.client_done_key(session_id, client_id),
+        ]
+        return int(self.script(keys=keys, args=args))
