@@ -12,6 +12,7 @@ from `accepted`, so a request sent again after a crash keeps its id and is answe
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -36,7 +37,7 @@ from soafarm.protocol import (
     encode_request,
     encode_request_batch,
 )
-from soafarm.reader import StreamReader, StreamTarget
+from soafarm.reader import Bitmap, StreamReader, StreamTarget
 from soafarm.session import Session
 
 RESPONSE_PREFETCH = 64
@@ -171,23 +172,33 @@ class BrokerClient:
 
     # --- receiving ------------------------------------------------------------------------
     def get_responses(
-        self, timeout: float | None = None, new_only: bool = False
+        self, timeout: float | None = None, new_only: bool = False, available_only: bool = False
     ) -> Iterator[Response]:
         """Yield responses, each once, in arrival order; ends when the batch is complete.
 
         Complete means: every request of the sealed batch answered, or (before end_requests)
         every request this client sent. A durable client id can be read again after any
         reattach: all responses, or with `new_only` those no reader has handed out yet.
-        `timeout` is how many seconds to wait for the next response before raising
-        ResponseTimeout (None waits forever). Sends anything still buffered first.
+        `available_only` ends once the responses that exist now are read (`soafarm
+        responses` without --follow). `timeout` is how many seconds to wait for the next
+        response before raising ResponseTimeout (None waits forever). Sends anything still
+        buffered first.
         """
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
         self.flush()
+        until_done = self.progress.load().done if available_only else None
         if self.durable:
             yield from self._stream_reader().responses(
-                timeout, new_only, StreamTarget(sent_here=self._next_id if self._sent_here else 0)
+                timeout,
+                new_only,
+                StreamTarget(
+                    sent_here=self._next_id if self._sent_here else 0, until_done=until_done
+                ),
             )
+            return
+        if not self._sent_here:  # reading another process's interactive batch (the CLI)
+            yield from self._read_others(timeout, until_done)
             return
         while True:
             while self._ready:
@@ -197,6 +208,33 @@ class BrokerClient:
             with reporting_lost_connection(self.connection, self.settings.amqp_url):
                 self._consume()
                 self._wait(timeout)
+
+    def _read_others(self, timeout: float | None, until_done: int | None) -> Iterator[Response]:
+        """Consume an interactive response queue this client did not send to: each id once,
+        until the sealed total (or `until_done` distinct responses) has been read."""
+        seen = Bitmap()
+        last = time.monotonic()
+        with reporting_lost_connection(self.connection, self.settings.amqp_url):
+            self._consume()
+            while True:
+                meta = self.progress.load()
+                goal = (
+                    until_done if until_done is not None else (meta.total if meta.sealed else None)
+                )
+                if goal is not None and seen.count >= goal:
+                    return
+                if timeout is not None and time.monotonic() - last > timeout:
+                    raise ResponseTimeout(
+                        f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
+                        f"requests answered; {self._describe()}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    self.connection.drain_events(timeout=0.5)
+                while self._ready:
+                    response = self._ready.popleft()
+                    if seen.add(response.id):
+                        last = time.monotonic()
+                        yield response
 
     def _stream_reader(self) -> StreamReader:
         return StreamReader(self.settings, self.response_queue, self.progress, self._describe)
@@ -216,6 +254,8 @@ class BrokerClient:
         batch = decode(body, self.settings.max_message_bytes)
         if not isinstance(batch, ResponseBatch):
             raise DecodeError(f"expected a response batch, got {type(batch).__name__}")
+        if not self._sent_here:
+            return list(batch.responses)  # not our requests: _read_others de-duplicates
         fresh = []
         with self._lock:
             for response in batch.responses:
@@ -246,9 +286,10 @@ class BrokerClient:
         while not self._ready:
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
+                meta = self.progress.load()
                 raise ResponseTimeout(
-                    f"no response for {timeout:g}s; {self.outstanding} of {self.sent} requests "
-                    f"still outstanding; {self._describe()}"
+                    f"no response for {timeout:g}s; {meta.outstanding} of {meta.accepted} "
+                    f"requests still outstanding; {self._describe()}"
                 )
             try:
                 self.connection.drain_events(timeout=min(left, 1.0))

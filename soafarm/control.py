@@ -14,10 +14,13 @@ from kombu.message import Message
 from soafarm import errors
 from soafarm.config import Settings, mask_url
 from soafarm.connections import kombu_connection, reporting_lost_connection
-from soafarm.errors import BrokerUnavailable, DecodeError, SoafarmError
+from soafarm.errors import BrokerUnavailable, ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
 from soafarm.topology import control_queue
+
+#: Control operations safe to send twice.
+IDEMPOTENT_OPS = frozenset({"get", "list", "hosts", "ping", "attach_client"})
 
 
 def _error_class(name: str) -> type[SoafarmError]:
@@ -35,16 +38,20 @@ class ControlClient:
         """Connect to RabbitMQ (ConnectionFailed if unreachable) and open a reply queue."""
         self.settings = settings
         self.names = Names(settings.namespace)
-        self.connection: Connection = kombu_connection(settings)
+        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+        self.replies: dict[str, bytes] = {}
+        self._open()
+
+    def _open(self) -> None:
+        self.connection: Connection = kombu_connection(self.settings)
         self.channel = self.connection.channel()
         self.reply_queue = Queue(
-            f"{settings.namespace}.reply.{uuid.uuid4().hex}",
+            f"{self.settings.namespace}.reply.{uuid.uuid4().hex}",
             exclusive=True,
             auto_delete=True,
             channel=self.channel,
         )
         self.reply_queue.declare()
-        self.replies: dict[str, bytes] = {}
         self.consumer = Consumer(
             self.channel,
             queues=[self.reply_queue],
@@ -54,7 +61,6 @@ class ControlClient:
         )
         self.consumer.consume()
         self.producer = Producer(self.channel)
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
 
     def _on_reply(self, message: Message) -> None:
         self.replies[message.properties.get("correlation_id", "")] = message.body
@@ -65,7 +71,22 @@ class ControlClient:
         return int(consumers)
 
     def call(self, op: str, timeout: float | None = None, **params: Any) -> Any:
-        """Send a control request; wait for the broker's reply up to `timeout` seconds."""
+        """Send a control request; wait for the broker's reply up to `timeout` seconds.
+
+        Read-only requests are retried once on a fresh connection if RabbitMQ dropped this one
+        (it restarted, say): a long-lived session keeps working.
+        """
+        try:
+            return self._call(op, timeout, params)
+        except ConnectionFailed:
+            if op not in IDEMPOTENT_OPS:
+                raise
+            with contextlib.suppress(Exception):
+                self.connection.release()
+            self._open()
+            return self._call(op, timeout, params)
+
+    def _call(self, op: str, timeout: float | None, params: dict[str, Any]) -> Any:
         timeout = self.settings.client.control_timeout if timeout is None else timeout
         where = f"on queue {self.names.control_queue} at {mask_url(self.settings.amqp_urls[0])}"
         hint = "start one with `soafarm broker` or `soafarm up`"

@@ -106,6 +106,15 @@ class LocalFarm:
                 control.close()
         log.info("farm_started", workers=self.workers, namespace=self.settings.namespace)
 
+    def restart_broker(self) -> None:
+        """Kill the broker daemon (SIGKILL, as a crash) and start a new one."""
+        for what, proc in self.procs:
+            if what == "broker" and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.procs = [(w, p) for w, p in self.procs if w != "broker"]
+        self._spawn("broker", "broker")
+
     def wait(self) -> None:
         """Block until a child exits (or a signal interrupts), then raise if one did."""
         while True:

@@ -194,3 +194,16 @@ class DurableSession(Session):
     ) -> None:
         """Detach (the session is not closed)."""
         self.detach()
+
+
+def attach_session(session_id: int, settings: Settings | None = None) -> Session:
+    """Attach to session `session_id` as a `Session` or `DurableSession`, whichever it is."""
+    settings = settings or load_settings()
+    control = ControlClient(settings)
+    try:
+        record = control.call("get", session_id=session_id)
+    except BaseException:
+        control.close()
+        raise
+    kind = DurableSession if record.get("durable") else Session
+    return kind(control, record, settings)

@@ -88,6 +88,6 @@ def main() -> None:
     cli(prog_name="soafarm")
 
 
-from soafarm.cli import call, farm, info, sessions  # noqa: E402  (commands register on `cli`)
+from soafarm.cli import batch, call, farm, info, sessions  # noqa: E402  (commands register on `cli`)
 
-__all__ = ["call", "cli", "farm", "info", "main", "sessions", "with_settings"]
+__all__ = ["batch", "call", "cli", "farm", "info", "main", "sessions", "with_settings"]

@@ -70,10 +70,14 @@ def sessions_show(settings: Settings, session_id: int) -> None:
 @sessions.command("close")
 @with_settings
 @click.argument("session_id", type=int)
-def sessions_close(settings: Settings, session_id: int) -> None:
-    """Close a session: delete its queues and pending requests, free its hosts."""
-    _call(settings, "close", session_id=session_id)
-    click.echo(f"session {session_id} closed")
+@click.option(
+    "--purge", is_flag=True, help="Also delete a durable session's responses (interactive: always)."
+)
+def sessions_close(settings: Settings, session_id: int, purge: bool) -> None:
+    """Close a session: no more requests, its hosts are freed and pending requests deleted."""
+    result = _call(settings, "close", session_id=session_id, purge=purge)
+    kept = "" if result["purged"] else "; its responses stay readable until closed with --purge"
+    click.echo(f"session {session_id} closed{kept}")
 
 
 @cli.command()

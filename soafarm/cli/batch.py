@@ -1,0 +1,328 @@
+"""Batch commands: `submit` requests, `attach` to watch progress, collect `responses`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from soafarm.cli import cli, with_settings
+from soafarm.cli.output import emit_json, emit_table
+from soafarm.config import Settings
+from soafarm.errors import ConfigError, SoafarmError
+from soafarm.protocol import Response
+
+_REQUEST_KEYS = {"op", "args", "kwargs", "user_data"}
+
+
+def parse_request_line(text: str, where: str) -> tuple[str, list[Any], dict[str, Any], Any]:
+    """One JSON-lines request: {"op": ..., "args": [...], "kwargs": {...}, "user_data": ...}."""
+    try:
+        item = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: not valid JSON: {e}") from None
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a JSON object with an 'op' key")
+    unknown = set(item) - _REQUEST_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: "
+            f"{', '.join(sorted(_REQUEST_KEYS))}"
+        )
+    op, args, kwargs = item.get("op"), item.get("args", []), item.get("kwargs", {})
+    if not isinstance(op, str) or not op:
+        raise ConfigError(f"{where}: 'op' must be a non-empty string")
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ConfigError(f"{where}: 'args' must be a list and 'kwargs' an object")
+    return op, args, kwargs, item.get("user_data")
+
+
+def parse_sweep(spec: str) -> range:
+    """`START:END[:STEP]`, END included (as HPC Pack's parametric sweeps)."""
+    try:
+        parts = [int(p) for p in spec.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
+        raise ConfigError(f"--sweep range {spec!r} must be START:END or START:END:STEP, STEP > 0")
+    start, end = parts[0], parts[1]
+    step = parts[2] if len(parts) == 3 else 1
+    return range(start, end + 1, step)
+
+
+def _requests(
+    input_file: str | None, sweep: tuple[str, str] | None
+) -> tuple[Iterator[tuple[str, list[Any], dict[str, Any], Any]], int | None]:
+    """The requests to send, and how many there are when that is known up front."""
+    if sweep is not None:
+        op, spec = sweep
+        indexes = parse_sweep(spec)
+        return ((op, [i], {}, i) for i in indexes), len(indexes)
+    if input_file is None:
+        raise ConfigError(
+            "give the requests with --input FILE (JSON lines, '-' for stdin) or --sweep"
+        )
+    if input_file == "-":
+        stream: IO[str] = sys.stdin
+        total = None
+    else:
+        path = Path(input_file)
+        if not path.is_file():
+            raise ConfigError(f"--input {input_file}: file not found")
+        with path.open("rb") as fh:
+            total = sum(1 for line in fh if line.strip())
+        stream = path.open(encoding="utf-8")
+
+    def lines() -> Iterator[tuple[str, list[Any], dict[str, Any], Any]]:
+        with stream:
+            for number, text in enumerate(stream, start=1):
+                if text.strip():
+                    yield parse_request_line(text, f"{input_file}:{number}")
+
+    return lines(), total
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+@cli.command()
+@with_settings
+@click.argument("service")
+@click.option("--durable", is_flag=True, help="Persist requests and responses (collect later).")
+@click.option("--client-id", default="default", show_default=True, help="This batch's client id.")
+@click.option("--input", "input_file", help="JSON-lines requests file, or '-' for stdin.")
+@click.option(
+    "--sweep",
+    nargs=2,
+    metavar="OP START:END[:STEP]",
+    help="One request OP(index) per index, END included.",
+)
+@click.option(
+    "--session",
+    "session_id",
+    type=int,
+    help="Add to (or resume) this session instead of creating one.",
+)
+@click.option("--version", "version", help="Service version, like 1.0.")
+@click.option("--min-units", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-units", type=click.IntRange(min=1), help="Default: as many as the farm has.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def submit(  # noqa: PLR0917 - click passes every option by name
+    settings: Settings,
+    service: str,
+    durable: bool,
+    client_id: str,
+    input_file: str | None,
+    sweep: tuple[str, str] | None,
+    session_id: int | None,
+    version: str | None,
+    min_units: int,
+    max_units: int | None,
+    as_json: bool,
+) -> None:
+    """Send a batch of requests to SERVICE, seal it, print the session id and exit.
+
+    With --session and the --client-id of an interrupted submit, the requests RabbitMQ already
+    accepted are skipped (request N is line N), so the batch resumes where it stopped.
+    """
+    from soafarm.client import BrokerClient
+    from soafarm.session import DurableSession, Session, SessionStartInfo, attach_session
+
+    requests, total = _requests(input_file, sweep)
+    if session_id is not None:
+        session = attach_session(session_id, settings)
+    else:
+        kind = DurableSession if durable else Session
+        info = SessionStartInfo(service, version=version, min_units=min_units, max_units=max_units)
+        session = kind.create(info, settings)
+    try:
+        with BrokerClient(session, client_id) as client:
+            skip = client.sent  # resuming: these were accepted before
+            with _progress() as bar:
+                task = bar.add_task(f"sending to session {session.id}", total=total)
+                for index, (op, args, kwargs, user_data) in enumerate(requests):
+                    if index >= skip:
+                        client.send_request(op, *args, user_data=user_data, **kwargs)
+                    bar.advance(task)
+                client.end_requests()
+            sent = client.sent
+    except SoafarmError as e:
+        raise SoafarmError(
+            f"{e} (session {session.id}, client id {client_id!r}: the batch is not sealed; "
+            f"resume with --session {session.id} --client-id {client_id})"
+        ) from None
+    finally:
+        session.detach()
+    if as_json:
+        emit_json(
+            {
+                "session_id": session.id,
+                "client_id": client_id,
+                "requests": sent,
+                "durable": session.durable,
+            }
+        )
+    else:
+        click.echo(session.id)
+
+
+def _status_rows(status: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            c["client_id"],
+            c["accepted"],
+            c["done"],
+            c["faulted"],
+            c["outstanding"],
+            "yes" if c["sealed"] else "no",
+            "yes" if c["finished"] else "no",
+        )
+        for c in status["clients"]
+    ]
+
+
+@cli.command()
+@with_settings
+@click.argument("session_id", type=int)
+@click.option("--follow", is_flag=True, help="Show live progress until every batch is done.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def attach(settings: Settings, session_id: int, follow: bool, as_json: bool) -> None:
+    """Show a session's state and each client id's progress."""
+    from soafarm.session import attach_session
+
+    session = attach_session(session_id, settings)
+    try:
+        status = session.status()
+        if follow:
+            with _progress() as bar:
+                tasks: dict[str, Any] = {}
+                while True:
+                    for c in status["clients"]:
+                        if c["client_id"] not in tasks:
+                            tasks[c["client_id"]] = bar.add_task(f"client {c['client_id']}")
+                        bar.update(
+                            tasks[c["client_id"]],
+                            completed=c["done"],
+                            total=c["total"] if c["sealed"] else c["accepted"],
+                        )
+                    clients = status["clients"]
+                    if clients and all(c["finished"] for c in clients):
+                        break
+                    time.sleep(0.5)  # a progress display polls; 0.5 s is what a person sees
+                    status = session.status()
+    finally:
+        session.detach()
+    if as_json:
+        emit_json(status)
+        return
+    kind = "durable" if status.get("durable") else "interactive"
+    click.echo(
+        f"session {status['id']}: {status['service']} ({kind}), state {status['state']}, "
+        f"{len(status['instances'])} instance(s)"
+    )
+    emit_table(
+        "Clients",
+        ["client id", "accepted", "done", "faulted", "outstanding", "sealed", "finished"],
+        _status_rows(status),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def response_record(response: Response) -> dict[str, Any]:
+    """A response as one JSON-lines record; faults carry `fault` instead of `result`."""
+    record: dict[str, Any] = {"id": response.id, "user_data": response.user_data}
+    if response.fault is not None:
+        record["fault"] = {
+            "type": response.fault.type,
+            "message": response.fault.message,
+            "detail": response.fault.detail,
+        }
+    else:
+        record["result"] = response.value
+    return record
+
+
+@cli.command()
+@with_settings
+@click.argument("session_id", type=int)
+@click.option("--client-id", default="default", show_default=True)
+@click.option("--follow", is_flag=True, help="Wait until the whole batch is answered.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write here instead of stdout.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option("--new-only", is_flag=True, help="Only responses no reader has read yet.")
+@click.option("--timeout", type=float, help="Give up after this many seconds without a response.")
+def responses(  # noqa: PLR0917 - click passes every option by name
+    settings: Settings,
+    session_id: int,
+    client_id: str,
+    follow: bool,
+    output: Path | None,
+    fmt: str,
+    new_only: bool,
+    timeout: float | None,
+) -> None:
+    """Write a client id's responses, each exactly once, faults included and marked."""
+    from soafarm.client import BrokerClient
+    from soafarm.session import attach_session
+
+    session = attach_session(session_id, settings)
+    count = faults = 0
+    out: IO[str] = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        writer = csv.writer(out) if fmt == "csv" else None
+        if writer is not None:
+            writer.writerow(["id", "user_data", "status", "result", "fault_type", "fault_message"])
+        with BrokerClient(session, client_id) as client:
+            for response in client.get_responses(timeout, new_only, available_only=not follow):
+                count += 1
+                faults += response.is_fault
+                _write(out, writer, response)
+    finally:
+        session.detach()
+        if output:
+            out.close()
+    click.echo(f"{count} response(s), {faults} fault(s)", err=True)
+
+
+def _write(out: IO[str], writer: Any, response: Response) -> None:
+    if writer is None:
+        out.write(json.dumps(response_record(response), default=_jsonable) + "\n")
+        return
+    fault = response.fault
+    writer.writerow(
+        [
+            response.id,
+            json.dumps(response.user_data, default=_jsonable),
+            "fault" if fault else "ok",
+            "" if fault else json.dumps(response.value, default=_jsonable),
+            fault.type if fault else "",
+            fault.message if fault else "",
+        ]
+    )
