@@ -90,8 +90,16 @@ class ControlClient:
         timeout = self.settings.client.control_timeout if timeout is None else timeout
         where = f"on queue {self.names.control_queue} at {mask_url(self.settings.amqp_urls[0])}"
         hint = "start one with `soafarm broker` or `soafarm up`"
+        try:
+            consumers = self._broker_consumers()
+        except self.connection.connection_errors:
+            # dropped while idle (RabbitMQ restarted): nothing was sent yet, so reconnect
+            with contextlib.suppress(Exception):
+                self.connection.release()
+            self._open()
+            consumers = self._broker_consumers()
         with reporting_lost_connection(self.connection, self.settings.amqp_url):
-            if self._broker_consumers() == 0:
+            if consumers == 0:
                 raise BrokerUnavailable(f"no broker daemon is running {where}; {hint}")
             corr = uuid.uuid4().hex
             self.producer.publish(

@@ -1,0 +1,226 @@
+"""Durable sessions: each guarantee shown with a batch of 10,000 requests, real servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from soafarm import BrokerClient, DurableSession, SessionAttachInfo, SessionStartInfo
+from soafarm.config import Settings
+from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed
+from soafarm.farm import LocalFarm
+from tests.conftest import cli_env
+
+pytestmark = pytest.mark.integration
+
+N = 10_000
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_batches(settings: Settings, size: int = 20) -> Settings:
+    """More, smaller messages: crashes land mid-batch, and instances share the work."""
+    return settings.replace(client=dataclasses.replace(settings.client, request_batch_size=size))
+
+
+def wait_until(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll `condition` with a deadline (the events are in Redis, not in this process)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def child(settings: Settings, module: str, *args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"tests.integration.helpers.{module}", *map(str, args)],
+        env=cli_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def assert_each_once(responses: list, n: int = N) -> None:  # type: ignore[type-arg]
+    ids = [r.id for r in responses]
+    assert len(ids) == len(set(ids)), "a response was handed out twice"
+    assert sorted(ids) == list(range(n)), f"{n - len(set(ids))} responses missing"
+    assert all(r.user_data == r.id for r in responses)
+
+
+def test_client_killed_while_sending_and_while_reading(settings: Settings, farm: LocalFarm) -> None:
+    s = small_batches(settings)
+    session = DurableSession.create(SessionStartInfo("echo"), s)
+    sid = session.id
+    session.detach()
+
+    with child(s, "durable_sender", sid, N) as sender:
+        assert sender.stdout is not None
+        for line in sender.stdout:
+            if line.startswith("accepted") and int(line.split()[1]) >= 2000:
+                break
+        sender.kill()  # SIGKILL, mid-send
+
+    with (
+        DurableSession.attach(SessionAttachInfo(sid), s) as again,
+        BrokerClient(again, "crashy") as client,
+    ):
+        resumed_at = client.sent
+        assert 2000 <= resumed_at < N, resumed_at
+        for i in range(resumed_at, N):  # continue where RabbitMQ's confirms say it stopped
+            client.send_request("echo", i, user_data=i)
+        client.end_requests()
+
+    printed: list[int] = []
+    with child(s, "durable_reader", sid, "crashy") as reader:
+        assert reader.stdout is not None
+        for line in reader.stdout:
+            printed.append(int(line))
+            if len(printed) >= 3000:
+                break
+        reader.kill()  # SIGKILL, mid-read
+    assert len(printed) == len(set(printed))
+
+    with (
+        DurableSession.attach(SessionAttachInfo(sid), s) as again,
+        BrokerClient(again, "crashy") as client,
+    ):
+        unread = list(client.get_responses(timeout=60, new_only=True))
+        assert len({r.id for r in unread}) == len(unread)
+        assert {r.id for r in unread} | set(printed) == set(range(N))
+        everything = list(client.get_responses(timeout=60))
+        assert_each_once(everything)
+        assert all(r.result.endswith(f":{r.id}") for r in everything)
+        status = client.status()
+        assert (status.accepted, status.done, status.total, status.finished) == (N, N, N, True)
+        again.close()
+
+
+def slow_batch(session: DurableSession, client_id: str) -> BrokerClient:
+    client = BrokerClient(session, client_id)
+    for i in range(N):
+        client.send_request("sleep", 0.0003, user_data=i)
+    client.end_requests()
+    return client
+
+
+def test_instance_killed_mid_request_loses_and_repeats_nothing(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    s = small_batches(settings)
+    with DurableSession.create(SessionStartInfo("faulty"), s) as session:
+        session.wait_for_instances(2)
+        client = slow_batch(session, "k")
+        wait_until("2,000 responses", lambda: client.status().done >= 2000)
+        victim = session.status()["instances"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        assert client.status().done < N, "the batch finished before the kill"
+        assert_each_once(list(client.get_responses(timeout=60)))
+        client.close()
+        out = Path(farm.settings.service_registration_path[0]) / "responses.jsonl"
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "soafarm",
+                "responses",
+                str(session.id),
+                "--client-id",
+                "k",
+                "--output",
+                str(out),
+            ],
+            env=cli_env(s),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        assert sorted(x["id"] for x in lines) == list(range(N))
+        session.close()
+
+
+def test_broker_daemon_restarted_mid_batch(settings: Settings, farm: LocalFarm) -> None:
+    s = small_batches(settings)
+    with DurableSession.create(SessionStartInfo("faulty"), s) as session:
+        client = slow_batch(session, "b")
+        wait_until("2,000 responses", lambda: client.status().done >= 2000)
+        farm.restart_broker()
+        assert client.status().done < N, "the batch finished before the restart"
+        assert_each_once(list(client.get_responses(timeout=60)))
+        client.close()
+
+        def broker_answers() -> bool:
+            try:
+                return session.status()["clients"][0]["finished"] is True
+            except BrokerUnavailable:
+                return False
+
+        wait_until("the new broker daemon", broker_answers)
+        session.close()
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, stdout=subprocess.DEVNULL)
+
+
+def test_rabbitmq_restarted_mid_batch(settings: Settings, farm: LocalFarm) -> None:
+    s = small_batches(settings)
+    with DurableSession.create(SessionStartInfo("faulty"), s) as session:
+        client = BrokerClient(session, "r")
+        for i in range(N // 2):
+            client.send_request("sleep", 0.0003, user_data=i)
+        client.flush()
+        wait_until("1,000 responses", lambda: client.status().done >= 1000)
+        assert client.status().done < N // 2, "the first half finished before the restart"
+        try:
+            rabbitmqctl("stop_app")
+        finally:
+            rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+        for i in range(N // 2, N):  # the client reconnects by itself
+            client.send_request("sleep", 0.0003, user_data=i)
+        client.end_requests()
+        assert_each_once(list(client.get_responses(timeout=120)))
+        client.close()
+        session.close()
+
+
+def test_second_reader_takes_over_and_closed_sessions_keep_responses(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    with DurableSession.create(SessionStartInfo("echo"), settings) as session:
+        with BrokerClient(session, "t") as client:
+            for i in range(500):
+                client.send_request("echo", i, user_data=i)
+            client.end_requests()
+        first = BrokerClient(session, "t")
+        second = BrokerClient(session, "t")
+        reading = first.get_responses(timeout=30)
+        next(reading)
+        assert len(list(second.get_responses(timeout=30))) == 500
+        with pytest.raises(ReaderTakenOver, match="another reader took over client id 't'"):
+            list(reading)
+        first.close()
+        second.close()
+        sid = session.id
+        session.close(purge=False)
+    with DurableSession.attach(SessionAttachInfo(sid), settings) as closed:
+        client = BrokerClient(closed, "t")
+        assert len(list(client.get_responses(timeout=30))) == 500
+        with pytest.raises(SessionClosed, match=f"session {sid} is closed"):
+            client.send_request("echo", 1)
+        client.close()
+        closed.close(purge=True)
+    with pytest.raises(SessionClosed):
+        DurableSession.attach(SessionAttachInfo(sid), settings)
