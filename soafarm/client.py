@@ -41,6 +41,8 @@ from soafarm.reader import Bitmap, StreamReader, StreamTarget
 from soafarm.session import Session
 
 RESPONSE_PREFETCH = 64
+#: Seconds between writes of the confirmed-request count to Redis (and at seal and close).
+ACCEPTED_RECORD_INTERVAL = 0.2
 #: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
 DURABLE_RETRY_POLICY = {
     "max_retries": 60,
@@ -80,6 +82,7 @@ class BrokerClient:
         self._buffer_bytes = 0
         self._next_id = start.accepted if self.durable else 0
         self._sent_here = 0
+        self._recorded_at = 0.0
         self._pending: set[int] = set()
         self._lock = threading.Lock()
         self._ready: deque[Response] = deque()
@@ -141,7 +144,12 @@ class BrokerClient:
         self._sent_here += len(self._buffer)
         self._buffer = []
         self._buffer_bytes = 0
-        self.progress.record_accepted(self._next_id)
+        now = time.monotonic()
+        if now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
+            # a Redis write per flush would cost more than the flush; a lagging count only
+            # means a resumed client re-sends a few requests, which keep their ids
+            self.progress.record_accepted(self._next_id)
+            self._recorded_at = now
 
     def end_requests(self) -> None:
         """Send what is buffered and seal the batch: it has exactly `sent` requests."""
@@ -339,6 +347,8 @@ class BrokerClient:
         """Send what is buffered and release the connection (the session stays open)."""
         try:
             self.flush()
+            if self._sent_here and not self._sealed:
+                self.progress.record_accepted(self._next_id)
         finally:
             self._stop.set()
             if self._handler_thread is not None:

@@ -1,10 +1,12 @@
 """Child process for the crash tests: sends a durable batch, printing progress as it goes.
 
 Usage: python -m tests.integration.helpers.durable_sender SESSION_ID COUNT
-Prints `accepted N` after every confirmed flush (settings from SOAFARM_* variables).
+Prints `sent N` after every confirmed flush (settings from SOAFARM_* variables); takes
+0.1 ms per request, like a producer reading its input, so a kill lands mid-batch.
 """
 
 import sys
+import time
 
 from soafarm import BrokerClient, DurableSession, SessionAttachInfo
 
@@ -15,7 +17,8 @@ with (
 ):
     for i in range(client.sent, count):
         client.send_request("echo", i, user_data=i)
+        time.sleep(0.0001)
         if client.sent % client.settings.client.request_batch_size == 0:
-            print("accepted", client.status().accepted, flush=True)
+            print("sent", client.sent, flush=True)
     client.end_requests()
     print("sealed", flush=True)
