@@ -163,10 +163,12 @@ def submit(  # noqa: PLR0917 - click passes every option by name
                 client.end_requests()
             sent = client.sent
     except SoafarmError as e:
-        raise SoafarmError(
-            f"{e} (session {session.id}, client id {client_id!r}: the batch is not sealed; "
+        hint = (
+            f" (session {session.id}, client id {client_id!r}: the batch is not sealed; "
             f"resume with --session {session.id} --client-id {client_id})"
-        ) from None
+        )
+        e.args = (f"{e}{hint}",)  # same class, so the same exit code
+        raise
     finally:
         session.detach()
     if as_json:

@@ -1,0 +1,108 @@
+"""`soafarm submit`, `attach`, `responses` and `sessions close --purge` as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from soafarm import BrokerClient, DurableSession, Response, SessionAttachInfo, SessionStartInfo
+from soafarm.config import Settings
+from soafarm.errors import SessionNotFound
+from soafarm.farm import LocalFarm
+from tests.integration.test_cli import assert_one_line_error, soafarm
+
+pytestmark = pytest.mark.integration
+
+
+def test_submit_sweep_then_collect_as_jsonl_and_csv(settings: Settings, farm: LocalFarm) -> None:
+    submitted = soafarm(
+        settings, "submit", "echo", "--durable", "--sweep", "echo", "1:3000", "--json"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    info = json.loads(submitted.stdout)
+    assert info["requests"] == 3000 and info["durable"] is True
+    sid = str(info["session_id"])
+
+    followed = soafarm(settings, "attach", sid, "--follow", "--json")
+    assert followed.returncode == 0, followed.stderr
+    (client,) = json.loads(followed.stdout)["clients"]
+    assert (client["done"], client["finished"]) == (3000, True)
+
+    lines = soafarm(settings, "responses", sid).stdout.splitlines()
+    records = [json.loads(x) for x in lines]
+    assert sorted(r["user_data"] for r in records) == list(range(1, 3001))
+    assert all(r["result"].endswith(f":{r['user_data']}") for r in records)
+
+    again = soafarm(settings, "responses", sid, "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(again)))
+    assert len(rows) == 3000 and {r["status"] for r in rows} == {"ok"}
+    assert soafarm(settings, "responses", sid, "--new-only").stdout == ""
+
+    closed = soafarm(settings, "sessions", "close", sid)
+    assert "responses stay readable" in closed.stdout
+    assert len(soafarm(settings, "responses", sid).stdout.splitlines()) == 3000
+    assert soafarm(settings, "sessions", "close", sid, "--purge").returncode == 0
+    gone = soafarm(settings, "responses", sid)
+    assert_one_line_error(gone, 1, f"session {sid} is closed")
+
+
+def test_bad_input_line_stops_unsealed_and_the_batch_resumes(
+    settings: Settings, farm: LocalFarm, tmp_path: Path
+) -> None:
+    good = [{"op": "ok", "args": [i], "user_data": i} for i in range(50)]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([*map(json.dumps, good[:30]), "{not json", ""]))
+    failed = soafarm(
+        settings, "submit", "faulty", "--durable", "--client-id", "b", "--input", str(broken)
+    )
+    assert_one_line_error(failed, 2, "broken.jsonl:31: not valid JSON", "--session")
+    sid = failed.stderr.split("resume with --session ")[1].split()[0]
+
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_text(
+        "\n".join(json.dumps(x) for x in [*good, {"op": "fail", "args": ["no"], "user_data": "f"}])
+    )
+    resumed = soafarm(
+        settings, "submit", "faulty", "--session", sid, "--client-id", "b", "--input", str(fixed)
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    out = soafarm(settings, "responses", sid, "--client-id", "b", "--follow", "--timeout", "30")
+    records = [json.loads(x) for x in out.stdout.splitlines()]
+    assert sorted(r["id"] for r in records) == list(range(51))
+    assert [r["fault"]["type"] for r in records if "fault" in r] == ["ValueError"]
+    assert "50 response(s)" not in out.stderr and "51 response(s), 1 fault(s)" in out.stderr
+
+
+def test_unknown_session_is_named(settings: Settings, farm: LocalFarm) -> None:
+    assert_one_line_error(soafarm(settings, "attach", "98765"), 1, "no session 98765")
+    with pytest.raises(SessionNotFound, match="no session 98765"):
+        DurableSession.attach(SessionAttachInfo(98765), settings)
+
+
+def test_durable_response_handler_and_status(settings: Settings, farm: LocalFarm) -> None:
+    got: list[Response] = []
+    done = threading.Event()
+
+    def on_response(response: Response) -> None:
+        got.append(response)
+        if len(got) == 1000:
+            done.set()
+
+    with DurableSession.create(SessionStartInfo("echo"), settings) as session:
+        with BrokerClient(session, "h") as client:
+            client.set_response_handler(on_response)
+            for i in range(1000):
+                client.send_request("echo", i, user_data=i)
+            client.end_requests()
+            assert done.wait(30)
+            status = client.status()
+        assert sorted(r.id for r in got) == list(range(1000))
+        assert (status.accepted, status.total, status.sealed) == (1000, 1000, True)
+        clients = session.status()["clients"]
+        assert [(c["client_id"], c["done"]) for c in clients] == [("h", 1000)]
+        session.close()
