@@ -11,6 +11,7 @@ from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json, emit_table
 from soafarm.config import Settings
 from soafarm.control import ControlClient
+from soafarm.session import UNBOUNDED_UNITS
 
 
 def _call(settings: Settings, op: str, **params: Any) -> Any:
@@ -24,6 +25,11 @@ def _call(settings: Settings, op: str, **params: Any) -> Any:
 def _age(created: float) -> str:
     seconds = int(time.time() - created)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds}s"
+
+
+def _units(session: dict[str, Any]) -> str:
+    top = "all" if session["max_units"] >= UNBOUNDED_UNITS else session["max_units"]
+    return f"{session['min_units']}..{top}"
 
 
 @cli.group()
@@ -50,7 +56,7 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
                 s["service"] + (f" {s['version']}" if s["version"] else ""),
                 s["state"],
                 len(s["instances"]),
-                f"{s['min_units']}..{s['max_units']}",
+                _units(s),
                 _age(s["created"]),
                 s["owner"],
             )
