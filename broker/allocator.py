@@ -50,13 +50,20 @@ def targets(capacity: int, demands: list[Demand]) -> dict[int, int]:
 
 
 def place(
-    cores: Mapping[str, int], current: Mapping[str, Mapping[int, int]], wanted: Mapping[int, int]
+    cores: Mapping[str, int],
+    current: Mapping[str, Mapping[int, int]],
+    wanted: Mapping[int, int],
+    excluded: Mapping[int, set[str]] | None = None,
 ) -> Assignments:
-    """Spread each session's wanted units over hosts, keeping existing instances in place."""
+    """Spread each session's wanted units over hosts, keeping existing instances in place and
+    never using a host `excluded` for the session (its service failed to load there)."""
+    excluded = excluded or {}
     result: Assignments = {h: {} for h in cores}
     placed: dict[int, int] = dict.fromkeys(wanted, 0)
     for host in sorted(cores):  # keep what runs, up to what is still wanted
         for sid, n in sorted(current.get(host, {}).items()):
+            if host in excluded.get(sid, set()):
+                continue
             keep = min(n, wanted.get(sid, 0) - placed.get(sid, 0))
             if keep > 0:
                 result[host][sid] = keep
@@ -64,8 +71,9 @@ def place(
     free = {h: cores[h] - sum(result[h].values()) for h in cores}
     for sid in sorted(wanted):
         need = wanted[sid] - placed[sid]
+        usable = sorted(h for h in free if h not in excluded.get(sid, set()))
         while need > 0:
-            roomiest: str | None = max(sorted(free), key=lambda h: free[h], default=None)
+            roomiest: str | None = max(usable, key=lambda h: free[h], default=None)
             if roomiest is None or free[roomiest] <= 0:
                 break
             result[roomiest][sid] = result[roomiest].get(sid, 0) + 1

@@ -20,14 +20,24 @@ def reconcile(store: BrokerStore) -> None:
         log.warning("host_lost", host_id=host_id)
         store.forget_host(host_id)
     cores = {h: registered[h].cores for h in alive}
-    # a closed (not purged) durable session keeps its responses but runs nothing
-    sessions = [s for s in store.open_sessions() if s.state != "closed"]
+    # a closed (not purged) durable session keeps its responses but runs nothing; a failed
+    # one could not load its service anywhere
+    sessions = [s for s in store.open_sessions() if s.state not in ("closed", "failed")]
+    load_errors = {s.id: store.load_errors(s.id) for s in sessions}
+    for s in sessions:
+        if alive and alive <= set(load_errors[s.id]):
+            why = next(iter(sorted(load_errors[s.id].items())))
+            error = f"the service could not be loaded on any host ({why[0]}: {why[1]})"
+            log.error("session_failed", session_id=s.id, error=error)
+            store.save_session(dataclasses.replace(s, state="failed", error=error))
+    sessions = [s for s in sessions if not (alive and alive <= set(load_errors[s.id]))]
     wanted = targets(
         sum(cores.values()),
         [Demand(s.id, s.min_units, s.max_units, s.priority) for s in sessions],
     )
     current = store.assignments(sorted(alive))
-    new = place(cores, current, wanted)
+    excluded = {sid: set(errors) for sid, errors in load_errors.items()}
+    new = place(cores, current, wanted, excluded)
     for host_id, assignment in new.items():
         if assignment != current.get(host_id, {}):
             log.info("host_assigned", host_id=host_id, assignment=assignment)

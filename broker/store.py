@@ -73,6 +73,7 @@ class BrokerStore:
             n.client_key(session_id, client_id),
             n.client_done_key(session_id, client_id),
             n.client_read_key(session_id, client_id),
+            n.client_attempts_key(session_id, client_id),
         ]
 
     def forget_client(self, session_id: int, client_id: str) -> None:

@@ -11,7 +11,7 @@ with Session.create(SessionStartInfo("echo", min_units=1, max_units=4)) as sessi
 
 from soafarm.client import BrokerClient
 from soafarm.config import Settings, load_settings
-from soafarm.errors import ServiceFault, SoafarmError
+from soafarm.errors import RetryOperationError, ServiceFault, SoafarmError
 from soafarm.protocol import Fault, Response
 from soafarm.service import ServiceContext
 from soafarm.session import DurableSession, Session, SessionAttachInfo, SessionStartInfo
@@ -21,6 +21,7 @@ __all__ = [
     "DurableSession",
     "Fault",
     "Response",
+    "RetryOperationError",
     "ServiceContext",
     "ServiceFault",
     "Session",

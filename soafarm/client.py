@@ -12,7 +12,6 @@ from `accepted`, so a request sent again after a crash keeps its id and is answe
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import deque
@@ -24,7 +23,13 @@ from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
 from soafarm.connections import kombu_connection, redis_client, reporting_lost_connection
-from soafarm.errors import DecodeError, ResponseTimeout, SessionClosed, SessionError
+from soafarm.errors import (
+    DecodeError,
+    ResponseTimeout,
+    SessionClosed,
+    SessionError,
+    SessionFailed,
+)
 from soafarm.names import Names, check_client_id
 from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import (
@@ -38,6 +43,7 @@ from soafarm.protocol import (
     encode_request_batch,
 )
 from soafarm.reader import Bitmap, StreamReader, StreamTarget
+from soafarm.records import SessionRecord
 from soafarm.session import Session
 
 RESPONSE_PREFETCH = 64
@@ -71,8 +77,9 @@ class BrokerClient:
         self.response_queue: str = info["response_queue"]
         self.durable: bool = bool(info.get("durable", False))
         self.closed_session = info.get("state") == "closed"
+        self._names = Names(self.settings.namespace)
         self.progress = ProgressStore(
-            redis_client(self.settings), Names(self.settings.namespace), session.id, client_id
+            redis_client(self.settings), self._names, session.id, client_id
         )
         start = self.progress.load()
         self.connection = kombu_connection(self.settings, confirm=self.durable)
@@ -236,8 +243,10 @@ class BrokerClient:
                         f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
                         f"requests answered; {self._describe()}"
                     )
-                with contextlib.suppress(TimeoutError):
+                try:
                     self.connection.drain_events(timeout=0.5)
+                except TimeoutError:
+                    self._check_session()
                 while self._ready:
                     response = self._ready.popleft()
                     if seen.add(response.id):
@@ -245,7 +254,18 @@ class BrokerClient:
                         yield response
 
     def _stream_reader(self) -> StreamReader:
-        return StreamReader(self.settings, self.response_queue, self.progress, self._describe)
+        return StreamReader(
+            self.settings, self.response_queue, self.progress, self._describe, self._check_session
+        )
+
+    def _check_session(self) -> None:
+        """Raise if the session failed or was closed while this client waits for it."""
+        raw = self.progress.r.get(self._names.session_key(self.session.id))
+        if raw is None:
+            raise SessionClosed(f"session {self.session.id} was closed while waiting")
+        record = SessionRecord.from_json(raw)
+        if record.state == "failed":
+            raise SessionFailed(f"session {self.session.id} failed: {record.error}")
 
     def _describe(self) -> str:
         try:
@@ -302,7 +322,7 @@ class BrokerClient:
             try:
                 self.connection.drain_events(timeout=min(left, 1.0))
             except TimeoutError:
-                continue
+                self._check_session()
 
     def set_response_handler(self, callback: Callable[[Response], None]) -> None:
         """Call `callback(response)` for each response, on a background thread of its own.

@@ -54,6 +54,14 @@ class SessionNotFound(SessionError):
     """No session has the given id."""
 
 
+class SessionFailed(SessionError):
+    """The session cannot run: its service could not be loaded on any host."""
+
+
+class Throttled(SessionError):
+    """send_request waited longer than its throttle timeout for the session's queue to drain."""
+
+
 class SessionClosed(SessionError):
     """The session was closed; it cannot be used any more."""
 
@@ -89,8 +97,13 @@ class ServiceFault(SoafarmError):
     registration sets `include_exception_detail_in_faults`, else an empty string.
     """
 
-    def __init__(self, fault_type: str, message: str, detail: str = "") -> None:
+    def __init__(self, fault_type: str, message: str, detail: str = "", retries: int = 0) -> None:
         super().__init__(f"{fault_type}: {message}")
         self.fault_type = fault_type
         self.message = message
         self.detail = detail
+        self.retries = retries
+
+
+class RetryOperationError(SoafarmError):
+    """Raised by a service to ask the farm to run the request again (counts as a retry)."""

@@ -77,6 +77,10 @@ class Names:
         """Bitmap: bit N set once response N was handed to a reader (for `new_only` reads)."""
         return self.client_key(session_id, client_id) + ":read"
 
+    def client_attempts_key(self, session_id: int, client_id: str) -> str:
+        """Hash: request id -> executions counted after a crash or timeout (retry limit)."""
+        return self.client_key(session_id, client_id) + ":attempts"
+
     def session_instances_key(self, session_id: int) -> str:
         """Hash: instance id -> JSON of the service instances serving this session."""
         return f"{self.namespace}:session:{session_id}:instances"

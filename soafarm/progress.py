@@ -164,8 +164,31 @@ class DoneMarker:
 
     def __init__(self, client: redis.Redis, names: Names) -> None:
         """Load the counting script once."""
+        self.client = client
         self.names = names
         self.script: Any = client.register_script(_MARK_DONE)
+
+    def answered(self, session_id: int, client_id: str, ids: list[int]) -> set[int]:
+        """Which of `ids` already have a response (one GETRANGE over their span)."""
+        if not ids:
+            return set()
+        low, high = min(ids), max(ids)
+        raw = self.client.getrange(
+            self.names.client_done_key(session_id, client_id), low // 8, high // 8
+        )
+        bits = raw if isinstance(raw, bytes) else raw.encode("latin-1")
+        base = (low // 8) * 8
+        out = set()
+        for i in ids:
+            byte, pos = divmod(i - base, 8)
+            if byte < len(bits) and bits[byte] & (0x80 >> pos):
+                out.add(i)
+        return out
+
+    def count_attempt(self, session_id: int, client_id: str, request_id: int) -> int:
+        """Count one more execution of a request whose batch came back after a failure."""
+        key = self.names.client_attempts_key(session_id, client_id)
+        return int(self.client.hincrby(key, str(request_id), 1))
 
     def mark(self, session_id: int, client_id: str, outcomes: list[tuple[int, bool]]) -> int:
         """Mark (request id, faulted) pairs answered; returns how many were new."""

@@ -30,11 +30,13 @@ KIND_CONTROL_REPLY = "cr"
 
 @dataclass(frozen=True)
 class Fault:
-    """Why a request failed: the exception type name, its message, and optional traceback."""
+    """Why a request failed: the exception type name, its message, an optional traceback,
+    and how many times the farm retried it (RetryLimitExceeded faults)."""
 
     type: str
     message: str
     detail: str = ""
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ class Response:
     def result(self) -> Any:
         """The operation's return value; raises `ServiceFault` if the request faulted."""
         if self.fault is not None:
-            raise ServiceFault(self.fault.type, self.fault.message, self.fault.detail)
+            raise ServiceFault(
+                self.fault.type, self.fault.message, self.fault.detail, self.fault.retries
+            )
         return self.value
 
 
@@ -196,7 +200,11 @@ def encode(message: Message) -> bytes:
 
 
 def _response_item(r: Response) -> list[Any]:
-    fault = None if r.fault is None else [r.fault.type, r.fault.message, r.fault.detail]
+    fault = (
+        None
+        if r.fault is None
+        else [r.fault.type, r.fault.message, r.fault.detail, r.fault.retries]
+    )
     return [r.id, r.value, fault, r.user_data]
 
 
@@ -229,8 +237,9 @@ def _response(item: Any) -> Response:
     rid, value, fault, user_data = item
     _check(isinstance(rid, int), "response id")
     if fault is not None:
-        _check(isinstance(fault, list) and len(fault) == 3, "fault")
-        _check(all(isinstance(x, str) for x in fault), "fault fields")
+        _check(isinstance(fault, list) and len(fault) == 4, "fault")
+        _check(all(isinstance(x, str) for x in fault[:3]), "fault fields")
+        _check(isinstance(fault[3], int), "fault retries")
         return Response(rid, None, Fault(*fault), user_data)
     return Response(rid, value, None, user_data)
 

@@ -80,12 +80,15 @@ class StreamReader:
         stream: str,
         progress: ProgressStore,
         describe: Callable[[], str],
+        check: Callable[[], None],
     ) -> None:
-        """`describe()` gives the session status line used in timeout errors."""
+        """`describe()` gives the session status line used in timeout errors; `check()` raises
+        if the session failed or closed (called once per idle tick)."""
         self.settings = settings
         self.stream = stream
         self.progress = progress
         self.describe = describe
+        self.check = check
         self.next_offset = 0
 
     def responses(
@@ -126,6 +129,7 @@ class StreamReader:
                     meta, last_meta = self.progress.load(), now
                     if not self.progress.is_reader(token):
                         raise self._taken_over()
+                    self.check()
                 if timeout is not None and now - last_progress > timeout:
                     raise ResponseTimeout(
                         f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "

@@ -55,6 +55,7 @@ class SessionRecord(_JsonRecord):
     include_exception_detail_in_faults: bool = False
     max_concurrent_calls: int = 0
     durable: bool = False
+    error: str = ""
 
 
 @dataclass(frozen=True)

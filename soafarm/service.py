@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from soafarm.errors import PayloadError
+from soafarm.errors import PayloadError, RetryOperationError
 from soafarm.protocol import Fault, Request, Response, check_size, encode_response
 
 
@@ -64,13 +64,20 @@ class CallRunner:
     """Dispatches requests to a constructed service's public methods."""
 
     def __init__(
-        self, service: Any, operations: frozenset[str], include_detail: bool, limit: int
+        self,
+        service: Any,
+        operations: frozenset[str],
+        include_detail: bool,
+        limit: int,
+        resend_limit: int = 3,
     ) -> None:
-        """`limit` is the largest encoded response allowed (max_message_bytes)."""
+        """`limit` is the largest encoded response allowed (max_message_bytes);
+        `resend_limit` how often a RetryOperationError may re-run a request."""
         self.service = service
         self.operations = operations
         self.include_detail = include_detail
         self.limit = limit
+        self.resend_limit = resend_limit
 
     def run(self, request: Request) -> Outcome:
         """Call the operation; return the encoded response, a fault if the service raised."""
@@ -78,17 +85,32 @@ class CallRunner:
             known = ", ".join(sorted(self.operations))
             fault = Fault("UnknownOperation", f"no operation {request.op!r}; operations: {known}")
             return self._fault(request, fault)
-        try:
-            value = getattr(self.service, request.op)(*request.args, **request.kwargs)
-        except Exception as e:  # the service's failure becomes the caller's fault response
-            detail = traceback.format_exc() if self.include_detail else ""
-            return self._fault(request, Fault(type(e).__name__, str(e), detail))
+        retries = 0
+        while True:
+            try:
+                value = getattr(self.service, request.op)(*request.args, **request.kwargs)
+                break
+            except RetryOperationError as e:
+                if retries >= self.resend_limit:
+                    return self.retry_limit_fault(request, retries, f"the service asked: {e}")
+                retries += 1
+            except Exception as e:  # the service's failure becomes the caller's fault response
+                detail = traceback.format_exc() if self.include_detail else ""
+                return self._fault(request, Fault(type(e).__name__, str(e), detail))
         try:
             body = encode_response(Response(request.id, value, None, request.user_data))
             checked = check_size(body, self.limit, f"response to request {request.id}")
             return Outcome(request.id, False, checked)
         except PayloadError as e:
             return self._fault(request, Fault(type(e).__name__, str(e)))
+
+    def retry_limit_fault(self, request: Request, retries: int, why: str) -> Outcome:
+        """The fault for a request that failed again after `retries` retries."""
+        message = (
+            f"request {request.id} ({request.op}) failed after {retries} retries "
+            f"(message_resend_limit {self.resend_limit}): {why}"
+        )
+        return self._fault(request, Fault("RetryLimitExceeded", message, "", retries))
 
     def _fault(self, request: Request, fault: Fault) -> Outcome:
         body = encode_response(Response(request.id, None, fault, request.user_data))

@@ -26,7 +26,7 @@ from soafarm.config import Settings, child_environment
 from soafarm.connections import redis_client
 from soafarm.names import Names
 from soafarm.records import HostRecord
-from workers.instance import InstanceSpec
+from workers.instance import EXIT_LOAD_FAILED, EXIT_TIMED_OUT, InstanceSpec
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,7 @@ class _SessionProcs:
     failures: int = 0
     next_start: float = 0.0
     counter: int = 0
+    load_failed: bool = False
 
 
 class WorkerHost:
@@ -117,7 +118,7 @@ class WorkerHost:
                 log.info("instance_stopping", instance=iid)
                 proc.send_signal(signal.SIGTERM)
                 self.stopping_procs.append((iid, sid, proc))
-            while len(procs.running) < want and now >= procs.next_start:
+            while len(procs.running) < want and now >= procs.next_start and not procs.load_failed:
                 procs.running.append(self._start(sid, procs))
             if want == 0 and not procs.running:
                 del self.sessions[sid]
@@ -142,10 +143,21 @@ class WorkerHost:
                     continue
                 procs.running.remove((iid, proc))
                 self.redis.hdel(self.names.session_instances_key(sid), iid)
+                if code == EXIT_LOAD_FAILED:
+                    # the broker excludes this host for the session; retrying cannot help
+                    procs.load_failed = True
+                    log.error("service_load_failed", instance=iid, session_id=sid)
+                    continue
                 if now - procs.started.pop(iid, now) > HEALTHY_RUN_SECONDS:
                     procs.failures = 0  # it served a while: this exit is news, not a crash loop
                 procs.failures += 1
-                delay = min(2.0 ** (procs.failures - 1) - 1, MAX_RESTART_DELAY)
+                # quick at first: a crash or timeout is retried by redelivery, and the retry
+                # limit (not this back-off) is what stops a poison request
+                delay = (
+                    0.0
+                    if code == EXIT_TIMED_OUT
+                    else min(0.2 * 2.0 ** (procs.failures - 1), MAX_RESTART_DELAY)
+                )
                 procs.next_start = now + delay
                 log.warning("instance_exited", instance=iid, code=code, restart_in=delay)
         for entry in list(self.stopping_procs):

@@ -23,17 +23,15 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-import pika
 import redis
 import structlog
 
-from registration import Registry
+from registration import Registration, Registry
 from registration.registry import load_service_class
 from soafarm.config import Settings, load_settings
 from soafarm.connections import amqp_error_types, pika_connection, redis_client
 from soafarm.errors import (
     ConnectionFailed,
-    DecodeError,
     RegistrationError,
     SessionNotFound,
     SoafarmError,
@@ -41,21 +39,14 @@ from soafarm.errors import (
 from soafarm.logs import configure_logging
 from soafarm.names import Names
 from soafarm.progress import DoneMarker
-from soafarm.protocol import (
-    BATCH_HEADER_ALLOWANCE,
-    CONTENT_TYPE,
-    RequestBatch,
-    decode,
-    encode_response_batch,
-)
 from soafarm.records import InstanceRecord, SessionRecord
-from soafarm.service import CallRunner, Outcome, ServiceContext, construct, operations_of
+from soafarm.service import CallRunner, ServiceContext, construct, operations_of
+from workers.calls import CallLoop, CallWatch, Delivery, Link
 
 log = structlog.get_logger(__name__)
 
-#: Responses of a long batch are published at least this often (seconds), so progress flows.
-RESPONSE_LINGER = 0.05
 EXIT_LOAD_FAILED = 4
+EXIT_TIMED_OUT = 5
 
 
 @dataclass(frozen=True)
@@ -75,15 +66,6 @@ class InstanceSpec:
     def from_json(cls, text: str) -> InstanceSpec:
         """Parse `to_json`'s output."""
         return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class _Link:
-    """One connection's objects, shared by the I/O thread and the call thread."""
-
-    connection: pika.BlockingConnection
-    channel: pika.adapters.blocking_connection.BlockingChannel
-    inbox: queue.Queue[tuple[int, bytes] | None]
 
 
 class ServiceInstance:
@@ -108,6 +90,28 @@ class ServiceInstance:
             record.service, record.version
         )
         os.environ.update(registration.environment)
+        # a hung import or constructor cannot be interrupted: the watchdog ends the process
+        watchdog = threading.Timer(
+            registration.service_init_timeout,
+            self._load_timed_out,
+            args=(record.id, registration.service_init_timeout),
+        )
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._construct(record, registration)
+        finally:
+            watchdog.cancel()
+
+    def _load_timed_out(self, session_id: int, seconds: float) -> None:
+        why = f"the service did not load within service_init_timeout ({seconds:g}s)"
+        log.error("service_init_timeout", instance=self.spec.instance_id, timeout=seconds)
+        with contextlib.suppress(Exception):
+            r = redis_client(self.settings)
+            r.hset(self.names.session_load_errors_key(session_id), self.spec.host_id, why)
+        os._exit(EXIT_LOAD_FAILED)
+
+    def _construct(self, record: SessionRecord, registration: Registration) -> CallRunner:
         cls = load_service_class(registration)
         context = ServiceContext(
             session_id=record.id,
@@ -123,6 +127,7 @@ class ServiceInstance:
             operations_of(cls),
             record.include_exception_detail_in_faults,
             self.settings.max_message_bytes,
+            int(record.broker_settings.get("message_resend_limit", 3)),
         )
 
     def run(self) -> None:
@@ -168,32 +173,42 @@ class ServiceInstance:
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
         """One connection's life: consume until stopped (then drain) or the connection fails."""
         connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
-        inbox: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        inbox: queue.Queue[Delivery | None] = queue.Queue()
         calls: threading.Thread | None = None
+        watch = CallWatch()
+        timeout = float(record.broker_settings.get("service_operation_timeout", 0))
         try:
             channel = connection.channel()
             if record.durable:
                 channel.confirm_delivery()  # a response counts only once RabbitMQ has it
             channel.basic_qos(prefetch_count=1)
             self.held = 0
-            link = _Link(connection, channel, inbox)
-            calls = threading.Thread(
-                target=self._work, args=(runner, marker, link, record), name="calls"
+            link = Link(connection, channel, inbox, self._settled, record.durable)
+            loop = CallLoop(
+                runner,
+                marker,
+                link,
+                instance_id=self.spec.instance_id,
+                max_bytes=self.settings.max_message_bytes,
+                watch=watch,
             )
+            calls = threading.Thread(target=loop.run, name="calls")
 
             def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
                 self.held += 1
-                inbox.put((method.delivery_tag, body))
+                inbox.put((method.delivery_tag, body, bool(method.redelivered)))
 
             tag = channel.basic_consume(self.names.request_queue(record.id), on_message)
             channel.add_on_cancel_callback(lambda _frame: self.stop())
             calls.start()
             while not self.stopping.is_set():
                 connection.process_data_events(time_limit=0.2)
+                self._enforce_timeout(watch, timeout)
             if channel.is_open:
                 channel.basic_cancel(tag)
             while self.held:  # drain: finish and ack what this instance holds
                 connection.process_data_events(time_limit=0.05)
+                self._enforce_timeout(watch, timeout)
             connection.process_data_events(time_limit=0)
         finally:
             inbox.put(None)
@@ -204,80 +219,26 @@ class ServiceInstance:
                 with contextlib.suppress(*amqp_error_types()):
                     connection.close()
 
-    def _work(
-        self,
-        runner: CallRunner,
-        marker: DoneMarker,
-        link: _Link,
-        record: SessionRecord,
-    ) -> None:
-        """The call thread: run each batch, hand publishes and the ack to the I/O thread."""
-        connection, channel, inbox = link.connection, link.channel, link.inbox
-        limit = self.settings.max_message_bytes
-        props = pika.BasicProperties(
-            content_type=CONTENT_TYPE, delivery_mode=2 if record.durable else 1
-        )
+    def _settled(self) -> None:
+        self.held -= 1
 
-        def publish(batch: RequestBatch, outcomes: list[Outcome]) -> None:
-            body = encode_response_batch(
-                batch.session_id,
-                batch.client_id,
-                self.spec.instance_id,
-                [o.body for o in outcomes],
+    def _enforce_timeout(self, watch: CallWatch, timeout: float) -> None:
+        request_id = watch.overdue(timeout)
+        if request_id is not None:
+            # a Python call cannot be interrupted: end the process; RabbitMQ redelivers the
+            # batch and the retry limit decides whether the request runs again
+            log.error(
+                "service_operation_timeout",
+                instance=self.spec.instance_id,
+                request_id=request_id,
+                timeout=timeout,
             )
-            channel.basic_publish("", batch.reply_to, body, props)
-            marker.mark(
-                batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
-            )
-
-        def finish(tag: int, batch: RequestBatch | None, outcomes: list[Outcome]) -> None:
-            if batch is None:
-                channel.basic_reject(tag, requeue=False)  # dead-letter
-            else:
-                if outcomes:
-                    publish(batch, outcomes)
-                channel.basic_ack(tag)
-            self.held -= 1
-
-        def hand_over(callback: Any) -> bool:
-            try:
-                connection.add_callback_threadsafe(callback)
-            except Exception:  # the connection is gone: RabbitMQ redelivers this batch
-                return False
-            return True
-
-        while (item := inbox.get()) is not None:
-            tag, body = item
-            try:
-                message = decode(body, limit)
-                if not isinstance(message, RequestBatch):
-                    raise DecodeError(f"expected a request batch, got {type(message).__name__}")
-            except DecodeError as e:
-                log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
-                hand_over(lambda t=tag: finish(t, None, []))
-                continue
-            pending: list[Outcome] = []
-            size = 0
-            last = time.monotonic()
-            for request in message.requests:
-                outcome = runner.run(request)
-                if pending and size + len(outcome.body) > limit - BATCH_HEADER_ALLOWANCE:
-                    out, pending, size = pending, [], 0
-                    if not hand_over(lambda b=message, o=out: publish(b, o)):
-                        break
-                pending.append(outcome)
-                size += len(outcome.body)
-                now = time.monotonic()
-                if now - last >= RESPONSE_LINGER:
-                    out, pending, size, last = pending, [], 0, now
-                    if not hand_over(lambda b=message, o=out: publish(b, o)):
-                        break
-            else:
-                hand_over(lambda t=tag, b=message, o=pending: finish(t, b, o))
+            os._exit(EXIT_TIMED_OUT)
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of an instance process; exit code 4 means the service failed to load."""
+    """Entry point of an instance process: exit code 4 means the service failed to load,
+    5 that a call exceeded service_operation_timeout."""
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     spec = InstanceSpec.from_json(argv[0])
@@ -290,12 +251,17 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         instance.run()
+    except RegistrationError as e:
+        log.error("service_load_failed", instance=spec.instance_id, error=str(e))
+        return EXIT_LOAD_FAILED
+    except SessionNotFound:
+        return 0  # closed before this instance started: nothing to do
     except SoafarmError as e:
         log.error("instance_failed", instance=spec.instance_id, error=str(e))
-        return EXIT_LOAD_FAILED
+        return 1
     except Exception as e:
         log.exception("instance_failed", instance=spec.instance_id, error=repr(e))
-        return EXIT_LOAD_FAILED
+        return 1
     return 0
 
 

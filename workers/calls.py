@@ -1,0 +1,201 @@
+"""The call thread of a service instance: run request batches, hand the results back.
+
+pika is not thread-safe, so every publish and ack is handed to the I/O thread with
+`add_callback_threadsafe`; a batch is acknowledged only after all its responses are published
+(and counted), so a killed instance loses nothing.
+
+A batch RabbitMQ delivers again (`redelivered`: an instance crashed, timed out or lost its
+host while holding it) is run carefully: requests that already have a response are skipped,
+each remaining one counts an attempt in Redis first, and its response is published before the
+next one starts. So the request that kills its instance is the one whose attempts grow, and
+after `message_resend_limit` retries it is answered with a RetryLimitExceeded fault instead of
+being run again, while the innocent requests of its batch run normally.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import pika
+import structlog
+
+from soafarm.errors import DecodeError
+from soafarm.progress import DoneMarker
+from soafarm.protocol import (
+    BATCH_HEADER_ALLOWANCE,
+    CONTENT_TYPE,
+    RequestBatch,
+    decode,
+    encode_response_batch,
+)
+from soafarm.service import CallRunner, Outcome
+
+log = structlog.get_logger(__name__)
+
+#: Responses of a long batch are published at least this often (seconds), so progress flows.
+RESPONSE_LINGER = 0.05
+
+Delivery = tuple[int, bytes, bool]  # delivery tag, body, redelivered
+
+
+class CallWatch:
+    """What the call thread runs now, so the I/O thread can enforce service_operation_timeout."""
+
+    def __init__(self) -> None:
+        """Nothing is running yet."""
+        self.started: float | None = None
+        self.request_id = -1
+
+    def begin(self, request_id: int) -> None:
+        """A call starts."""
+        self.request_id = request_id
+        self.started = time.monotonic()
+
+    def end(self) -> None:
+        """The call returned (or raised)."""
+        self.started = None
+
+    def overdue(self, timeout: float) -> int | None:
+        """The id of a call running longer than `timeout` seconds (0: no limit), else None."""
+        started = self.started
+        if timeout > 0 and started is not None and time.monotonic() - started > timeout:
+            return self.request_id
+        return None
+
+
+@dataclass(frozen=True)
+class Link:
+    """One connection's objects, shared by the I/O thread and the call thread."""
+
+    connection: pika.BlockingConnection
+    channel: pika.adapters.blocking_connection.BlockingChannel
+    inbox: queue.Queue[Delivery | None]
+    settled: Callable[[], None]  # called on the I/O thread when a delivery is acked/rejected
+    durable: bool
+
+
+class CallLoop:
+    """Runs on the call thread until the inbox yields None."""
+
+    def __init__(
+        self,
+        runner: CallRunner,
+        marker: DoneMarker,
+        link: Link,
+        *,
+        instance_id: str,
+        max_bytes: int,
+        watch: CallWatch,
+    ) -> None:
+        """`runner.resend_limit` is the session's message_resend_limit."""
+        self.runner = runner
+        self.marker = marker
+        self.link = link
+        self.instance_id = instance_id
+        self.max_bytes = max_bytes
+        self.watch = watch
+        self.props = pika.BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=2 if link.durable else 1
+        )
+
+    def run(self) -> None:
+        """Take deliveries from the inbox and run them."""
+        while (item := self.link.inbox.get()) is not None:
+            tag, body, redelivered = item
+            try:
+                batch = decode(body, self.max_bytes)
+                if not isinstance(batch, RequestBatch):
+                    raise DecodeError(f"expected a request batch, got {type(batch).__name__}")
+            except DecodeError as e:
+                log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
+                self._hand_over(partial(self._finish, tag, None, []))
+                continue
+            if redelivered:
+                self._careful(tag, batch)
+            else:
+                self._fast(tag, batch)
+
+    # --- I/O thread side ------------------------------------------------------------------
+    def _publish(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
+        body = encode_response_batch(
+            batch.session_id, batch.client_id, self.instance_id, [o.body for o in outcomes]
+        )
+        self.link.channel.basic_publish("", batch.reply_to, body, self.props)
+        self.marker.mark(
+            batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
+        )
+
+    def _finish(self, tag: int, batch: RequestBatch | None, outcomes: list[Outcome]) -> None:
+        if batch is None:
+            self.link.channel.basic_reject(tag, requeue=False)  # to the dead-letter queue
+        else:
+            if outcomes:
+                self._publish(batch, outcomes)
+            self.link.channel.basic_ack(tag)
+        self.link.settled()
+
+    # --- call thread side -----------------------------------------------------------------
+    def _hand_over(self, callback: Callable[[], None]) -> bool:
+        try:
+            self.link.connection.add_callback_threadsafe(callback)
+        except Exception:  # the connection is gone: RabbitMQ redelivers this batch
+            return False
+        return True
+
+    def _call(self, request_run: Callable[[], Outcome], request_id: int) -> Outcome:
+        self.watch.begin(request_id)
+        try:
+            return request_run()
+        finally:
+            self.watch.end()
+
+    def _fast(self, tag: int, batch: RequestBatch) -> None:
+        pending: list[Outcome] = []
+        size = 0
+        last = time.monotonic()
+        for request in batch.requests:
+            outcome = self._call(partial(self.runner.run, request), request.id)
+            if pending and size + len(outcome.body) > self.max_bytes - BATCH_HEADER_ALLOWANCE:
+                out, pending, size = pending, [], 0
+                if not self._hand_over(partial(self._publish, batch, out)):
+                    return
+            pending.append(outcome)
+            size += len(outcome.body)
+            now = time.monotonic()
+            if now - last >= RESPONSE_LINGER:
+                out, pending, size, last = pending, [], 0, now
+                if not self._hand_over(partial(self._publish, batch, out)):
+                    return
+        self._hand_over(partial(self._finish, tag, batch, pending))
+
+    def _careful(self, tag: int, batch: RequestBatch) -> None:
+        sid, cid = batch.session_id, batch.client_id
+        answered = self.marker.answered(sid, cid, [r.id for r in batch.requests])
+        log.info("batch_redelivered", requests=len(batch.requests), answered=len(answered))
+        for request in batch.requests:
+            if request.id in answered:
+                continue
+            retry = self.marker.count_attempt(sid, cid, request.id)
+            if retry > self.runner.resend_limit:
+                outcome = self.runner.retry_limit_fault(
+                    request, retry - 1, "its instance crashed, timed out or lost its host"
+                )
+            else:
+                outcome = self._call(partial(self.runner.run, request), request.id)
+            published = threading.Event()
+
+            def publish(o: Outcome = outcome, done: threading.Event = published) -> None:
+                self._publish(batch, [o])
+                done.set()
+
+            if not self._hand_over(publish):
+                return
+            while not published.wait(0.1):  # before the next request: it may be the culprit
+                if not self.link.connection.is_open:
+                    return
+        self._hand_over(partial(self._finish, tag, batch, []))
