@@ -5,7 +5,8 @@ pika is not thread-safe, so every publish and ack is handed to the I/O thread wi
 (and counted), so a killed instance loses nothing.
 
 A batch RabbitMQ delivers again (`redelivered`: an instance crashed, timed out or lost its
-host while holding it) is run carefully: requests that already have a response are skipped,
+host while holding it), and every batch of an at-most-once session (message_resend_limit 0),
+is run carefully: requests that already have a response are skipped,
 each remaining one counts an attempt in Redis first, and its response is published before the
 next one starts. So the request that kills its instance is the one whose attempts grow, and
 after `message_resend_limit` retries it is answered with a RetryLimitExceeded fault instead of
@@ -115,7 +116,8 @@ class CallLoop:
                 log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
                 self._hand_over(partial(self._finish, tag, None, []))
                 continue
-            if redelivered:
+            if redelivered or self.runner.resend_limit == 0:
+                # at-most-once counts every start, so a redelivery knows what already ran
                 self._careful(tag, batch)
             else:
                 self._fast(tag, batch)
@@ -177,11 +179,14 @@ class CallLoop:
         sid, cid = batch.session_id, batch.client_id
         answered = self.marker.answered(sid, cid, [r.id for r in batch.requests])
         log.info("batch_redelivered", requests=len(batch.requests), answered=len(answered))
+        limit = self.runner.resend_limit
         for request in batch.requests:
             if request.id in answered:
                 continue
-            retry = self.marker.count_attempt(sid, cid, request.id)
-            if retry > self.runner.resend_limit:
+            counted = self.marker.count_attempt(sid, cid, request.id)
+            # with a limit, the first run (fast path) is not counted; at-most-once counts it
+            retry = counted - 1 if limit == 0 else counted
+            if retry > limit:
                 outcome = self.runner.retry_limit_fault(
                     request, retry - 1, "its instance crashed, timed out or lost its host"
                 )

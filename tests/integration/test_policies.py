@@ -1,0 +1,123 @@
+"""Broker policies against the real servers: retries, timeouts, loading, settings levels."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from soafarm import BrokerClient, Session, SessionStartInfo
+from soafarm.config import Settings
+from soafarm.errors import SessionFailed
+from soafarm.farm import LocalFarm
+
+pytestmark = pytest.mark.integration
+
+
+def executions(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_one(settings: Settings, op: str, *args: object, **broker: object) -> tuple[dict, ...]:  # type: ignore[type-arg]
+    """Send `op` in the middle of 40 `ok` requests; return (faulted response info, session)."""
+    info = SessionStartInfo("faulty", broker_settings=broker)
+    with Session.create(info, settings) as session, BrokerClient(session) as client:
+        for i in range(40):
+            if i == 20:
+                client.send_request(op, *args, user_data="target")
+            else:
+                client.send_request("ok", i, user_data=i)
+        client.end_requests()
+        responses = {r.user_data: r for r in client.get_responses(timeout=60)}
+        record = session.status()
+    assert len(responses) == 40
+    assert all(responses[i].result == i for i in range(40) if i != 20)  # the batch went on
+    target = responses["target"]
+    fault = target.fault
+    return ({"fault": fault, "value": target.value}, record)
+
+
+def test_a_crashing_request_is_retried_up_to_the_limit_then_faulted(
+    settings: Settings, farm: LocalFarm, tmp_path: Path
+) -> None:
+    log = tmp_path / "crash.log"
+    outcome, record = run_one(settings, "crash_logged", str(log))
+    assert record["broker_settings"]["message_resend_limit"] == 3  # the default
+    fault = outcome["fault"]
+    assert fault is not None and fault.type == "RetryLimitExceeded"
+    assert fault.retries == 3 and "after 3 retries" in fault.message
+    assert executions(log) == 4  # the first run and 3 retries, never more
+
+
+def test_resend_limit_zero_is_at_most_once(
+    settings: Settings, farm: LocalFarm, tmp_path: Path
+) -> None:
+    log = tmp_path / "crash.log"
+    outcome, _ = run_one(settings, "crash_logged", str(log), message_resend_limit=0)
+    assert outcome["fault"].type == "RetryLimitExceeded" and outcome["fault"].retries == 0
+    assert executions(log) == 1
+
+
+def test_retry_operation_error_reruns_the_call(
+    settings: Settings, farm: LocalFarm, tmp_path: Path
+) -> None:
+    ok, _ = run_one(settings, "retry_logged", str(tmp_path / "a.log"), 3)
+    assert ok["fault"] is None and ok["value"] == 3
+    failed, _ = run_one(
+        settings, "retry_logged", str(tmp_path / "b.log"), 99, message_resend_limit=2
+    )
+    assert failed["fault"].type == "RetryLimitExceeded" and failed["fault"].retries == 2
+    assert "the service asked" in failed["fault"].message
+    assert executions(tmp_path / "b.log") == 3
+
+
+def test_service_operation_timeout_ends_the_call_and_counts_as_a_retry(
+    settings: Settings, farm: LocalFarm, tmp_path: Path
+) -> None:
+    log = tmp_path / "slow.log"
+    outcome, _ = run_one(
+        settings, "sleep_logged", str(log), 60, service_operation_timeout=1, message_resend_limit=1
+    )
+    assert outcome["fault"].type == "RetryLimitExceeded" and outcome["fault"].retries == 1
+    assert executions(log) == 2
+
+
+def test_service_init_timeout_fails_the_session(settings: Settings, farm: LocalFarm) -> None:
+    folder = settings.service_registration_path[0]
+    faulty = Path(__file__).resolve().parents[2] / "examples"
+    (folder / "slowstart.toml").write_text(
+        f'entry_point = "faulty:FaultyService"\npython_path = ["{faulty}"]\n'
+        'service_init_timeout = 1\n[environment]\nFAULTY_INIT_SECONDS = "30"\n'
+    )
+    with (
+        Session.create(SessionStartInfo("slowstart"), settings) as session,
+        BrokerClient(session) as client,
+    ):
+        client.send_request("ok", 1)
+        with pytest.raises(SessionFailed, match=r"did not load within service_init_timeout \(1s\)"):
+            list(client.get_responses(timeout=60))
+
+
+def test_broker_settings_levels(settings: Settings, tmp_path: Path) -> None:
+    """defaults < broker config < registration [broker] < SessionStartInfo.broker_settings"""
+    folder = settings.service_registration_path[0]
+    (folder / "tuned.toml").write_text(
+        'entry_point = "echo:EchoService"\npython_path = ["'
+        + str(Path(__file__).resolve().parents[2] / "examples")
+        + '"]\n[broker]\nclient_idle_timeout = 77\nmessage_resend_limit = 1\n'
+    )
+    broker_config = dataclasses.replace(
+        settings.broker, message_resend_limit=5, session_idle_timeout=9, client_idle_timeout=66
+    )
+    with LocalFarm(settings.replace(broker=broker_config), workers=1, cores=1):
+        with Session.create(SessionStartInfo("echo"), settings) as plain:
+            levels = plain.status()["broker_settings"]
+            assert levels["message_resend_limit"] == 5  # broker config over the default
+            assert levels["allocation_grow_load_ratio_threshold"] == 125  # default
+        info = SessionStartInfo("tuned", broker_settings={"message_resend_limit": 0})
+        with Session.create(info, settings) as tuned:
+            levels = tuned.status()["broker_settings"]
+            assert levels["session_idle_timeout"] == 9  # broker config
+            assert levels["client_idle_timeout"] == 77  # registration over broker config
+            assert levels["message_resend_limit"] == 0  # session over registration
