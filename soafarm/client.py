@@ -45,6 +45,7 @@ from soafarm.protocol import (
 from soafarm.reader import Bitmap, StreamReader, StreamTarget
 from soafarm.records import SessionRecord
 from soafarm.session import Session
+from soafarm.throttle import Throttle
 
 RESPONSE_PREFETCH = 64
 #: Seconds between writes of the confirmed-request count to Redis (and at seal and close).
@@ -82,6 +83,13 @@ class BrokerClient:
             redis_client(self.settings), self._names, session.id, client_id
         )
         start = self.progress.load()
+        self.throttle = Throttle(
+            self.progress,
+            self._names,
+            session.id,
+            session.record.get("broker_settings", {}),
+            self.settings.client.throttle_timeout,
+        )
         self.connection = kombu_connection(self.settings, confirm=self.durable)
         self.channel = self.connection.channel()
         self.producer = Producer(self.channel)
@@ -90,7 +98,8 @@ class BrokerClient:
         self._next_id = start.accepted if self.durable else 0
         self._sent_here = 0
         self._recorded_at = 0.0
-        self._pending: set[int] = set()
+        # interactive: which of this client's requests have been answered (bit N = id N)
+        self._received = Bitmap()
         self._lock = threading.Lock()
         self._ready: deque[Response] = deque()
         self._sealed = start.sealed
@@ -120,9 +129,6 @@ class BrokerClient:
         self._next_id += 1
         self._buffer.append(body)
         self._buffer_bytes += len(body)
-        if not self.durable:
-            with self._lock:
-                self._pending.add(request_id)
         if len(self._buffer) >= self.settings.client.request_batch_size:
             self.flush()
         return request_id
@@ -132,6 +138,7 @@ class BrokerClient:
         RabbitMQ has confirmed them."""
         if not self._buffer:
             return
+        self.throttle.wait(self._next_id - len(self._buffer))  # what is already published
         body = encode_request_batch(
             self.session.id, self.client_id, self.response_queue, self._buffer
         )
@@ -173,7 +180,7 @@ class BrokerClient:
     def outstanding(self) -> int:
         """Requests sent whose response has not been received yet (this process's view)."""
         with self._lock:
-            return len(self._pending)
+            return self._next_id - self._received.count
 
     def status(self) -> ClientProgress:
         """Progress of this client id from the farm's counters: accepted, done, faulted..."""
@@ -287,8 +294,7 @@ class BrokerClient:
         fresh = []
         with self._lock:
             for response in batch.responses:
-                if response.id in self._pending:
-                    self._pending.remove(response.id)
+                if response.id < self._next_id and self._received.add(response.id):
                     fresh.append(response)
                 else:
                     self.duplicates += 1
@@ -363,8 +369,11 @@ class BrokerClient:
                     except TimeoutError:
                         continue
 
-    def close(self) -> None:
-        """Send what is buffered and release the connection (the session stays open)."""
+    def close(self, discard: bool = False) -> None:
+        """Send what is buffered (or with `discard`, drop it) and release the connection; the
+        session stays open."""
+        if discard:
+            self._buffer, self._buffer_bytes = [], 0
         try:
             self.flush()
             if self._sent_here and not self._sealed:

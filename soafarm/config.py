@@ -62,6 +62,9 @@ class ClientSettings:
     control_timeout: float = 10.0
     #: Seconds to wait for a TCP connection to RabbitMQ before reporting it unreachable.
     connect_timeout: float = 5.0
+    #: Seconds send_request may block on a throttled session before raising Throttled (0: no
+    #: limit).
+    throttle_timeout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -61,4 +61,5 @@ def response_queue(
     name = names.response_queue(session_id, client_id)
     if durable:
         return QueueSpec(name, durable=True, arguments={"x-queue-type": "stream"})
-    return QueueSpec(name)
+    # lazy: responses nobody reads yet go to disk, not RabbitMQ's memory
+    return QueueSpec(name, arguments={"x-queue-mode": "lazy"})

@@ -9,7 +9,7 @@ import pytest
 
 from soafarm import BrokerClient, Session, SessionStartInfo
 from soafarm.config import Settings
-from soafarm.errors import SessionFailed
+from soafarm.errors import SessionFailed, Throttled
 from soafarm.farm import LocalFarm
 
 pytestmark = pytest.mark.integration
@@ -121,3 +121,77 @@ def test_broker_settings_levels(settings: Settings, tmp_path: Path) -> None:
             assert levels["session_idle_timeout"] == 9  # broker config
             assert levels["client_idle_timeout"] == 77  # registration over broker config
             assert levels["message_resend_limit"] == 0  # session over registration
+
+
+def test_throttling_bounds_outstanding_requests(settings: Settings, farm: LocalFarm) -> None:
+    s = settings.replace(client=dataclasses.replace(settings.client, request_batch_size=10))
+    thresholds = {"message_throttle_start_threshold": 200, "message_throttle_stop_threshold": 100}
+    info = SessionStartInfo("faulty", broker_settings=thresholds)
+    peak = 0
+    with Session.create(info, s) as session, BrokerClient(session) as client:
+        for i in range(2000):  # 2 ms each on 2 instances: sending is far faster than serving
+            client.send_request("sleep", 0.002, user_data=i)
+            if i % 10 == 9:
+                peak = max(peak, client.sent - client.status().done)
+        client.end_requests()
+        assert sorted(r.user_data for r in client.get_responses(timeout=60)) == list(range(2000))
+    assert 150 <= peak <= 200 + 10, peak  # it filled up to the threshold, and no further
+
+
+def test_throttled_send_gives_up_after_the_throttle_timeout(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    s = settings.replace(
+        client=dataclasses.replace(settings.client, request_batch_size=1, throttle_timeout=0.5)
+    )
+    thresholds = {"message_throttle_start_threshold": 3, "message_throttle_stop_threshold": 2}
+    with Session.create(SessionStartInfo("faulty", broker_settings=thresholds), s) as session:
+        client = BrokerClient(session)
+        with pytest.raises(Throttled, match=r"3 outstanding requests after 0\.\d+s"):
+            for _ in range(10):
+                client.send_request("sleep", 1.5)
+        assert client.sent == 4  # three went out; the fourth waited and stays buffered
+        client.close(discard=True)
+
+
+def test_a_large_batch_keeps_client_memory_and_queue_depth_bounded(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    import resource
+    import threading
+
+    import pika
+
+    from soafarm.names import Names
+
+    n, batch = 200_000, settings.client.request_batch_size
+    peak_depth = 0
+    stop = threading.Event()
+    with Session.create(SessionStartInfo("echo"), settings) as session:
+        queue = Names(settings.namespace).request_queue(session.id)
+
+        def sample() -> None:
+            nonlocal peak_depth
+            conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+            channel = conn.channel()
+            while not stop.wait(0.02):  # sampling the queue, not synchronising on it
+                depth = channel.queue_declare(queue, passive=True).method.message_count
+                peak_depth = max(peak_depth, depth)
+            conn.close()
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            with BrokerClient(session) as client:
+                for i in range(n):
+                    client.send_request("echo", "x", user_data=i)
+                client.end_requests()
+                count = sum(1 for _ in client.get_responses(timeout=60))
+        finally:
+            stop.set()
+            sampler.join()
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert count == n
+    assert peak_depth * batch <= 5120 + batch, peak_depth  # the default start threshold
+    assert grown_mib < 40, grown_mib
