@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import pika
@@ -16,6 +17,7 @@ import redis
 import structlog
 
 from broker.assignment import reconcile
+from broker.lifecycle import expire_sessions
 from broker.sessions import SessionService
 from broker.store import BrokerStore
 from registration import Registry
@@ -24,6 +26,7 @@ from soafarm.connections import amqp_error_types, pika_connection, redis_client
 from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
+from soafarm.records import SessionRecord
 from soafarm.topology import control_queue, dead_letter_queue
 
 log = structlog.get_logger(__name__)
@@ -99,6 +102,7 @@ class BrokerDaemon:
                     self._dirty = False
                     last = now
                     try:
+                        expire_sessions(self.store, partial(_expire, service), time.time())
                         reconcile(self.store)
                     except redis.RedisError as e:  # keep answering; the next round retries
                         log.warning("redis_unreachable", error=str(e))
@@ -130,3 +134,8 @@ class BrokerDaemon:
         except Exception as e:  # a bug must not kill the daemon; the caller gets its text
             log.exception("control_request_failed")
             return ControlReply(False, None, "SoafarmError", f"internal broker error: {e!r}")
+
+
+def _expire(service: SessionService, record: SessionRecord, reason: str) -> None:
+    log.info("session_expired", session_id=record.id, reason=reason)
+    service.close({"session_id": record.id, "purge": True})

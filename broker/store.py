@@ -61,6 +61,14 @@ class BrokerStore:
         raws = self.r.hvals(self.names.session_instances_key(session_id))
         return sorted((InstanceRecord.from_json(x) for x in raws), key=lambda i: i.id)
 
+    def connected_handles(self, session_id: int, since: float) -> int:
+        """Client handles that beat after `since`; older ones are dropped."""
+        key = self.names.session_handles_key(session_id)
+        pipe = self.r.pipeline()
+        pipe.zremrangebyscore(key, "-inf", f"({since}")
+        pipe.zcard(key)
+        return int(pipe.execute()[1])
+
     def load_errors(self, session_id: int) -> dict[str, str]:
         """Why the service failed to load, per host (empty when it loaded everywhere)."""
         raw = self.r.hgetall(self.names.session_load_errors_key(session_id))
@@ -94,6 +102,7 @@ class BrokerStore:
             n.session_clients_key(session_id),
             n.session_instances_key(session_id),
             n.session_load_errors_key(session_id),
+            n.session_handles_key(session_id),
             *client_keys,
         )
         pipe.set(n.closed_session_key(session_id), "1", ex=CLOSED_TOMBSTONE_SECONDS)

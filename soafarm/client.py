@@ -30,6 +30,7 @@ from soafarm.errors import (
     SessionError,
     SessionFailed,
 )
+from soafarm.heartbeat import Heartbeat
 from soafarm.names import Names, check_client_id
 from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import (
@@ -83,6 +84,12 @@ class BrokerClient:
             redis_client(self.settings), self._names, session.id, client_id
         )
         start = self.progress.load()
+        self.heartbeat = Heartbeat(
+            self.progress.r,
+            self._names.session_handles_key(session.id),
+            float(session.record.get("broker_settings", {}).get("client_idle_timeout", 300.0)),
+            "client",
+        )
         self.throttle = Throttle(
             self.progress,
             self._names,
@@ -380,6 +387,7 @@ class BrokerClient:
                 self.progress.record_accepted(self._next_id)
         finally:
             self._stop.set()
+            self.heartbeat.stop()
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
             self.connection.release()

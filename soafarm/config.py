@@ -44,6 +44,7 @@ class BrokerSettings:
     client_connection_timeout: float = 300.0
     client_idle_timeout: float = 300.0
     session_idle_timeout: float = 0.0
+    durable_session_idle_timeout: float = 172_800.0
     message_throttle_start_threshold: int = 5_120
     message_throttle_stop_threshold: int = 3_840
     load_sampling_interval: float = 1.0

@@ -81,6 +81,10 @@ class Names:
         """Hash: request id -> executions counted after a crash or timeout (retry limit)."""
         return self.client_key(session_id, client_id) + ":attempts"
 
+    def session_handles_key(self, session_id: int) -> str:
+        """Sorted set: client handle -> time of its last heartbeat."""
+        return f"{self.namespace}:session:{session_id}:handles"
+
     def session_instances_key(self, session_id: int) -> str:
         """Hash: instance id -> JSON of the service instances serving this session."""
         return f"{self.namespace}:session:{session_id}:instances"

@@ -56,6 +56,8 @@ class SessionRecord(_JsonRecord):
     max_concurrent_calls: int = 0
     durable: bool = False
     error: str = ""
+    activity: str = "created"
+    idle_since: float = 0.0
 
 
 @dataclass(frozen=True)

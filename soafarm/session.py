@@ -9,8 +9,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
+from soafarm.connections import redis_client
 from soafarm.control import ControlClient
 from soafarm.errors import ConfigError, SessionError
+from soafarm.heartbeat import Heartbeat
+from soafarm.names import Names
 
 #: Sent for "no upper bound" on units: the allocator never gives more than the farm has.
 UNBOUNDED_UNITS = 2**31 - 1
@@ -75,11 +78,19 @@ class Session:
     durable = False
 
     def __init__(self, control: ControlClient, record: dict[str, Any], settings: Settings) -> None:
-        """Wrap a session the broker created; prefer `Session.create`."""
+        """Wrap a session the broker created; prefer `Session.create`. While this object is
+        open it heartbeats, so the broker counts the session as in use."""
         self.control = control
         self.record = record
         self.settings = settings
         self.closed = False
+        self.redis = redis_client(settings)
+        self.heartbeat = Heartbeat(
+            self.redis,
+            Names(settings.namespace).session_handles_key(self.id),
+            float(record.get("broker_settings", {}).get("client_idle_timeout", 300.0)),
+            "session",
+        )
 
     @classmethod
     def create(cls, info: SessionStartInfo, settings: Settings | None = None) -> Self:
@@ -153,16 +164,20 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.heartbeat.stop()
         try:
             self.control.call("close", session_id=self.id, purge=purge)
         finally:
             self.control.close()
+            self.redis.close()
 
     def detach(self) -> None:
         """Disconnect, leaving the session running (reattach with its id)."""
         if not self.closed:
             self.closed = True
+            self.heartbeat.stop()
             self.control.close()
+            self.redis.close()
 
     def __enter__(self) -> Self:
         """Use as a context manager: the session closes on exit."""

@@ -144,9 +144,17 @@ def submit(  # noqa: PLR0917 - click passes every option by name
     from soafarm.client import BrokerClient
     from soafarm.session import DurableSession, Session, SessionStartInfo, attach_session
 
+    if not durable and session_id is None:
+        raise ConfigError(
+            "an interactive session closes when its last client leaves, so its responses could "
+            "not be collected later: use --durable"
+        )
     requests, total = _requests(input_file, sweep)
     if session_id is not None:
         session = attach_session(session_id, settings)
+        if not session.durable:
+            session.detach()
+            raise ConfigError(f"session {session_id} is interactive: submit to a durable session")
     else:
         kind = DurableSession if durable else Session
         info = SessionStartInfo(service, version=version, min_units=min_units, max_units=max_units)

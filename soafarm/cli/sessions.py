@@ -49,12 +49,15 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
         return
     emit_table(
         f"Sessions in namespace {settings.namespace!r}",
-        ["id", "service", "state", "instances", "units", "age", "owner"],
+        ["id", "service", "kind", "state", "activity", "instances", "units", "age", "owner"],
         [
             (
                 s["id"],
                 s["service"] + (f" {s['version']}" if s["version"] else ""),
+                ("durable" if s["durable"] else "interactive")
+                + (", shared" if s.get("shared") else ""),
                 s["state"],
+                s["activity"],
                 len(s["instances"]),
                 _units(s),
                 _age(s["created"]),
