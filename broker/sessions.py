@@ -63,6 +63,7 @@ class SessionService:
             "list": self.list_sessions,
             "attach_client": self.attach_client,
             "purge_client": self.purge_client,
+            "add_data": self.add_data,
             "hosts": self.hosts,
             "ping": lambda _p: {"namespace": self.settings.namespace},
         }
@@ -110,6 +111,7 @@ class SessionService:
             "SessionStartInfo.broker_settings",
         )
         durable = bool(params.get("durable", False))
+        data = self._adopt_data(params.get("data") or {})
         sid = self.store.new_session_id()
         record = SessionRecord(
             id=sid,
@@ -126,6 +128,8 @@ class SessionService:
             include_exception_detail_in_faults=registration.include_exception_detail_in_faults,
             max_concurrent_calls=registration.max_concurrent_calls,
             durable=durable,
+            shared=bool(params.get("shared", False)),
+            data=data,
         )
         self.channel.queue_declare(**request_queue(self.names, sid, durable).declare_kwargs())
         self.store.save_session(record)
@@ -138,6 +142,26 @@ class SessionService:
         )
         self.on_change()
         return self.describe(self.store.get_session(sid) or record)
+
+    def _adopt_data(self, keys: Any) -> dict[str, str]:
+        """Keep uploaded common data for the session's lifetime (they expire otherwise)."""
+        prefix = self.names.common_data_key("")
+        if not isinstance(keys, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.startswith(prefix)
+            for k, v in keys.items()
+        ):
+            raise ConfigError("data must map names to keys made by soafarm.commondata.upload")
+        for key in keys.values():
+            if not self.store.r.persist(key) and not self.store.r.exists(key):
+                raise ConfigError(f"common data key {key} expired before the session used it")
+        return dict(keys)
+
+    def add_data(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Attach more common data to an open session."""
+        record = self._session(params)
+        data = {**record.data, **self._adopt_data(params.get("data") or {})}
+        self.store.save_session(dataclasses.replace(record, data=data))
+        return {"session_id": record.id, "data": sorted(data)}
 
     def describe(self, record: SessionRecord) -> dict[str, Any]:
         """The session record plus its live instances and clients, as plain data."""

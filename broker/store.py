@@ -94,6 +94,8 @@ class BrokerStore:
     def delete_session(self, session_id: int) -> None:
         """Drop every key of the session and leave a tombstone saying it was closed."""
         n = self.names
+        record = self.get_session(session_id)
+        data_keys = list(record.data.values()) if record else []
         client_keys = [k for c in self.clients(session_id) for k in self.client_keys(session_id, c)]
         pipe = self.r.pipeline()
         pipe.srem(n.sessions_key, session_id)
@@ -104,6 +106,7 @@ class BrokerStore:
             n.session_load_errors_key(session_id),
             n.session_handles_key(session_id),
             *client_keys,
+            *data_keys,
         )
         pipe.set(n.closed_session_key(session_id), "1", ex=CLOSED_TOMBSTONE_SECONDS)
         pipe.execute()

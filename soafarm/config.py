@@ -93,6 +93,7 @@ class Settings:
     namespace: str = "soafarm"
     service_registration_path: tuple[Path, ...] = ()
     max_message_bytes: int = 4 * MiB
+    max_common_data_bytes: int = 64 * MiB
     log_format: str = "console"
     log_level: str = "info"
     broker: BrokerSettings = field(default_factory=BrokerSettings)

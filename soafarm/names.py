@@ -97,6 +97,10 @@ class Names:
         """Tombstone kept for a while after close, so attach can say "closed", not "unknown"."""
         return f"{self.namespace}:session:{session_id}:closed"
 
+    def common_data_key(self, token: str) -> str:
+        """String: one msgpack-encoded common data value (see soafarm.commondata)."""
+        return f"{self.namespace}:data:{token}"
+
     @property
     def hosts_key(self) -> str:
         """Hash: host id -> JSON of the registered worker hosts."""

@@ -58,6 +58,8 @@ class SessionRecord(_JsonRecord):
     error: str = ""
     activity: str = "created"
     idle_since: float = 0.0
+    shared: bool = False
+    data: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import inspect
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from soafarm.errors import PayloadError, RetryOperationError
+from soafarm.errors import PayloadError, RetryOperationError, SoafarmError
 from soafarm.protocol import Fault, Request, Response, check_size, encode_response
 
 
@@ -32,6 +33,14 @@ class ServiceContext:
     service_name: str
     service_version: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    data_loader: Callable[[str], Any] | None = field(default=None, repr=False, compare=False)
+
+    def common_data(self, name: str) -> Any:
+        """The session's common data `name` (attached by the client when it created the
+        session): read it in the constructor, once per instance."""
+        if self.data_loader is None:
+            raise SoafarmError(f"session {self.session_id} has no common data")
+        return self.data_loader(name)
 
 
 def operations_of(cls: type) -> frozenset[str]:

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
+from soafarm.commondata import upload
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
 from soafarm.connections import redis_client
 from soafarm.control import ControlClient
-from soafarm.errors import ConfigError, SessionError
+from soafarm.errors import ConfigError, SessionError, SessionNotFound
 from soafarm.heartbeat import Heartbeat
 from soafarm.names import Names
 
@@ -33,6 +34,10 @@ class SessionStartInfo:
     resource_unit: str = "core"
     priority: int = 2000
     broker_settings: Mapping[str, Any] = field(default_factory=dict)
+    #: Other clients may find this session by service name and send their own batches.
+    share_session: bool = False
+    #: Named values every service instance can read with `context.common_data(name)`.
+    common_data: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Reject bad values now, with the field's name, rather than at the broker."""
@@ -50,9 +55,10 @@ class SessionStartInfo:
         )
 
     def to_params(self, owner: str, durable: bool = False) -> dict[str, Any]:
-        """The `create` control request's parameters."""
+        """The `create` control request's parameters (common data is uploaded separately)."""
         return {
             "durable": durable,
+            "shared": self.share_session,
             "service": self.service,
             "version": self.version,
             "min_units": self.min_units,
@@ -99,11 +105,43 @@ class Session:
         settings = settings or load_settings()
         control = ControlClient(settings)
         try:
-            record = control.call("create", **info.to_params(control.owner, cls.durable))
+            params = info.to_params(control.owner, cls.durable)
+            if info.common_data:
+                params["data"] = _upload(settings, info.common_data)
+            record = control.call("create", **params)
         except BaseException:
             control.close()
             raise
         return cls(control, record, settings)
+
+    @classmethod
+    def find(cls, service: str, settings: Settings | None = None) -> Self:
+        """Attach to the newest open shared session of `service`."""
+        settings = settings or load_settings()
+        control = ControlClient(settings)
+        try:
+            shared = [
+                s
+                for s in control.call("list", service=service)
+                if s.get("shared")
+                and s["state"] in ("queued", "running")
+                and bool(s.get("durable")) == cls.durable
+            ]
+        finally:
+            control.close()
+        if not shared:
+            raise SessionNotFound(
+                f"no open shared session of service {service!r} "
+                "(create one with SessionStartInfo(share_session=True))"
+            )
+        newest = max(shared, key=lambda s: s["created"])
+        return cls.attach(SessionAttachInfo(int(newest["id"])), settings)
+
+    def set_common_data(self, name: str, value: Any) -> None:
+        """Attach (or replace) common data `name`; instances read it with
+        `context.common_data(name)`. Set it before sending requests that need it."""
+        keys = _upload(self.settings, {name: value})
+        self.control.call("add_data", session_id=self.id, data=keys)
 
     @classmethod
     def attach(cls, info: SessionAttachInfo, settings: Settings | None = None) -> Self:
@@ -222,3 +260,11 @@ def attach_session(session_id: int, settings: Settings | None = None) -> Session
         raise
     kind = DurableSession if record.get("durable") else Session
     return kind(control, record, settings)
+
+
+def _upload(settings: Settings, values: Mapping[str, Any]) -> dict[str, str]:
+    client = redis_client(settings)
+    try:
+        return upload(client, Names(settings.namespace), values, settings.max_common_data_bytes)
+    finally:
+        client.close()

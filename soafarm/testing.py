@@ -41,14 +41,18 @@ class ServiceHarness:
         environment: dict[str, str] | None = None,
         include_exception_detail: bool = True,
         max_message_bytes: int = 4 * MiB,
+        common_data: dict[str, Any] | None = None,
     ) -> None:
-        """Construct `cls` with a test `ServiceContext` (session 0, host "test")."""
+        """Construct `cls` with a test `ServiceContext` (session 0, host "test"), whose
+        `common_data(name)` reads from `common_data`."""
+        data = dict(common_data or {})
         self.context = ServiceContext(
             session_id=0,
             host_name="test",
             instance_id="test.0.0",
             service_name=cls.__name__,
             environment=dict(environment or {}),
+            data_loader=data.__getitem__,
         )
         self.limit = max_message_bytes
         self.service = construct(cls, self.context)

@@ -28,6 +28,7 @@ import structlog
 
 from registration import Registration, Registry
 from registration.registry import load_service_class
+from soafarm.commondata import CommonDataReader
 from soafarm.config import Settings, load_settings
 from soafarm.connections import amqp_error_types, pika_connection, redis_client
 from soafarm.errors import (
@@ -120,6 +121,12 @@ class ServiceInstance:
             service_name=registration.name,
             service_version=registration.version,
             environment=dict(registration.environment),
+            data_loader=CommonDataReader(
+                redis_client(self.settings),
+                self.names,
+                record.id,
+                self.settings.max_common_data_bytes,
+            ),
         )
         service = construct(cls, context)
         return CallRunner(
