@@ -81,6 +81,7 @@ class ServiceInstance:
         self.stopping = threading.Event()
         # deliveries received and not yet acknowledged; touched only on the I/O thread
         self.held = 0
+        self.parent = os.getppid()
 
     def stop(self) -> None:
         """Stop taking new work; finish and acknowledge what is held, then exit."""
@@ -211,6 +212,10 @@ class ServiceInstance:
             while not self.stopping.is_set():
                 connection.process_data_events(time_limit=0.2)
                 self._enforce_timeout(watch, timeout)
+                if os.getppid() != self.parent:
+                    # our worker host died: the broker reassigns its work; drain and leave
+                    log.warning("host_gone", instance=self.spec.instance_id)
+                    self.stop()
             if channel.is_open:
                 channel.basic_cancel(tag)
             while self.held:  # drain: finish and ack what this instance holds

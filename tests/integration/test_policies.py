@@ -195,3 +195,50 @@ def test_a_large_batch_keeps_client_memory_and_queue_depth_bounded(
     assert count == n
     assert peak_depth * batch <= 5120 + batch, peak_depth  # the default start threshold
     assert grown_mib < 40, grown_mib
+
+
+def test_a_lost_host_is_forgotten_and_its_instances_leave(settings: Settings) -> None:
+    import signal
+
+    from soafarm.control import ControlClient
+
+    farm = LocalFarm(settings, workers=1, cores=1)
+    farm.start()
+    try:
+        with Session.create(SessionStartInfo("echo"), settings) as session:
+            (instance,) = [i["pid"] for i in _instances(session, 1)]
+            host = next(p for what, p in farm.procs if what.startswith("worker"))
+            host.send_signal(signal.SIGKILL)  # the host agent dies; its instance is orphaned
+            host.wait()
+            control = ControlClient(settings)
+            try:
+                _wait_until(lambda: control.call("hosts") == [], "the host to be declared lost")
+            finally:
+                control.close()
+            _wait_until(lambda: not _alive(instance), "the orphaned instance to leave")
+    finally:
+        farm.stop()
+
+
+def _instances(session: Session, count: int) -> list[dict]:  # type: ignore[type-arg]
+    session.wait_for_instances(count)
+    return list(session.status()["instances"])
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_until(condition: object, what: str, timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
