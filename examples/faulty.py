@@ -36,6 +36,11 @@ class FaultyService:
         """Return a value msgpack cannot encode."""
         return object()
 
+    def sleep_whoami(self, seconds: float) -> str:
+        """Sleep, then return the id of the instance that ran the call."""
+        time.sleep(seconds)
+        return self.context.instance_id
+
     def crash(self) -> None:
         """Kill this service instance's process without a response."""
         os._exit(17)

@@ -22,7 +22,12 @@ from typing import Any, Self
 from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
-from soafarm.connections import kombu_connection, redis_client, reporting_lost_connection
+from soafarm.connections import (
+    close_quietly,
+    kombu_connection,
+    redis_client,
+    reporting_lost_connection,
+)
 from soafarm.errors import (
     DecodeError,
     ResponseTimeout,
@@ -112,6 +117,7 @@ class BrokerClient:
         self._sealed = start.sealed
         self._consumer: Consumer | None = None
         self._handler_thread: threading.Thread | None = None
+        self._reader: StreamReader | None = None
         self._stop = threading.Event()
         self.duplicates = 0
 
@@ -268,9 +274,16 @@ class BrokerClient:
                         yield response
 
     def _stream_reader(self) -> StreamReader:
-        return StreamReader(
-            self.settings, self.response_queue, self.progress, self._describe, self._check_session
-        )
+        """This client's cursor over its response stream (made on first use)."""
+        if self._reader is None:
+            self._reader = StreamReader(
+                self.settings,
+                self.response_queue,
+                self.progress,
+                self._describe,
+                self._check_session,
+            )
+        return self._reader
 
     def _check_session(self) -> None:
         """Raise if the session failed or was closed while this client waits for it."""
@@ -390,7 +403,9 @@ class BrokerClient:
             self.heartbeat.stop()
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
-            self.connection.release()
+            if self._reader is not None:
+                self._reader.close()
+            close_quietly(self.connection)
             self.progress.r.close()
 
     def __enter__(self) -> Self:

@@ -44,6 +44,24 @@ def reporting_lost_connection(connection: Connection, url: str) -> Iterator[None
         ) from None
 
 
+def close_quietly(connection: Connection) -> None:
+    """Close a kombu connection whatever state it is in.
+
+    kombu swallows errors from the AMQP close handshake (for instance after the server
+    cancelled a consumer of a deleted queue) and then forgets the socket without closing it,
+    so the underlying py-amqp connection is collected explicitly as well.
+    """
+    raw = getattr(connection, "_connection", None)  # not `.connection`: that reconnects
+    try:
+        connection.release()
+    except Exception:
+        with contextlib.suppress(Exception):
+            connection.collect()
+    if raw is not None:
+        with contextlib.suppress(Exception):
+            raw.collect()
+
+
 def kombu_connection(settings: Settings, confirm: bool = False) -> Connection:
     """An open kombu connection to the first reachable AMQP URL (`;`-separated for failover).
 

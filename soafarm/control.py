@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 import uuid
@@ -13,7 +12,7 @@ from kombu.message import Message
 
 from soafarm import errors
 from soafarm.config import Settings, mask_url
-from soafarm.connections import kombu_connection, reporting_lost_connection
+from soafarm.connections import close_quietly, kombu_connection, reporting_lost_connection
 from soafarm.errors import BrokerUnavailable, ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
@@ -81,8 +80,7 @@ class ControlClient:
         except ConnectionFailed:
             if op not in IDEMPOTENT_OPS:
                 raise
-            with contextlib.suppress(Exception):
-                self.connection.release()
+            close_quietly(self.connection)
             self._open()
             return self._call(op, timeout, params)
 
@@ -94,8 +92,7 @@ class ControlClient:
             consumers = self._broker_consumers()
         except self.connection.connection_errors:
             # dropped while idle (RabbitMQ restarted): nothing was sent yet, so reconnect
-            with contextlib.suppress(Exception):
-                self.connection.release()
+            close_quietly(self.connection)
             self._open()
             consumers = self._broker_consumers()
         with reporting_lost_connection(self.connection, self.settings.amqp_url):
@@ -133,5 +130,4 @@ class ControlClient:
 
     def close(self) -> None:
         """Close the connection (the reply queue goes with it)."""
-        with contextlib.suppress(Exception):  # a dead connection must not mask the caller's error
-            self.connection.release()
+        close_quietly(self.connection)  # a dead connection must not mask the caller's error

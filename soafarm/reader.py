@@ -20,7 +20,7 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from soafarm.config import Settings
-from soafarm.connections import kombu_connection
+from soafarm.connections import close_quietly, kombu_connection
 from soafarm.errors import DecodeError, ReaderTakenOver, ResponseTimeout
 from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import CONTENT_TYPE, Response, ResponseBatch, decode
@@ -90,6 +90,10 @@ class StreamReader:
         self.describe = describe
         self.check = check
         self.next_offset = 0
+        self.token: str | None = None
+        self.seen = Bitmap()
+        self.inbox: deque[Message] = deque()
+        self.connection: Connection | None = None
 
     def responses(
         self,
@@ -99,45 +103,53 @@ class StreamReader:
         stop: threading.Event | None = None,
     ) -> Iterator[Response]:
         """Yield each response once; see the module docstring. `timeout` bounds the wait for
-        the next response (None: no bound); `stop` ends the read early (response handlers)."""
+        the next response (None: no bound); `stop` ends the read early (response handlers).
+
+        The reader is a cursor: a second call continues where the first stopped (a client
+        that sends and reads in turns never re-reads the stream). `new_only` matters on the
+        first call, which decides where the cursor starts.
+        """
         target = target or StreamTarget()
-        token = self.progress.take_reader()
+        if self.token is None:
+            self.token = self.progress.take_reader()
+            meta = self.progress.load()
+            if new_only:
+                self.seen = Bitmap(self.progress.read_bitmap())
+                self.next_offset = meta.read_offset or 0
+        token = self.token
         meta = self.progress.load()
-        seen = Bitmap(self.progress.read_bitmap()) if new_only else Bitmap()
-        self.next_offset = (meta.read_offset or 0) if new_only else 0
-        inbox: deque[Message] = deque()
-        connection: Connection | None = None
         last_progress = last_meta = time.monotonic()
-        try:
-            while not self._complete(meta, seen, target):
-                if stop is not None and stop.is_set():
-                    return
-                if connection is None:
-                    connection = self._consume(self.next_offset, inbox)
-                if not self._drain(connection):
-                    # RabbitMQ restarted or the link dropped: resume after the last batch read
-                    connection.release()
-                    connection = None
-                    inbox.clear()
-                    continue
-                while inbox:
-                    fresh = yield from self._hand_out(inbox.popleft(), seen, token)
-                    if fresh:
-                        last_progress = time.monotonic()
-                now = time.monotonic()
-                if now - last_meta >= IDLE_TICK:
-                    meta, last_meta = self.progress.load(), now
-                    if not self.progress.is_reader(token):
-                        raise self._taken_over()
-                    self.check()
-                if timeout is not None and now - last_progress > timeout:
-                    raise ResponseTimeout(
-                        f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
-                        f"requests answered; {self.describe()}"
-                    )
-        finally:
-            if connection is not None:
-                connection.release()
+        while not self._complete(meta, self.seen, target):
+            if stop is not None and stop.is_set():
+                return
+            if self.connection is None:
+                self.connection = self._consume(self.next_offset, self.inbox)
+            if not self._drain(self.connection):
+                # RabbitMQ restarted or the link dropped: resume after the last batch read
+                self.close()
+                continue
+            while self.inbox:
+                fresh = yield from self._hand_out(self.inbox.popleft(), self.seen, token)
+                if fresh:
+                    last_progress = time.monotonic()
+            now = time.monotonic()
+            if now - last_meta >= IDLE_TICK:
+                meta, last_meta = self.progress.load(), now
+                if not self.progress.is_reader(token):
+                    raise self._taken_over()
+                self.check()
+            if timeout is not None and now - last_progress > timeout:
+                raise ResponseTimeout(
+                    f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
+                    f"requests answered; {self.describe()}"
+                )
+
+    def close(self) -> None:
+        """Release the consumer; deliveries not handed out are redelivered to the next one."""
+        if self.connection is not None:
+            close_quietly(self.connection)
+        self.connection = None
+        self.inbox.clear()
 
     @staticmethod
     def _drain(connection: Connection) -> bool:

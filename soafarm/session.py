@@ -12,7 +12,7 @@ from soafarm.commondata import upload
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
 from soafarm.connections import redis_client
 from soafarm.control import ControlClient
-from soafarm.errors import ConfigError, SessionError, SessionNotFound
+from soafarm.errors import ConfigError, SessionClosed, SessionError, SessionNotFound
 from soafarm.heartbeat import Heartbeat
 from soafarm.names import Names
 
@@ -202,10 +202,14 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self.heartbeat.stop()
         try:
+            # the heartbeat stops after the close: without it the broker could see the
+            # session idle and close it first
             self.control.call("close", session_id=self.id, purge=purge)
+        except SessionClosed:
+            pass  # closed already (idle timeout, another client): the goal is reached
         finally:
+            self.heartbeat.stop()
             self.control.close()
             self.redis.close()
 

@@ -30,8 +30,11 @@ from soafarm.progress import DoneMarker
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
+    Request,
     RequestBatch,
     decode,
+    encode_request,
+    encode_request_batch,
     encode_response_batch,
 )
 from soafarm.service import CallRunner, Outcome
@@ -40,6 +43,10 @@ log = structlog.get_logger(__name__)
 
 #: Responses of a long batch are published at least this often (seconds), so progress flows.
 RESPONSE_LINGER = 0.05
+#: A batch still running after this many seconds, when the queue behind it is empty (other
+#: instances may be idle), hands its unstarted requests back to the queue, so slow work
+#: spreads over every instance instead of waiting while one instance holds it.
+RESPLIT_AFTER = 0.05
 
 Delivery = tuple[int, bytes, bool]  # delivery tag, body, redelivered
 
@@ -78,6 +85,8 @@ class Link:
     inbox: queue.Queue[Delivery | None]
     settled: Callable[[], None]  # called on the I/O thread when a delivery is acked/rejected
     durable: bool
+    request_queue: str
+    queue_empty: threading.Event  # set by the I/O thread when no batch waits in the queue
 
 
 class CallLoop:
@@ -132,10 +141,24 @@ class CallLoop:
             batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
         )
 
-    def _finish(self, tag: int, batch: RequestBatch | None, outcomes: list[Outcome]) -> None:
+    def _finish(
+        self,
+        tag: int,
+        batch: RequestBatch | None,
+        outcomes: list[Outcome],
+        rest: tuple[Request, ...] = (),
+    ) -> None:
         if batch is None:
             self.link.channel.basic_reject(tag, requeue=False)  # to the dead-letter queue
         else:
+            if rest:  # before the ack: a crash now re-runs requests, never loses them
+                body = encode_request_batch(
+                    batch.session_id,
+                    batch.client_id,
+                    batch.reply_to,
+                    [encode_request(r, self.max_bytes) for r in rest],
+                )
+                self.link.channel.basic_publish("", self.link.request_queue, body, self.props)
             if outcomes:
                 self._publish(batch, outcomes)
             self.link.channel.basic_ack(tag)
@@ -159,8 +182,16 @@ class CallLoop:
     def _fast(self, tag: int, batch: RequestBatch) -> None:
         pending: list[Outcome] = []
         size = 0
-        last = time.monotonic()
-        for request in batch.requests:
+        began = last = time.monotonic()
+        for index, request in enumerate(batch.requests):
+            rest = batch.requests[index:]
+            if (
+                len(rest) > 1
+                and time.monotonic() - began > RESPLIT_AFTER
+                and self.link.queue_empty.is_set()
+            ):
+                self._hand_over(partial(self._finish, tag, batch, pending, rest))
+                return
             outcome = self._call(partial(self.runner.run, request), request.id)
             if pending and size + len(outcome.body) > self.max_bytes - BATCH_HEADER_ALLOWANCE:
                 out, pending, size = pending, [], 0

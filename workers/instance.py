@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import pika
 import redis
 import structlog
 
@@ -46,6 +47,9 @@ from workers.calls import CallLoop, CallWatch, Delivery, Link
 
 log = structlog.get_logger(__name__)
 
+#: Seconds between looks at the request queue's depth (for handing back slow batches).
+QUEUE_CHECK_INTERVAL = 0.1
+NOT_FOUND = 404
 EXIT_LOAD_FAILED = 4
 EXIT_TIMED_OUT = 5
 
@@ -169,6 +173,11 @@ class ServiceInstance:
                 try:
                     self._serve(record, runner, marker)
                 except lost as e:
+                    if isinstance(e, pika.exceptions.ChannelClosedByBroker) and (
+                        e.reply_code == NOT_FOUND
+                    ):
+                        log.info("session_queue_gone", instance=self.spec.instance_id)
+                        break
                     # the loaded service is kept: reconnect instead of paying its start-up again
                     log.warning("rabbitmq_connection_lost", error=repr(e), retry_in=backoff)
                     self.stopping.wait(backoff)
@@ -191,7 +200,15 @@ class ServiceInstance:
                 channel.confirm_delivery()  # a response counts only once RabbitMQ has it
             channel.basic_qos(prefetch_count=1)
             self.held = 0
-            link = Link(connection, channel, inbox, self._settled, record.durable)
+            link = Link(
+                connection,
+                channel,
+                inbox,
+                self._settled,
+                record.durable,
+                self.names.request_queue(record.id),
+                threading.Event(),
+            )
             loop = CallLoop(
                 runner,
                 marker,
@@ -210,8 +227,9 @@ class ServiceInstance:
             channel.add_on_cancel_callback(lambda _frame: self.stop())
             calls.start()
             while not self.stopping.is_set():
-                connection.process_data_events(time_limit=0.2)
+                connection.process_data_events(time_limit=QUEUE_CHECK_INTERVAL)
                 self._enforce_timeout(watch, timeout)
+                self._check_queue(channel, link)
                 if os.getppid() != self.parent:
                     # our worker host died: the broker reassigns its work; drain and leave
                     log.warning("host_gone", instance=self.spec.instance_id)
@@ -230,6 +248,22 @@ class ServiceInstance:
             if connection.is_open:
                 with contextlib.suppress(*amqp_error_types()):
                     connection.close()
+
+    def _check_queue(
+        self, channel: pika.adapters.blocking_connection.BlockingChannel, link: Link
+    ) -> None:
+        """Note whether batches wait in the queue (a 404 means the session was closed)."""
+        try:
+            waiting = channel.queue_declare(link.request_queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == NOT_FOUND:
+                self.stop()
+                return
+            raise
+        if waiting.method.message_count:
+            link.queue_empty.clear()
+        else:
+            link.queue_empty.set()
 
     def _settled(self) -> None:
         self.held -= 1

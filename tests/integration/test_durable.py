@@ -96,6 +96,11 @@ def test_client_killed_while_sending_and_while_reading(settings: Settings, farm:
         unread = list(client.get_responses(timeout=60, new_only=True))
         assert len({r.id for r in unread}) == len(unread)
         assert {r.id for r in unread} | set(printed) == set(range(N))
+        assert list(client.get_responses(timeout=60)) == []  # a cursor: nothing new
+    with (
+        DurableSession.attach(SessionAttachInfo(sid), s) as again,
+        BrokerClient(again, "crashy") as client,
+    ):
         everything = list(client.get_responses(timeout=60))
         assert_each_once(everything)
         assert all(r.result.endswith(f":{r.id}") for r in everything)

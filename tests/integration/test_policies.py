@@ -242,3 +242,15 @@ def _wait_until(condition: object, what: str, timeout: float = 30) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_a_slow_batch_is_shared_by_idle_instances(settings: Settings, farm: LocalFarm) -> None:
+    with Session.create(SessionStartInfo("faulty", min_units=2), settings) as session:
+        session.wait_for_instances(2)
+        with BrokerClient(session) as client:
+            for i in range(40):  # one batch: 40 x 50 ms
+                client.send_request("sleep_whoami", 0.05, user_data=i)
+            client.end_requests()
+            responses = list(client.get_responses(timeout=60))
+    assert sorted(r.user_data for r in responses) == list(range(40))
+    assert len({r.result for r in responses}) == 2  # the second instance took part of it

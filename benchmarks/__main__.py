@@ -1,0 +1,143 @@
+"""`python -m benchmarks [--quick] [--json FILE]`: soafarm beside its peers, in one run.
+
+Starts a local farm in a private namespace on the local RabbitMQ and Redis, measures each
+figure several times after a warm-up, then the peers (raw pika request/reply, Celery 5 default
+and acks_late, Dramatiq) doing the same echo work, and prints medians with min/max and the
+ratio of soafarm's median to each peer's, plus a CPU profile per component. Needs the peers:
+`pip install -e '.[bench]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from benchmarks.common import Figure, machine, render
+from benchmarks.figures import SERVICES, latency, many_sessions, scaling, session_start, throughput
+from benchmarks.profile import cpu_profile, render_profile
+from soafarm.config import load_settings
+from soafarm.farm import LocalFarm, delete_namespace
+
+
+def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int) -> list[Figure]:
+    """The same echo work on raw pika, Dramatiq and Celery."""
+    from benchmarks.peers.raw_pika import RawPika
+    from benchmarks.peers.task_queues import TaskQueuePeer
+
+    out: list[Figure] = []
+    candidates: list[tuple[str, object, int, str]] = [
+        (
+            "raw pika request/reply",
+            RawPika,
+            n_raw,
+            "1 message per request, 1 worker process, transient, no confirms, prefetch 100",
+        ),
+        (
+            "Dramatiq",
+            lambda: TaskQueuePeer("dramatiq"),
+            n_dramatiq,
+            "RabbitMQ broker, Redis results, 2 processes (default threads)",
+        ),
+        (
+            "Celery",
+            lambda: TaskQueuePeer("celery"),
+            n_celery,
+            "RabbitMQ broker, Redis results, prefork pool of 2",
+        ),
+        (
+            "Celery acks_late",
+            lambda: TaskQueuePeer("celery", acks_late=True),
+            n_celery,
+            "as Celery, task_acks_late + worker_prefetch_multiplier=1",
+        ),
+    ]
+    for name, make, n, setup in candidates:
+        peer = make()  # type: ignore[operator]
+        try:
+            rate = Figure(
+                "interactive echo throughput (req/s)",
+                name,
+                "req/s",
+                True,
+                f"{n:,} tasks sent back to back, then every result read; {setup}",
+            )
+            out.append(_repeat(rate, runs, lambda p=peer, k=n: p.throughput(k)))
+            p50 = Figure(
+                "interactive latency p50 (ms)",
+                name,
+                "ms",
+                False,
+                f"{n_latency:,} sequential tasks; {setup}",
+            )
+            p99 = Figure("interactive latency p99 (ms)", name, "ms", False, p50.setup)
+            peer.latencies(20)
+            for _ in range(runs):
+                samples = sorted(peer.latencies(n_latency))
+                p50.samples.append(samples[len(samples) // 2])
+                p99.samples.append(samples[int(len(samples) * 0.99)])
+            out += [p50, p99]
+        finally:
+            peer.close()
+    return out
+
+
+def _repeat(figure: Figure, runs: int, measure: object) -> Figure:
+    measure()  # type: ignore[operator]
+    for _ in range(runs):
+        figure.samples.append(measure())  # type: ignore[operator]
+    return figure
+
+
+def main() -> None:
+    """Run every figure and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Smaller batches, one run each.")
+    parser.add_argument("--json", dest="json_file", help="Also write the results here.")
+    parser.add_argument("--no-peers", action="store_true", help="Only soafarm's figures.")
+    args = parser.parse_args()
+    quick = args.quick
+    runs = 1 if quick else 3
+    n_echo = 5_000 if quick else 20_000
+    n_latency = 200 if quick else 1_000
+    settings = load_settings().replace(
+        namespace=f"bench-{os.getpid()}",
+        log_level="warning",
+        service_registration_path=(SERVICES,),
+    )
+    began = time.time()
+    figures: list[Figure] = []
+    try:
+        with LocalFarm(settings, workers=1, cores=2) as farm:
+            figures += throughput(settings, n_echo, runs)
+            figures += latency(settings, n_latency, runs)
+            figures += scaling(settings, 200 if quick else 1_000, runs)
+            figures.append(session_start(settings, runs))
+            figures.append(many_sessions(settings, 20 if quick else 100, 200, 1))
+            profile = cpu_profile(settings, farm, n_echo)
+    finally:
+        delete_namespace(settings)
+    if not args.no_peers:
+        figures += peers(
+            n_echo, 1_000 if quick else 3_000, 500 if quick else 2_000, n_latency, runs
+        )
+    title = (
+        f"soafarm benchmarks, {'quick' if quick else 'full'} run of "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(began))} UTC on {machine()}; "
+        f"median of {runs} run(s) after a warm-up"
+    )
+    print(render(figures, title))
+    print()
+    print(render_profile(profile, n_echo))
+    if args.json_file:
+        with open(args.json_file, "w") as fh:
+            json.dump(
+                {"title": title, "figures": [f.as_dict() for f in figures], "profile": profile},
+                fh,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The peers soafarm is measured against, each doing the same echo work."""
