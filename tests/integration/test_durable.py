@@ -179,6 +179,22 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, stdout=subprocess.DEVNULL)
 
 
+def queues_running(namespace: str) -> bool:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "state"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    states = [
+        line.split()[-1]
+        for line in out.splitlines()[1:]
+        if line.startswith(f"{namespace}.session.")
+    ]
+    return bool(states) and all(state == "running" for state in states)
+
+
 def test_rabbitmq_restarted_mid_batch(settings: Settings, farm: LocalFarm) -> None:
     s = small_batches(settings)
     with DurableSession.create(SessionStartInfo("faulty"), s) as session:
@@ -193,6 +209,8 @@ def test_rabbitmq_restarted_mid_batch(settings: Settings, farm: LocalFarm) -> No
         finally:
             rabbitmqctl("start_app")
         rabbitmqctl("await_startup")
+        # await_startup returns before quorum queues and streams have recovered
+        wait_until("the session's queues to recover", lambda: queues_running(s.namespace))
         for i in range(N // 2, N):  # the client reconnects by itself
             client.send_request("sleep", 0.0003, user_data=i)
         client.end_requests()
