@@ -214,7 +214,7 @@ def test_rabbitmq_restarted_mid_batch(settings: Settings, farm: LocalFarm) -> No
         for i in range(N // 2, N):  # the client reconnects by itself
             client.send_request("sleep", 0.0003, user_data=i)
         client.end_requests()
-        assert_each_once(list(client.get_responses(timeout=120)))
+        assert_each_once(list(client.get_responses(timeout=60)))
         client.close()
         session.close()
 
