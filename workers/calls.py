@@ -18,7 +18,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -76,6 +77,33 @@ class CallWatch:
         return None
 
 
+class PublishWatch:
+    """How long the I/O thread has been inside a publish (waiting for RabbitMQ's confirm).
+
+    pika's blocking publish has no timeout, and a confirm can be held back while a queue
+    recovers from a RabbitMQ restart; the instance's watchdog ends a process stuck too long,
+    and the batch is redelivered.
+    """
+
+    def __init__(self) -> None:
+        """No publish in progress."""
+        self.started: float | None = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Mark a publish in progress for the duration of the block."""
+        self.started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.started = None
+
+    def stuck_for(self) -> float:
+        """Seconds the current publish has been waiting (0 when none is)."""
+        started = self.started
+        return 0.0 if started is None else time.monotonic() - started
+
+
 @dataclass(frozen=True)
 class Link:
     """One connection's objects, shared by the I/O thread and the call thread."""
@@ -109,6 +137,7 @@ class CallLoop:
         self.instance_id = instance_id
         self.max_bytes = max_bytes
         self.watch = watch
+        self.publish_watch = PublishWatch()
         self.props = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=2 if link.durable else 1
         )
@@ -136,7 +165,8 @@ class CallLoop:
         body = encode_response_batch(
             batch.session_id, batch.client_id, self.instance_id, [o.body for o in outcomes]
         )
-        self.link.channel.basic_publish("", batch.reply_to, body, self.props)
+        with self.publish_watch.running():
+            self.link.channel.basic_publish("", batch.reply_to, body, self.props)
         self.marker.mark(
             batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
         )
@@ -158,7 +188,8 @@ class CallLoop:
                     batch.reply_to,
                     [encode_request(r, self.max_bytes) for r in rest],
                 )
-                self.link.channel.basic_publish("", self.link.request_queue, body, self.props)
+                with self.publish_watch.running():
+                    self.link.channel.basic_publish("", self.link.request_queue, body, self.props)
             if outcomes:
                 self._publish(batch, outcomes)
             self.link.channel.basic_ack(tag)

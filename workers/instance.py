@@ -50,6 +50,8 @@ log = structlog.get_logger(__name__)
 #: Seconds between looks at the request queue's depth (for handing back slow batches).
 QUEUE_CHECK_INTERVAL = 0.1
 NOT_FOUND = 404
+#: Seconds a publish may wait for RabbitMQ's confirm before the instance restarts itself.
+PUBLISH_STALL_LIMIT = 30.0
 EXIT_LOAD_FAILED = 4
 EXIT_TIMED_OUT = 5
 
@@ -86,6 +88,7 @@ class ServiceInstance:
         # deliveries received and not yet acknowledged; touched only on the I/O thread
         self.held = 0
         self.parent = os.getppid()
+        self.loop: CallLoop | None = None  # the current connection's call loop
 
     def stop(self) -> None:
         """Stop taking new work; finish and acknowledge what is held, then exit."""
@@ -168,6 +171,7 @@ class ServiceInstance:
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         backoff = 0.5
         lost: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
+        threading.Thread(target=self._watch_publishes, name="watchdog", daemon=True).start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -218,6 +222,7 @@ class ServiceInstance:
                 watch=watch,
             )
             calls = threading.Thread(target=loop.run, name="calls")
+            self.loop = loop
 
             def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
                 self.held += 1
@@ -264,6 +269,15 @@ class ServiceInstance:
             link.queue_empty.clear()
         else:
             link.queue_empty.set()
+
+    def _watch_publishes(self) -> None:
+        """End the process if a publish waits for its confirm past PUBLISH_STALL_LIMIT."""
+        while not self.stopping.wait(1.0):
+            loop = self.loop
+            stuck = 0.0 if loop is None else loop.publish_watch.stuck_for()
+            if stuck > PUBLISH_STALL_LIMIT:
+                log.error("publish_stalled", instance=self.spec.instance_id, seconds=stuck)
+                os._exit(EXIT_TIMED_OUT)
 
     def _settled(self) -> None:
         self.held -= 1
