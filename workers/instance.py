@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -43,7 +44,7 @@ from soafarm.names import Names
 from soafarm.progress import DoneMarker
 from soafarm.records import InstanceRecord, SessionRecord
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
-from workers.calls import CallLoop, CallWatch, Delivery, Link
+from workers.calls import CallLoop, CallWatch, Delivery, Link, PublisherLost
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +171,11 @@ class ServiceInstance:
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         backoff = 0.5
-        lost: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
+        lost: tuple[type[BaseException], ...] = (
+            ConnectionFailed,
+            PublisherLost,
+            *amqp_error_types(),
+        )
         threading.Thread(target=self._watch_publishes, name="watchdog", daemon=True).start()
         try:
             while not self.stopping.is_set():
@@ -220,6 +225,12 @@ class ServiceInstance:
                 instance_id=self.spec.instance_id,
                 max_bytes=self.settings.max_message_bytes,
                 watch=watch,
+                connect=partial(
+                    pika_connection,
+                    self.settings,
+                    f"soafarm-instance {self.spec.instance_id} publisher",
+                    heartbeat=0,
+                ),
             )
             calls = threading.Thread(target=loop.run, name="calls")
             self.loop = loop
