@@ -1,10 +1,9 @@
 """A service instance: one process that loads a service and serves one session's requests.
 
-The consuming pika connection's I/O loop runs on the main thread (so heartbeats keep flowing
-during long calls); calls run on a call thread, which publishes responses on a connection of
-its own and hands only the final ack back to the I/O thread with `add_callback_threadsafe`. A
-batch is acknowledged only after all its responses are published, so a killed instance loses
-nothing: RabbitMQ redelivers the batch.
+The pika I/O loop runs on the main thread (so heartbeats keep flowing during long calls);
+calls run on a worker thread, which hands each response publish and the final ack back to the
+I/O thread with `add_callback_threadsafe`. A batch is acknowledged only after all its
+responses are published, so a killed instance loses nothing: RabbitMQ redelivers the batch.
 
 Run as `python -m workers.instance '<spec json>'` by the worker host, with the farm's
 settings in `SOAFARM_*` variables.
