@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -44,7 +43,7 @@ from soafarm.names import Names
 from soafarm.progress import DoneMarker
 from soafarm.records import InstanceRecord, SessionRecord
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
-from workers.calls import CallLoop, CallWatch, Delivery, Link, PublisherLost
+from workers.calls import CallLoop, CallWatch, Delivery, Link
 
 log = structlog.get_logger(__name__)
 
@@ -171,11 +170,7 @@ class ServiceInstance:
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         backoff = 0.5
-        lost: tuple[type[BaseException], ...] = (
-            ConnectionFailed,
-            PublisherLost,
-            *amqp_error_types(),
-        )
+        lost: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
         threading.Thread(target=self._watch_publishes, name="watchdog", daemon=True).start()
         try:
             while not self.stopping.is_set():
@@ -225,12 +220,6 @@ class ServiceInstance:
                 instance_id=self.spec.instance_id,
                 max_bytes=self.settings.max_message_bytes,
                 watch=watch,
-                connect=partial(
-                    pika_connection,
-                    self.settings,
-                    f"soafarm-instance {self.spec.instance_id} publisher",
-                    heartbeat=0,
-                ),
             )
             calls = threading.Thread(target=loop.run, name="calls")
             self.loop = loop
