@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+import structlog
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
@@ -25,8 +26,12 @@ from soafarm.errors import DecodeError, ReaderTakenOver, ResponseTimeout
 from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import CONTENT_TYPE, Response, ResponseBatch, decode
 
+log = structlog.get_logger(__name__)
+
 STREAM_PREFETCH = 64
 IDLE_TICK = 0.5
+#: Seconds without deliveries, while the counters show unread responses, before re-consuming.
+RESUBSCRIBE_AFTER = 5.0
 
 
 class Bitmap:
@@ -90,6 +95,7 @@ class StreamReader:
         self.describe = describe
         self.check = check
         self.next_offset = 0
+        self.resubscribes = 0
         self.token: str | None = None
         self.seen = Bitmap()
         self.inbox: deque[Message] = deque()
@@ -118,7 +124,7 @@ class StreamReader:
                 self.next_offset = meta.read_offset or 0
         token = self.token
         meta = self.progress.load()
-        last_progress = last_meta = time.monotonic()
+        last_progress = last_meta = last_delivery = time.monotonic()
         while not self._complete(meta, self.seen, target):
             if stop is not None and stop.is_set():
                 return
@@ -129,20 +135,39 @@ class StreamReader:
                 self.close()
                 continue
             while self.inbox:
+                last_delivery = time.monotonic()
+                self.resubscribes = 0
                 fresh = yield from self._hand_out(self.inbox.popleft(), self.seen, token)
                 if fresh:
                     last_progress = time.monotonic()
             now = time.monotonic()
             if now - last_meta >= IDLE_TICK:
                 meta, last_meta = self.progress.load(), now
-                if not self.progress.is_reader(token):
-                    raise self._taken_over()
-                self.check()
+                if self._tick(token, meta, now - last_delivery):
+                    last_delivery = now
             if timeout is not None and now - last_progress > timeout:
                 raise ResponseTimeout(
                     f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
                     f"requests answered; {self.describe()}"
                 )
+
+    def _tick(self, token: str, meta: ClientProgress, quiet: float) -> bool:
+        """Once per idle tick: check the lease and the session; re-consume if responses exist
+        that this consumer has not been given for RESUBSCRIBE_AFTER seconds (True then)."""
+        if not self.progress.is_reader(token):
+            raise self._taken_over()
+        self.check()
+        if meta.done <= self.seen.count or quiet <= RESUBSCRIBE_AFTER:
+            return False
+        # after a RabbitMQ restart a stream consumer can be cancelled, or never served,
+        # silently: first re-consume from where this reader stopped, then from the start
+        # of the stream (seen ids are skipped, so nothing is handed out twice)
+        self.resubscribes += 1
+        if self.resubscribes > 1:
+            self.next_offset = 0
+        log.warning("stream_resubscribe", stream=self.stream, offset=self.next_offset)
+        self.close()
+        return True
 
     def close(self) -> None:
         """Release the consumer; deliveries not handed out are redelivered to the next one."""
