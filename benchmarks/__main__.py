@@ -13,8 +13,9 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
-from benchmarks.common import Figure, machine, render
+from benchmarks.common import Figure, machine, render, repeat
 from benchmarks.figures import SERVICES, latency, many_sessions, scaling, session_start, throughput
 from benchmarks.profile import cpu_profile, render_profile
 from soafarm.config import load_settings
@@ -63,7 +64,7 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
                 True,
                 f"{n:,} tasks sent back to back, then every result read; {setup}",
             )
-            out.append(_repeat(rate, runs, lambda p=peer, k=n: p.throughput(k)))
+            out.append(repeat(rate, runs, partial(peer.throughput, n)))
             p50 = Figure(
                 "interactive latency p50 (ms)",
                 name,
@@ -81,13 +82,6 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
         finally:
             peer.close()
     return out
-
-
-def _repeat(figure: Figure, runs: int, measure: object) -> Figure:
-    measure()  # type: ignore[operator]
-    for _ in range(runs):
-        figure.samples.append(measure())  # type: ignore[operator]
-    return figure
 
 
 def main() -> None:
