@@ -1,14 +1,21 @@
 """Which hosts run how many service instances of which session: pure functions, no I/O.
 
-Each session gets at least `min_units` in priority order (then by age), then what is left is
-shared out one unit at a time, never above `max_units`. Placement keeps instances where they
-already run, so a reconcile with nothing new changes nothing.
+Each session gets at least `min_units`, in priority order (then by age); a starting
+session's minimum is met whole or the session waits (queued); a running one keeps what it
+can get. What is left is shared in proportion to outstanding work, one unit at a time, never
+above `max_units`. A unit occupies 1 core, a socket's cores
+or a whole host, by the session's resource unit. Placement keeps instances where they
+already run, so a round with nothing new changes nothing, and packs new ones onto the
+fullest host that has room.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from soafarm.resources import HostSize, unit_cores, units_per_host
 
 Assignments = dict[str, dict[int, int]]  # host id -> session id -> instances
 
@@ -21,62 +28,112 @@ class Demand:
     min_units: int
     max_units: int
     priority: int
+    unit: str = "core"
+    #: Requests sent and not answered yet: the weight of the session's share of spare units.
+    outstanding: int = 0
+    #: Already running: it keeps what it can get, even below `min_units` (a lost host must
+    #: not stop the rest of its instances); only a starting session waits for its minimum.
+    running: bool = False
 
 
-def targets(capacity: int, demands: list[Demand]) -> dict[int, int]:
-    """Units per session given `capacity` free units in total."""
-    order = sorted(demands, key=lambda d: (-d.priority, d.session_id))
-    out = {d.session_id: 0 for d in order}
-    left = capacity
-    for d in order:  # minimums first, by priority; a minimum is met whole or not at all
-        if 0 < d.min_units <= left:
-            out[d.session_id] = d.min_units
-            left -= d.min_units
-    # a session whose minimum is not met waits (queued) rather than run below it
-    growing = [
-        d
-        for d in order
-        if out[d.session_id] < d.max_units and (out[d.session_id] > 0 or d.min_units == 0)
-    ]
-    while left > 0 and growing:  # then share the rest evenly, highest priority first
-        for d in list(growing):
-            if left == 0:
-                break
-            out[d.session_id] += 1
-            left -= 1
-            if out[d.session_id] >= d.max_units:
-                growing.remove(d)
-    return out
+def weight(outstanding: int) -> int:
+    """A session's share weight: outstanding work, rounded to a power of two.
+
+    The rounding is hysteresis: counts drift every second, and an instance moved between
+    sessions costs a service start, so only a change of about 2x moves units.
+    """
+    return int(2 ** round(math.log2(outstanding + 1)))
 
 
-def place(
-    cores: Mapping[str, int],
+class _Plan:
+    """Placements being built, with the cores left on each host."""
+
+    def __init__(
+        self,
+        hosts: Mapping[str, HostSize],
+        current: Mapping[str, Mapping[int, int]],
+        excluded: Mapping[int, set[str]],
+    ) -> None:
+        self.hosts = hosts
+        self.current = current
+        self.excluded = excluded
+        self.free = {h: s.cores for h, s in hosts.items()}
+        self.result: Assignments = {h: {} for h in hosts}
+        self.units: dict[int, int] = {}
+        self.cores: dict[int, int] = {}
+
+    def add(self, demand: Demand) -> bool:
+        """Place one more unit of `demand`, preferring a host where one already runs, then
+        the fullest that has room (packing leaves whole hosts free, for node units and for
+        the autoscaler to shrink); False when no host has room."""
+        sid, unit = demand.session_id, demand.unit
+        candidates = []
+        for h, size in self.hosts.items():
+            have = self.result[h].get(sid, 0)
+            if (
+                h in self.excluded.get(sid, set())
+                or have >= units_per_host(unit, size)
+                or self.free[h] < unit_cores(unit, size)
+            ):
+                continue
+            moves = have >= self.current.get(h, {}).get(sid, 0)
+            candidates.append((moves, self.free[h], h))
+        if not candidates:
+            return False
+        host = min(candidates)[2]
+        cost = unit_cores(unit, self.hosts[host])
+        self.result[host][sid] = self.result[host].get(sid, 0) + 1
+        self.free[host] -= cost
+        self.units[sid] = self.units.get(sid, 0) + 1
+        self.cores[sid] = self.cores.get(sid, 0) + cost
+        return True
+
+    def remove(self, demand: Demand) -> None:
+        """Take back every unit placed for `demand`."""
+        for h, assignment in self.result.items():
+            n = assignment.pop(demand.session_id, 0)
+            self.free[h] += n * unit_cores(demand.unit, self.hosts[h])
+        self.units[demand.session_id] = self.cores[demand.session_id] = 0
+
+
+def allocate(
+    hosts: Mapping[str, HostSize],
     current: Mapping[str, Mapping[int, int]],
-    wanted: Mapping[int, int],
+    demands: list[Demand],
     excluded: Mapping[int, set[str]] | None = None,
 ) -> Assignments:
-    """Spread each session's wanted units over hosts, keeping existing instances in place and
-    never using a host `excluded` for the session (its service failed to load there)."""
-    excluded = excluded or {}
-    result: Assignments = {h: {} for h in cores}
-    placed: dict[int, int] = dict.fromkeys(wanted, 0)
-    for host in sorted(cores):  # keep what runs, up to what is still wanted
-        for sid, n in sorted(current.get(host, {}).items()):
-            if host in excluded.get(sid, set()):
-                continue
-            keep = min(n, wanted.get(sid, 0) - placed.get(sid, 0))
-            if keep > 0:
-                result[host][sid] = keep
-                placed[sid] += keep
-    free = {h: cores[h] - sum(result[h].values()) for h in cores}
-    for sid in sorted(wanted):
-        need = wanted[sid] - placed[sid]
-        usable = sorted(h for h in free if h not in excluded.get(sid, set()))
-        while need > 0:
-            roomiest: str | None = max(usable, key=lambda h: free[h], default=None)
-            if roomiest is None or free[roomiest] <= 0:
-                break
-            result[roomiest][sid] = result[roomiest].get(sid, 0) + 1
-            free[roomiest] -= 1
-            need -= 1
-    return result
+    """Instances per host and session. `excluded` names hosts a session must not use (its
+    service failed to load there)."""
+    plan = _Plan(hosts, current, excluded or {})
+    order = sorted(demands, key=lambda d: (-d.priority, d.session_id))
+    started: list[Demand] = []
+    for d in order:  # minimums first, by priority; met whole or not at all when starting
+        placed = sum(1 for _ in range(d.min_units) if plan.add(d))
+        if placed == d.min_units or (d.running and placed > 0):
+            started.append(d)
+        else:
+            plan.remove(d)
+    # then the rest, one unit at a time to the session with the most outstanding work per
+    # core it already has (D'Hondt), higher priority first on ties
+    growing = [d for d in started if plan.units.get(d.session_id, 0) < d.max_units]
+    while growing:
+        best = max(
+            growing,
+            key=lambda d: (
+                weight(d.outstanding) / (plan.cores.get(d.session_id, 0) + 1),
+                d.priority,
+                -d.session_id,
+            ),
+        )
+        if not plan.add(best) or plan.units[best.session_id] >= best.max_units:
+            growing.remove(best)
+    return {h: {s: n for s, n in a.items() if n} for h, a in plan.result.items()}
+
+
+def totals(assignments: Mapping[str, Mapping[int, int]]) -> dict[int, int]:
+    """Instances per session over every host."""
+    out: dict[int, int] = {}
+    for assignment in assignments.values():
+        for sid, n in assignment.items():
+            out[sid] = out.get(sid, 0) + n
+    return out

@@ -6,8 +6,9 @@ import dataclasses
 
 import structlog
 
-from broker.allocator import Demand, place, targets
+from broker.allocator import Demand, allocate, totals
 from broker.store import BrokerStore
+from soafarm.resources import HostSize
 
 log = structlog.get_logger(__name__)
 
@@ -19,7 +20,12 @@ def reconcile(store: BrokerStore) -> None:
     for host_id in sorted(set(registered) - alive):
         log.warning("host_lost", host_id=host_id)
         store.forget_host(host_id)
-    cores = {h: registered[h].cores for h in alive}
+    # a draining host (being shrunk) finishes what it holds and gets nothing new
+    sizes = {
+        h: HostSize(registered[h].cores, registered[h].sockets)
+        for h in alive
+        if not registered[h].draining
+    }
     # a closed (not purged) durable session keeps its responses but runs nothing; a failed
     # one could not load its service anywhere
     sessions = [s for s in store.open_sessions() if s.state not in ("closed", "failed")]
@@ -31,13 +37,27 @@ def reconcile(store: BrokerStore) -> None:
             log.error("session_failed", session_id=s.id, error=error)
             store.save_session(dataclasses.replace(s, state="failed", error=error))
     sessions = [s for s in sessions if not (alive and alive <= set(load_errors[s.id]))]
-    wanted = targets(
-        sum(cores.values()),
-        [Demand(s.id, s.min_units, s.max_units, s.priority) for s in sessions],
-    )
+    outstanding = store.outstanding([s.id for s in sessions])
+    demands = [
+        Demand(
+            s.id,
+            s.min_units,
+            s.max_units,
+            s.priority,
+            s.resource_unit,
+            outstanding[s.id],
+            running=s.state == "running",
+        )
+        for s in sessions
+    ]
     current = store.assignments(sorted(alive))
     excluded = {sid: set(errors) for sid, errors in load_errors.items()}
-    new = place(cores, current, wanted, excluded)
+    new = allocate(sizes, current, demands, excluded)
+    new.update({h: {} for h in alive if h not in sizes})
+    wanted = totals(new)
+    targets = {s.id: wanted.get(s.id, 0) for s in sessions}
+    if targets != store.targets():
+        store.set_targets(targets)
     for host_id, assignment in new.items():
         if assignment != current.get(host_id, {}):
             log.info("host_assigned", host_id=host_id, assignment=assignment)

@@ -21,11 +21,10 @@ from soafarm.errors import ConfigError, SessionClosed, SessionNotFound
 from soafarm.names import Names, check_client_id
 from soafarm.progress import ProgressStore
 from soafarm.records import SessionRecord
+from soafarm.resources import check_unit
 from soafarm.topology import request_queue, response_queue
 
 log = structlog.get_logger(__name__)
-
-RESOURCE_UNITS = ("core",)
 
 
 def _int_param(params: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -99,9 +98,7 @@ class SessionService:
                 f"need 0 <= min_units <= max_units and max_units >= 1 "
                 f"(got {min_units}..{max_units})"
             )
-        unit = params.get("resource_unit", "core")
-        if unit not in RESOURCE_UNITS:
-            raise ConfigError(f"resource_unit {unit!r} is not supported; use: {RESOURCE_UNITS}")
+        unit = check_unit(str(params.get("resource_unit", "core")))
         overrides = params.get("broker_settings") or {}
         if not isinstance(overrides, dict):
             raise ConfigError("broker_settings must be a table of broker settings")
@@ -173,6 +170,9 @@ class SessionService:
             for c in self.store.clients(record.id)
         ]
         out["load_errors"] = self.store.load_errors(record.id)
+        out["allocated_units"] = len(out["instances"])
+        out["target_units"] = self.store.targets().get(record.id, 0)
+        out["outstanding"] = sum(c["outstanding"] for c in out["clients"])
         return out
 
     def get(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -189,16 +189,25 @@ class SessionService:
         ]
 
     def hosts(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every live worker host with its cores, assignments and heartbeat age."""
+        """Every live worker host with its pool, size, assigned and running instances per
+        session, utilisation and heartbeat age."""
         registered = self.store.hosts()
         alive = self.store.alive(sorted(registered))
         assignments = self.store.assignments(sorted(alive))
+        running: dict[str, dict[str, int]] = {h: {} for h in alive}
+        for session in self.store.open_sessions():
+            for instance in self.store.instances(session.id):
+                if instance.host_id in running:
+                    per = running[instance.host_id]
+                    per[str(session.id)] = per.get(str(session.id), 0) + 1
         now = time.time()
         return [
             {
                 **dataclasses.asdict(registered[h]),
                 "assignments": {str(k): v for k, v in assignments[h].items()},
+                "instances": running[h],
                 "uptime": round(now - registered[h].started, 1),
+                "heartbeat_age": round(max(0.0, now - registered[h].beat), 1),
             }
             for h in sorted(alive)
         ]

@@ -61,6 +61,25 @@ class BrokerStore:
         raws = self.r.hvals(self.names.session_instances_key(session_id))
         return sorted((InstanceRecord.from_json(x) for x in raws), key=lambda i: i.id)
 
+    def outstanding(self, session_ids: list[int]) -> dict[int, int]:
+        """Requests accepted and not answered yet, per session (over all its client ids)."""
+        pipe = self.r.pipeline()
+        for sid in session_ids:
+            pipe.smembers(self.names.session_clients_key(sid))
+        clients = [sorted(as_text(c) for c in m) for m in pipe.execute()]
+        for sid, ids in zip(session_ids, clients, strict=True):
+            for cid in ids:
+                pipe.hmget(self.names.client_key(sid, cid), "accepted", "done")
+        counts = iter(pipe.execute())
+        out: dict[int, int] = {}
+        for sid, ids in zip(session_ids, clients, strict=True):
+            total = 0
+            for _ in ids:
+                accepted, done = next(counts)
+                total += max(int(accepted or 0) - int(done or 0), 0)
+            out[sid] = total
+        return out
+
     def connected_handles(self, session_id: int, since: float) -> int:
         """Client handles that beat after `since`; older ones are dropped."""
         key = self.names.session_handles_key(session_id)
@@ -99,6 +118,7 @@ class BrokerStore:
         client_keys = [k for c in self.clients(session_id) for k in self.client_keys(session_id, c)]
         pipe = self.r.pipeline()
         pipe.srem(n.sessions_key, session_id)
+        pipe.hdel(n.targets_key, session_id)
         pipe.delete(
             n.session_key(session_id),
             n.session_clients_key(session_id),
@@ -109,6 +129,19 @@ class BrokerStore:
             *data_keys,
         )
         pipe.set(n.closed_session_key(session_id), "1", ex=CLOSED_TOMBSTONE_SECONDS)
+        pipe.execute()
+
+    def targets(self) -> dict[int, int]:
+        """Units the allocator last gave each session."""
+        raw = self.r.hgetall(self.names.targets_key)
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def set_targets(self, targets: dict[int, int]) -> None:
+        """Record the allocator's units per session (replacing the previous round's)."""
+        pipe = self.r.pipeline()
+        pipe.delete(self.names.targets_key)
+        if targets:
+            pipe.hset(self.names.targets_key, mapping={str(k): v for k, v in targets.items()})
         pipe.execute()
 
     # --- hosts ----------------------------------------------------------------------------

@@ -171,8 +171,11 @@ class BrokerClient:
         self._sent_here += len(self._buffer)
         self._buffer = []
         self._buffer_bytes = 0
+        self._record_accepted()
+
+    def _record_accepted(self, now_too: bool = False) -> None:
         now = time.monotonic()
-        if now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
+        if now_too or now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
             # a Redis write per flush would cost more than the flush; a lagging count only
             # means a resumed client re-sends a few requests, which keep their ids
             self.progress.record_accepted(self._next_id)
@@ -222,6 +225,8 @@ class BrokerClient:
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
         self.flush()
+        if self._sent_here and not self._sealed:  # the autoscaler sees all the work
+            self._record_accepted(now_too=True)
         until_done = self.progress.load().done if available_only else None
         if self.durable:
             yield from self._stream_reader().responses(

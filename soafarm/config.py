@@ -8,6 +8,7 @@ environment are rejected with the allowed names, so a typo never goes unnoticed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
@@ -74,6 +75,14 @@ class WorkerSettings:
 
     #: Cores this host offers; 0 means all cores of the machine.
     cores: int = 0
+    #: CPU sockets this host reports (socket resource units); 0 means detect.
+    sockets: int = 0
+    #: Memory this host reports, in MiB; 0 means detect.
+    memory_mb: int = 0
+    #: The pool this host belongs to (the autoscaler's provisioners start hosts per pool).
+    pool: str = "default"
+    #: Free-form labels shown by `soafarm hosts`, as "key=value,key=value".
+    labels: str = ""
     #: Seconds between heartbeats written to Redis.
     heartbeat_interval: float = 1.0
     #: A host whose heartbeat is older than this many seconds is treated as lost.
@@ -82,6 +91,67 @@ class WorkerSettings:
     def effective_cores(self) -> int:
         """The number of cores to offer: `cores`, or the machine's count when 0."""
         return self.cores or (os.cpu_count() or 1)
+
+    def effective_sockets(self) -> int:
+        """Sockets to report: `sockets`, else those Linux lists, never more than the cores."""
+        found = self.sockets or _detect_sockets()
+        return max(1, min(found, self.effective_cores()))
+
+    def effective_memory_mb(self) -> int:
+        """Memory to report in MiB: `memory_mb`, or the machine's physical memory when 0."""
+        if self.memory_mb:
+            return self.memory_mb
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MiB
+        except (ValueError, OSError):
+            return 0
+
+    def label_map(self) -> dict[str, str]:
+        """`labels` parsed into a dict (validated when the settings are loaded)."""
+        pairs = [p.strip() for p in self.labels.split(",") if p.strip()]
+        return dict(p.split("=", 1) for p in pairs)
+
+
+def _detect_sockets() -> int:
+    """Distinct physical packages Linux reports (1 where it reports none)."""
+    packages = set()
+    for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/physical_package_id"):
+        try:
+            packages.add(path.read_text().strip())
+        except OSError:
+            continue
+    return len(packages) or 1
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """One pool of worker hosts the autoscaler may grow and shrink."""
+
+    name: str = "default"
+    #: "local" (worker processes on this machine) or "kubernetes" (a Deployment's replicas).
+    provisioner: str = "local"
+    min_hosts: int = 0
+    max_hosts: int = 2
+    #: Cores each host of this pool offers (local: passed to `soafarm worker --cores`).
+    cores_per_host: int = 1
+    #: Kubernetes provisioner: the Deployment running `soafarm worker`, and its namespace.
+    deployment: str = "soafarm-worker"
+    kubernetes_namespace: str = "default"
+    #: Kubernetes provisioner: kubeconfig context to use; empty means in-cluster config when
+    #: running in a pod, else the current context.
+    kubernetes_context: str = ""
+
+
+@dataclass(frozen=True)
+class AutoscalerSettings:
+    """How `soafarm autoscaler` grows and shrinks the pools (intervals and load-ratio
+    thresholds are the broker settings of the same names, per session)."""
+
+    #: Seconds with no outstanding work before the pools shrink to their min_hosts (often 0).
+    idle_timeout: float = 60.0
+    #: Pools in order: a later pool (a "burst" pool) grows only when every earlier one is at
+    #: max_hosts, and is emptied first when load falls.
+    pools: tuple[PoolSettings, ...] = (PoolSettings(),)
 
 
 @dataclass(frozen=True)
@@ -99,6 +169,7 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
 
     def __repr__(self) -> str:
         shown = {**self.as_dict()}
@@ -127,6 +198,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "broker": BrokerSettings,
     "client": ClientSettings,
     "worker": WorkerSettings,
+    "autoscaler": AutoscalerSettings,
 }
 
 
@@ -169,8 +241,30 @@ def _to_paths(value: Any) -> tuple[Path, ...]:
 _CONVERTERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
+def _to_pools(value: Any, where: str) -> tuple[PoolSettings, ...]:
+    """Pools from TOML (`[[autoscaler.pools]]` tables) or an env var (a JSON list of tables)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a JSON list of pool tables") from None
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of pool tables")
+    pools: list[PoolSettings] = []
+    for i, table in enumerate(value):
+        if isinstance(table, PoolSettings):
+            pools.append(table)
+            continue
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}[{i}]: each pool must be a table")
+        pools.append(_apply(PoolSettings, PoolSettings(), table, f"{where}[{i}]"))
+    return tuple(pools)
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Convert a TOML or env value to the annotated type, or raise ConfigError naming `where`."""
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is PoolSettings:
+        return _to_pools(value, where)
     convert = _to_paths if typing.get_origin(kind) is tuple else _CONVERTERS.get(kind)
     if convert is None:
         raise ConfigError(f"{where}: unsupported setting type {kind!r}")
@@ -264,6 +358,13 @@ def load_settings(
     return result
 
 
+def with_section(settings: Settings, section: str, values: Mapping[str, Any]) -> Settings:
+    """`settings` with keys of one section changed (from CLI options), validated again."""
+    result: Settings = _apply(Settings, settings, {section: values}, "options")
+    _validate(result)
+    return result
+
+
 def broker_settings_with(
     base: BrokerSettings, values: Mapping[str, Any], where: str
 ) -> BrokerSettings:
@@ -288,6 +389,28 @@ def _validate(settings: Settings) -> None:
         )
     if settings.log_format not in {"console", "json"}:
         raise ConfigError(f"log_format must be 'console' or 'json', not {settings.log_format!r}")
+    labels = [p.strip() for p in settings.worker.labels.split(",") if p.strip()]
+    if any("=" not in p or not p.split("=", 1)[0] for p in labels):
+        raise ConfigError(
+            f"worker.labels must look like 'key=value,key=value', not {settings.worker.labels!r}"
+        )
+    _validate_pools(settings.autoscaler.pools)
+
+
+def _validate_pools(pools: tuple[PoolSettings, ...]) -> None:
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"autoscaler.pools: pool names must be unique, got {names}")
+    for p in pools:
+        where = f"autoscaler pool {p.name!r}"
+        if p.provisioner not in {"local", "kubernetes"}:
+            raise ConfigError(
+                f"{where}: provisioner must be 'local' or 'kubernetes', not {p.provisioner!r}"
+            )
+        if not 0 <= p.min_hosts <= p.max_hosts:
+            raise ConfigError(f"{where}: need 0 <= min_hosts <= max_hosts")
+        if p.cores_per_host < 1:
+            raise ConfigError(f"{where}: cores_per_host must be at least 1")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -298,6 +421,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """
 
     def text(value: Any) -> str:
+        if isinstance(value, tuple) and value and isinstance(value[0], PoolSettings):
+            return json.dumps([dataclasses.asdict(p) for p in value])
         if isinstance(value, tuple):
             return os.pathsep.join(str(p) for p in value)
         if isinstance(value, bool):

@@ -102,6 +102,11 @@ class Names:
         return f"{self.namespace}:data:{token}"
 
     @property
+    def targets_key(self) -> str:
+        """Hash: session id -> units the allocator gives it now (its target)."""
+        return f"{self.namespace}:targets"
+
+    @property
     def hosts_key(self) -> str:
         """Hash: host id -> JSON of the registered worker hosts."""
         return f"{self.namespace}:hosts"
@@ -117,3 +122,8 @@ class Names:
     def host_wake_key(self, host_id: str) -> str:
         """List the broker pushes to so a host reconciles its assignments at once."""
         return f"{self.namespace}:host:{host_id}:wake"
+
+    def host_load_key(self, host_id: str) -> str:
+        """Hash: instance id -> JSON {session, capacity, busy} its instances report each second
+        (busy: seconds spent in calls since the instance started)."""
+        return f"{self.namespace}:host:{host_id}:load"

@@ -71,6 +71,16 @@ class HostRecord(_JsonRecord):
     pid: int
     cores: int
     started: float
+    sockets: int = 1
+    memory_mb: int = 0
+    pool: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Stopping: finishing what it holds; the allocator gives it nothing new.
+    draining: bool = False
+    #: Busy fraction of its instances' capacity over the last heartbeat interval.
+    utilisation: float = 0.0
+    #: When this record was written (the heartbeat), in seconds since the epoch.
+    beat: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,3 +91,4 @@ class InstanceRecord(_JsonRecord):
     host_id: str
     pid: int
     started: float
+    capacity: int = 1

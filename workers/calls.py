@@ -46,7 +46,8 @@ log = structlog.get_logger(__name__)
 RESPONSE_LINGER = 0.05
 #: A batch still running after this many seconds, when the queue behind it is empty (other
 #: instances may be idle), hands its unstarted requests back to the queue, so slow work
-#: spreads over every instance instead of waiting while one instance holds it.
+#: spreads over every instance instead of waiting while one instance holds it. A draining
+#: instance (being stopped) hands them back at once.
 RESPLIT_AFTER = 0.05
 
 Delivery = tuple[int, bytes, bool]  # delivery tag, body, redelivered
@@ -59,6 +60,7 @@ class CallWatch:
         """Nothing is running yet."""
         self.started: float | None = None
         self.request_id = -1
+        self.busy = 0.0  # seconds spent in finished calls
 
     def begin(self, request_id: int) -> None:
         """A call starts."""
@@ -67,7 +69,14 @@ class CallWatch:
 
     def end(self) -> None:
         """The call returned (or raised)."""
-        self.started = None
+        started, self.started = self.started, None
+        if started is not None:
+            self.busy += time.monotonic() - started
+
+    def busy_seconds(self) -> float:
+        """Seconds spent in calls so far, the running one included."""
+        started = self.started
+        return self.busy + (0.0 if started is None else time.monotonic() - started)
 
     def overdue(self, timeout: float) -> int | None:
         """The id of a call running longer than `timeout` seconds (0: no limit), else None."""
@@ -115,6 +124,7 @@ class Link:
     durable: bool
     request_queue: str
     queue_empty: threading.Event  # set by the I/O thread when no batch waits in the queue
+    draining: threading.Event  # set when the instance stops: hand back what has not started
 
 
 class CallLoop:
@@ -216,7 +226,7 @@ class CallLoop:
         began = last = time.monotonic()
         for index, request in enumerate(batch.requests):
             rest = batch.requests[index:]
-            if (
+            if self.link.draining.is_set() or (
                 len(rest) > 1
                 and time.monotonic() - began > RESPLIT_AFTER
                 and self.link.queue_empty.is_set()
@@ -240,7 +250,12 @@ class CallLoop:
     def _careful(self, tag: int, batch: RequestBatch) -> None:
         sid, cid = batch.session_id, batch.client_id
         answered = self.marker.answered(sid, cid, [r.id for r in batch.requests])
-        log.info("batch_redelivered", requests=len(batch.requests), answered=len(answered))
+        log.info(
+            "batch_redelivered",
+            instance=self.instance_id,
+            requests=len(batch.requests),
+            answered=len(answered),
+        )
         limit = self.runner.resend_limit
         for request in batch.requests:
             if request.id in answered:

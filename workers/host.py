@@ -9,6 +9,7 @@ with SIGTERM, which lets them finish and acknowledge what they hold (drain).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,7 +26,8 @@ import structlog
 from soafarm.config import Settings, child_environment
 from soafarm.connections import redis_client
 from soafarm.names import Names
-from soafarm.records import HostRecord
+from soafarm.records import HostRecord, SessionRecord, as_text
+from soafarm.resources import HostSize, capacity
 from workers.instance import EXIT_LOAD_FAILED, EXIT_TIMED_OUT, InstanceSpec
 
 log = structlog.get_logger(__name__)
@@ -50,13 +52,23 @@ class _SessionProcs:
 class WorkerHost:
     """One worker host. `run()` blocks until `stop()` (or a signal)."""
 
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
-        """Connect to Redis now, so a wrong URL fails fast with a clear error."""
+    def __init__(
+        self, settings: Settings, name: str | None = None, stop_with_parent: bool = False
+    ) -> None:
+        """Connect to Redis now, so a wrong URL fails fast with a clear error. With
+        `stop_with_parent` (hosts a local provisioner starts) it drains and stops when its
+        parent process dies, so a killed autoscaler leaves no orphan hosts."""
+        self.parent = os.getppid() if stop_with_parent else None
         self.settings = settings
         self.names = Names(settings.namespace)
         self.hostname = socket.gethostname()
         self.id = name or f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.cores = settings.worker.effective_cores()
+        self.size = HostSize(self.cores, settings.worker.effective_sockets())
+        self.draining = False
+        self.utilisation = 0.0
+        self._busy: dict[str, float] = {}  # instance id -> busy seconds at the last sample
+        self._sampled = time.monotonic()
         self.redis = redis_client(settings)
         self.sessions: dict[int, _SessionProcs] = {}
         self.stopping_procs: list[tuple[str, int, subprocess.Popen[bytes]]] = []
@@ -69,8 +81,43 @@ class WorkerHost:
         with contextlib.suppress(redis.RedisError):  # best effort: the BLPOP times out anyway
             self.redis.rpush(self.names.host_wake_key(self.id), "stop")
 
+    def _sample_load(self) -> None:
+        """Utilisation since the last sample: busy call-seconds over capacity-seconds."""
+        raw = self.redis.hgetall(self.names.host_load_key(self.id))
+        now = time.monotonic()
+        elapsed, self._sampled = now - self._sampled, now
+        busy = 0.0
+        slots = 0
+        seen: dict[str, float] = {}
+        for key, value in raw.items():
+            load = json.loads(value)
+            iid = as_text(key)
+            seen[iid] = float(load["busy"])
+            busy += seen[iid] - self._busy.get(iid, seen[iid])
+            slots += int(load["capacity"])
+        self._busy = seen
+        if elapsed > 0 and slots:
+            self.utilisation = round(min(1.0, max(0.0, busy / (elapsed * slots))), 3)
+        else:
+            self.utilisation = 0.0
+
     def _heartbeat(self) -> None:
-        record = HostRecord(self.id, self.hostname, os.getpid(), self.cores, self.started)
+        self._sample_load()
+        worker = self.settings.worker
+        record = HostRecord(
+            self.id,
+            self.hostname,
+            os.getpid(),
+            self.cores,
+            self.started,
+            sockets=self.size.sockets,
+            memory_mb=worker.effective_memory_mb(),
+            pool=worker.pool,
+            labels=worker.label_map(),
+            draining=self.draining,
+            utilisation=self.utilisation,
+            beat=time.time(),
+        )
         pipe = self.redis.pipeline()
         pipe.hset(self.names.hosts_key, self.id, record.to_json())
         pipe.set(
@@ -85,7 +132,13 @@ class WorkerHost:
         self.started = time.time()
         wake = self.names.host_wake_key(self.id)
         self._heartbeat()
-        log.info("host_started", host_id=self.id, cores=self.cores)
+        log.info(
+            "host_started",
+            host_id=self.id,
+            cores=self.cores,
+            sockets=self.size.sockets,
+            pool=self.settings.worker.pool,
+        )
         try:
             while not self.stopping.is_set():
                 try:
@@ -98,6 +151,9 @@ class WorkerHost:
                     log.warning("redis_unreachable", error=str(e))
                     self.stopping.wait(1.0)
                     continue
+                if self.parent is not None and os.getppid() != self.parent:
+                    log.warning("host_parent_gone", host_id=self.id)
+                    self.stopping.set()
                 if not self.stopping.is_set():
                     try:
                         self.reconcile(wanted)
@@ -123,10 +179,17 @@ class WorkerHost:
             if want == 0 and not procs.running:
                 del self.sessions[sid]
 
+    def _capacity(self, sid: int) -> int:
+        raw = self.redis.get(self.names.session_key(sid))
+        if raw is None:  # closed meanwhile: the instance finds out and exits at once
+            return 1
+        record = SessionRecord.from_json(raw)
+        return capacity(record.resource_unit, self.size, record.max_concurrent_calls)
+
     def _start(self, sid: int, procs: _SessionProcs) -> tuple[str, subprocess.Popen[bytes]]:
         iid = f"{self.id}.{sid}.{procs.counter}"
         procs.counter += 1
-        spec = InstanceSpec(sid, iid, self.id, self.hostname)
+        spec = InstanceSpec(sid, iid, self.id, self.hostname, self._capacity(sid))
         proc = subprocess.Popen(
             [sys.executable, "-m", "workers.instance", spec.to_json()], env=self.env
         )
@@ -142,7 +205,7 @@ class WorkerHost:
                 if code is None:
                     continue
                 procs.running.remove((iid, proc))
-                self.redis.hdel(self.names.session_instances_key(sid), iid)
+                self._forget_instance(sid, iid)
                 if code == EXIT_LOAD_FAILED:
                     # the broker excludes this host for the session; retrying cannot help
                     procs.load_failed = True
@@ -164,19 +227,34 @@ class WorkerHost:
             iid, sid, proc = entry
             if proc.poll() is not None:
                 self.stopping_procs.remove(entry)
-                self.redis.hdel(self.names.session_instances_key(sid), iid)
+                self._forget_instance(sid, iid)
+
+    def _forget_instance(self, sid: int, iid: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.names.session_instances_key(sid), iid)
+        pipe.hdel(self.names.host_load_key(self.id), iid)
+        pipe.execute()
 
     def _shutdown(self) -> None:
+        # tell the broker first, so it places this host's work elsewhere while it drains
+        self.draining = True
+        with contextlib.suppress(redis.RedisError):
+            self._heartbeat()
         procs = [p for s in self.sessions.values() for _, p in s.running]
         procs += [p for _, _, p in self.stopping_procs]
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
+        beat = self.settings.worker.heartbeat_interval
+        # keep beating while instances drain, or the broker would call this host lost
+        while (alive := [p for p in procs if p.poll() is None]) and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                alive[0].wait(timeout=max(0.0, min(beat, deadline - time.monotonic())))
+            with contextlib.suppress(redis.RedisError):
+                self._heartbeat()
         for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if p.poll() is None:
                 log.warning("instance_killed", pid=p.pid)
                 p.kill()
                 p.wait()
@@ -187,6 +265,7 @@ class WorkerHost:
                 self.names.host_heartbeat_key(self.id),
                 self.names.host_assignments_key(self.id),
                 self.names.host_wake_key(self.id),
+                self.names.host_load_key(self.id),
             )
             pipe.execute()
         except redis.RedisError as e:

@@ -64,6 +64,9 @@ class InstanceSpec:
     instance_id: str
     host_id: str
     hostname: str
+    #: Requests this instance runs at once (its resource unit's cores, or the registration's
+    #: max_concurrent_calls); it also receives at most this many batches at a time.
+    capacity: int = 1
 
     def to_json(self) -> str:
         """JSON for the command line."""
@@ -88,10 +91,13 @@ class ServiceInstance:
         # deliveries received and not yet acknowledged; touched only on the I/O thread
         self.held = 0
         self.parent = os.getppid()
-        self.loop: CallLoop | None = None  # the current connection's call loop
+        self.loops: list[CallLoop] = []  # the current connection's call loops
+        self.draining = threading.Event()
 
     def stop(self) -> None:
-        """Stop taking new work; finish and acknowledge what is held, then exit."""
+        """Stop taking new work; finish the calls running, hand back what has not started,
+        then exit."""
+        self.draining.set()
         self.stopping.set()
 
     def _load(self, record: SessionRecord) -> CallRunner:
@@ -165,13 +171,19 @@ class ServiceInstance:
             instances_key,
             self.spec.instance_id,
             InstanceRecord(
-                self.spec.instance_id, self.spec.host_id, os.getpid(), time.time()
+                self.spec.instance_id,
+                self.spec.host_id,
+                os.getpid(),
+                time.time(),
+                self.spec.capacity,
             ).to_json(),
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         backoff = 0.5
         lost: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
-        threading.Thread(target=self._watch_publishes, name="watchdog", daemon=True).start()
+        threading.Thread(
+            target=self._watch, args=(record.id,), name="watchdog", daemon=True
+        ).start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -189,20 +201,21 @@ class ServiceInstance:
         finally:
             with contextlib.suppress(redis.RedisError):
                 r.hdel(instances_key, self.spec.instance_id)
+                r.hdel(self.names.host_load_key(self.spec.host_id), self.spec.instance_id)
             log.info("instance_stopped", instance=self.spec.instance_id)
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
         """One connection's life: consume until stopped (then drain) or the connection fails."""
         connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
         inbox: queue.Queue[Delivery | None] = queue.Queue()
-        calls: threading.Thread | None = None
-        watch = CallWatch()
+        calls: list[threading.Thread] = []
         timeout = float(record.broker_settings.get("service_operation_timeout", 0))
         try:
             channel = connection.channel()
             if record.durable:
                 channel.confirm_delivery()  # a response counts only once RabbitMQ has it
-            channel.basic_qos(prefetch_count=1)
+            # at most `capacity` batches held: a slow instance never hoards work
+            channel.basic_qos(prefetch_count=self.spec.capacity)
             self.held = 0
             link = Link(
                 connection,
@@ -212,17 +225,27 @@ class ServiceInstance:
                 record.durable,
                 self.names.request_queue(record.id),
                 threading.Event(),
+                self.draining,
             )
-            loop = CallLoop(
-                runner,
-                marker,
-                link,
-                instance_id=self.spec.instance_id,
-                max_bytes=self.settings.max_message_bytes,
-                watch=watch,
-            )
-            calls = threading.Thread(target=loop.run, name="calls")
-            self.loop = loop
+            # one call thread per unit of capacity; with capacity 1 the service is never
+            # called from two threads at once
+            busy = sum(loop.watch.busy_seconds() for loop in self.loops)
+            self.loops = [
+                CallLoop(
+                    runner,
+                    marker,
+                    link,
+                    instance_id=self.spec.instance_id,
+                    max_bytes=self.settings.max_message_bytes,
+                    watch=CallWatch(),
+                )
+                for _ in range(self.spec.capacity)
+            ]
+            self.loops[0].watch.busy = busy  # carried over a reconnect
+            calls = [
+                threading.Thread(target=loop.run, name=f"calls-{i}")
+                for i, loop in enumerate(self.loops)
+            ]
 
             def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
                 self.held += 1
@@ -230,10 +253,11 @@ class ServiceInstance:
 
             tag = channel.basic_consume(self.names.request_queue(record.id), on_message)
             channel.add_on_cancel_callback(lambda _frame: self.stop())
-            calls.start()
+            for thread in calls:
+                thread.start()
             while not self.stopping.is_set():
                 connection.process_data_events(time_limit=QUEUE_CHECK_INTERVAL)
-                self._enforce_timeout(watch, timeout)
+                self._enforce_timeout(timeout)
                 self._check_queue(channel, link)
                 if os.getppid() != self.parent:
                     # our worker host died: the broker reassigns its work; drain and leave
@@ -241,15 +265,16 @@ class ServiceInstance:
                     self.stop()
             if channel.is_open:
                 channel.basic_cancel(tag)
-            while self.held:  # drain: finish and ack what this instance holds
+            while self.held:  # drain: finish and ack (or hand back) what this instance holds
                 connection.process_data_events(time_limit=0.05)
-                self._enforce_timeout(watch, timeout)
+                self._enforce_timeout(timeout)
             connection.process_data_events(time_limit=0)
         finally:
-            inbox.put(None)
-            if calls is not None and calls.is_alive():
-                # one call thread at a time: services need not be thread-safe
-                calls.join()
+            for _ in calls:
+                inbox.put(None)
+            for thread in calls:
+                if thread.is_alive():
+                    thread.join()
             if connection.is_open:
                 with contextlib.suppress(*amqp_error_types()):
                     connection.close()
@@ -270,11 +295,21 @@ class ServiceInstance:
         else:
             link.queue_empty.set()
 
-    def _watch_publishes(self) -> None:
-        """End the process if a publish waits for its confirm past PUBLISH_STALL_LIMIT."""
+    def _watch(self, session_id: int) -> None:
+        """Each second: report busy time for the host's utilisation figure, and end the
+        process if a publish waits for its confirm past PUBLISH_STALL_LIMIT."""
+        r = redis_client(self.settings)
+        key = self.names.host_load_key(self.spec.host_id)
         while not self.stopping.wait(1.0):
-            loop = self.loop
-            stuck = 0.0 if loop is None else loop.publish_watch.stuck_for()
+            loops = self.loops
+            load = {
+                "session": session_id,
+                "capacity": self.spec.capacity,
+                "busy": round(sum(loop.watch.busy_seconds() for loop in loops), 4),
+            }
+            with contextlib.suppress(redis.RedisError):
+                r.hset(key, self.spec.instance_id, json.dumps(load))
+            stuck = max((loop.publish_watch.stuck_for() for loop in loops), default=0.0)
             if stuck > PUBLISH_STALL_LIMIT:
                 log.error("publish_stalled", instance=self.spec.instance_id, seconds=stuck)
                 os._exit(EXIT_TIMED_OUT)
@@ -282,8 +317,10 @@ class ServiceInstance:
     def _settled(self) -> None:
         self.held -= 1
 
-    def _enforce_timeout(self, watch: CallWatch, timeout: float) -> None:
-        request_id = watch.overdue(timeout)
+    def _enforce_timeout(self, timeout: float) -> None:
+        request_id = next(
+            (i for loop in self.loops if (i := loop.watch.overdue(timeout)) is not None), None
+        )
         if request_id is not None:
             # a Python call cannot be interrupted: end the process; RabbitMQ redelivers the
             # batch and the retry limit decides whether the request runs again

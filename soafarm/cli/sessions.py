@@ -49,7 +49,7 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
         return
     emit_table(
         f"Sessions in namespace {settings.namespace!r}",
-        ["id", "service", "kind", "state", "activity", "instances", "units", "age", "owner"],
+        ["id", "service", "kind", "state", "activity", "units", "allocated/target", "age", "owner"],
         [
             (
                 s["id"],
@@ -58,8 +58,8 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
                 + (", shared" if s.get("shared") else ""),
                 s["state"],
                 s["activity"],
-                len(s["instances"]),
-                _units(s),
+                f"{s['resource_unit']} {_units(s)}",
+                f"{s['allocated_units']}/{s['target_units']}",
                 _age(s["created"]),
                 s["owner"],
             )
@@ -72,7 +72,8 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
 @with_settings
 @click.argument("session_id", type=int)
 def sessions_show(settings: Settings, session_id: int) -> None:
-    """Print one session's record, instances and clients as JSON."""
+    """Print one session's record, instances and clients as JSON (with allocated_units, the
+    instances running, against target_units, what the allocator gives it)."""
     emit_json(_call(settings, "get", session_id=session_id))
 
 
@@ -93,21 +94,32 @@ def sessions_close(settings: Settings, session_id: int, purge: bool) -> None:
 @with_settings
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hosts(settings: Settings, as_json: bool) -> None:
-    """List live worker hosts with cores and the instances they run per session."""
+    """List live worker hosts: pool, size, instances per session (running/assigned),
+    utilisation over the last heartbeat, heartbeat age and uptime."""
     rows = _call(settings, "hosts")
     if as_json:
         emit_json(rows)
         return
     emit_table(
         f"Worker hosts in namespace {settings.namespace!r}",
-        ["id", "cores", "instances (session: n)", "uptime"],
+        ["id", "pool", "cores/sockets", "instances (session: run/assigned)", "busy", "beat", "up"],
         [
             (
-                h["id"],
-                h["cores"],
-                ", ".join(f"{k}: {v}" for k, v in h["assignments"].items()) or "-",
+                h["id"] + (" (draining)" if h.get("draining") else ""),
+                h.get("pool", "default"),
+                f"{h['cores']}/{h.get('sockets', 1)}",
+                _per_session(h),
+                f"{100 * h.get('utilisation', 0.0):.0f}%",
+                f"{h.get('heartbeat_age', 0.0):.1f}s ago",
                 f"{h['uptime']:.0f}s",
             )
             for h in rows
         ],
     )
+
+
+def _per_session(host: dict[str, Any]) -> str:
+    running: dict[str, int] = host.get("instances", {})
+    assigned: dict[str, int] = host["assignments"]
+    sids = sorted(set(running) | set(assigned), key=int)
+    return ", ".join(f"{s}: {running.get(s, 0)}/{assigned.get(s, 0)}" for s in sids) or "-"

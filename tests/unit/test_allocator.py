@@ -1,34 +1,93 @@
-"""The allocator's pure functions: minimums by priority, fair sharing, stable placement."""
+"""The allocator's pure functions: minimums by priority, sharing by outstanding work, unit
+types, stable placement."""
 
-from broker.allocator import Demand, place, targets
+from broker.allocator import Demand, allocate, totals
+from soafarm.resources import HostSize, capacity, units_per_host
+
+ONE_HOST = {"a": HostSize(5)}
 
 
 def test_minimums_go_by_priority_and_the_rest_is_shared_up_to_max() -> None:
     demands = [Demand(1, 1, 4, priority=1000), Demand(2, 2, 2, priority=3000)]
-    assert targets(5, demands) == {2: 2, 1: 3}
+    assert totals(allocate(ONE_HOST, {}, demands)) == {2: 2, 1: 3}
 
 
 def test_a_minimum_that_does_not_fit_waits_instead_of_running_below_it() -> None:
     demands = [Demand(1, 3, 3, priority=2000), Demand(2, 4, 4, priority=1000)]
-    assert targets(4, demands) == {1: 3, 2: 0}
+    assert totals(allocate({"a": HostSize(4)}, {}, demands)) == {1: 3}
+
+
+def test_the_higher_priority_minimum_is_met_first_even_when_it_came_later() -> None:
+    demands = [Demand(1, 3, 3, priority=1000), Demand(2, 3, 3, priority=3000)]
+    assert totals(allocate({"a": HostSize(4)}, {"a": {1: 3}}, demands)) == {2: 3}
 
 
 def test_no_session_gets_more_than_max_units() -> None:
-    assert targets(16, [Demand(1, 1, 2, 2000)]) == {1: 2}
+    assert totals(allocate({"a": HostSize(16)}, {}, [Demand(1, 1, 2, 2000)])) == {1: 2}
 
 
-def test_placement_keeps_running_instances_and_fills_the_roomiest_host() -> None:
-    cores = {"a": 2, "b": 2}
-    current = {"a": {7: 1}}
-    assert place(cores, current, {7: 1, 8: 2}) == {"a": {7: 1, 8: 1}, "b": {8: 1}}
+def test_spare_units_follow_outstanding_work() -> None:
+    demands = [
+        Demand(1, 1, 10, 2000, outstanding=3000),
+        Demand(2, 1, 10, 2000, outstanding=1000),
+        Demand(3, 1, 10, 2000, outstanding=0),
+    ]
+    got = totals(allocate({"a": HostSize(8), "b": HostSize(8)}, {}, demands))
+    assert got[1] > got[2] > got[3] == 1
+    assert sum(got.values()) == 16
+
+
+def test_sessions_with_equal_work_share_evenly() -> None:
+    demands = [Demand(1, 0, 8, 2000, outstanding=500), Demand(2, 0, 8, 2000, outstanding=480)]
+    assert totals(allocate({"a": HostSize(6)}, {}, demands)) == {1: 3, 2: 3}
+
+
+def test_placement_keeps_running_instances_and_packs_new_ones() -> None:
+    hosts = {"a": HostSize(2), "b": HostSize(4), "c": HostSize(4)}
+    result = allocate(hosts, {"b": {7: 1}}, [Demand(7, 1, 1, 2000), Demand(8, 4, 4, 1000)])
+    assert result == {"a": {8: 2}, "b": {7: 1, 8: 2}, "c": {}}
 
 
 def test_placement_shrinks_without_moving_what_stays() -> None:
-    cores = {"a": 2, "b": 2}
-    current = {"a": {7: 2}, "b": {7: 2}}
-    assert place(cores, current, {7: 2}) == {"a": {7: 2}, "b": {}}
+    hosts = {"a": HostSize(2), "b": HostSize(2)}
+    result = allocate(hosts, {"a": {7: 2}, "b": {7: 2}}, [Demand(7, 2, 2, 2000)])
+    assert result == {"a": {7: 2}, "b": {}}
 
 
 def test_placement_never_exceeds_host_cores() -> None:
-    result = place({"a": 1}, {}, {1: 3})
-    assert result == {"a": {1: 1}}
+    assert allocate({"a": HostSize(1)}, {}, [Demand(1, 1, 3, 2000)]) == {"a": {1: 1}}
+
+
+def test_excluded_hosts_are_never_used() -> None:
+    hosts = {"a": HostSize(2), "b": HostSize(2)}
+    assert allocate(hosts, {}, [Demand(1, 1, 4, 2000)], {1: {"a"}}) == {"a": {}, "b": {1: 2}}
+
+
+def test_socket_units_take_a_socket_each_and_node_units_a_whole_host() -> None:
+    hosts = {"a": HostSize(8, sockets=2), "b": HostSize(8, sockets=2)}
+    sockets = allocate(hosts, {}, [Demand(1, 1, 10, 2000, unit="socket")])
+    assert sockets == {"a": {1: 2}, "b": {1: 2}}
+    nodes = allocate(hosts, {}, [Demand(1, 1, 10, 2000, unit="node")])
+    assert nodes == {"a": {1: 1}, "b": {1: 1}}
+
+
+def test_a_node_unit_needs_a_free_host() -> None:
+    hosts = {"a": HostSize(4), "b": HostSize(4)}
+    demands = [Demand(1, 2, 2, 3000), Demand(2, 1, 1, 1000, unit="node")]
+    assert totals(allocate(hosts, {}, demands)) == {1: 2, 2: 1}
+    crowded = [Demand(1, 5, 5, 3000), Demand(2, 1, 1, 1000, unit="node")]
+    assert totals(allocate(hosts, {}, crowded)) == {1: 5}
+
+
+def test_capacity_follows_the_unit_unless_max_concurrent_calls_is_set() -> None:
+    host = HostSize(8, sockets=2)
+    assert [capacity(u, host) for u in ("core", "socket", "node")] == [1, 4, 8]
+    assert capacity("node", host, max_concurrent_calls=3) == 3
+    assert [units_per_host(u, host) for u in ("core", "socket", "node")] == [8, 2, 1]
+
+
+def test_a_running_session_that_lost_a_host_keeps_what_it_can_get() -> None:
+    demand = Demand(1, 2, 2, 2000, running=True)
+    assert allocate({"a": HostSize(1)}, {"a": {1: 1}}, [demand]) == {"a": {1: 1}}
+    starting = Demand(1, 2, 2, 2000)
+    assert allocate({"a": HostSize(1)}, {}, [starting]) == {"a": {}}
