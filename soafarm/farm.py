@@ -56,13 +56,17 @@ def delete_namespace(settings: Settings) -> None:
 
 
 class LocalFarm:
-    """Broker + `workers` worker hosts (each offering `cores` cores; 0 = all)."""
+    """Broker + `workers` worker hosts (each offering `cores` cores; 0 = all), and with
+    `autoscale` the autoscaler, which starts and stops more hosts with the load."""
 
-    def __init__(self, settings: Settings, workers: int = 1, cores: int = 0) -> None:
+    def __init__(
+        self, settings: Settings, workers: int = 1, cores: int = 0, autoscale: bool = False
+    ) -> None:
         """Nothing starts until `start()`."""
         self.settings = settings
         self.workers = workers
         self.cores = cores
+        self.autoscale = autoscale
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def _spawn(self, what: str, *args: str) -> None:
@@ -84,6 +88,8 @@ class LocalFarm:
         self._spawn("broker", "broker")
         for i in range(self.workers):
             self._spawn(f"worker {i}", "worker")
+        if self.autoscale:
+            self._spawn("autoscaler", "autoscaler")
         deadline = time.monotonic() + timeout
         control = None
         try:
@@ -122,7 +128,8 @@ class LocalFarm:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop worker hosts first (they drain their instances), then the broker."""
+        """Stop the autoscaler (it drains its hosts) and worker hosts first, then the
+        broker."""
         for _what, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

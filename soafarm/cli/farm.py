@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
@@ -11,7 +10,7 @@ from types import FrameType
 import click
 
 from soafarm.cli import cli, with_settings
-from soafarm.config import Settings
+from soafarm.config import Settings, with_section
 from soafarm.embedded import EmbeddedServers
 from soafarm.errors import SoafarmError
 from soafarm.logs import configure_logging
@@ -42,15 +41,53 @@ def broker(settings: Settings) -> None:
 @with_settings
 @click.option("--name", help="Host id (default: <hostname>-<pid>-<random>).")
 @click.option("--cores", type=click.IntRange(min=0), help="Cores to offer (default: all).")
-def worker(settings: Settings, name: str | None, cores: int | None) -> None:
-    """Run a worker host: register, heartbeat, run service instances it is assigned."""
+@click.option("--sockets", type=click.IntRange(min=0), help="Sockets to report (default: detect).")
+@click.option("--pool", help="The pool this host belongs to (default: worker.pool).")
+@click.option("--labels", help="Labels shown by `soafarm hosts`, as key=value,key=value.")
+@click.option("--stop-with-parent", is_flag=True, hidden=True)
+def worker(  # noqa: PLR0917 - click passes every option by name
+    settings: Settings,
+    name: str | None,
+    cores: int | None,
+    sockets: int | None,
+    pool: str | None,
+    labels: str | None,
+    stop_with_parent: bool,
+) -> None:
+    """Run a worker host: register, heartbeat, run service instances it is assigned.
+
+    SIGTERM drains it: running calls finish, requests not started go back to their queue.
+    """
     from workers.host import WorkerHost
 
-    if cores is not None:
-        settings = settings.replace(worker=dataclasses.replace(settings.worker, cores=cores))
-    host = WorkerHost(settings, name)
+    given = {"cores": cores, "sockets": sockets, "pool": pool, "labels": labels}
+    changes = {k: v for k, v in given.items() if v is not None}
+    if changes:
+        settings = with_section(settings, "worker", changes)
+    host = WorkerHost(settings, name, stop_with_parent)
     _stop_on_signals(host.stop)
     host.run()
+
+
+@cli.command()
+@with_settings
+def autoscaler(settings: Settings) -> None:
+    """Grow and shrink the pools of worker hosts with the load, until SIGTERM or Ctrl-C.
+
+    Pools come from the [[autoscaler.pools]] tables of the settings file (default: one local
+    pool of up to 2 single-core hosts). Stopping it stops the hosts of local pools (drained).
+    """
+    from broker.autoscaler import Autoscaler
+    from workers.provisioners import make_provisioner
+
+    provisioners = [make_provisioner(p, settings) for p in settings.autoscaler.pools]
+    try:
+        scaler = Autoscaler(settings, provisioners)
+        _stop_on_signals(scaler.stop)
+        scaler.run()
+    finally:
+        for p in provisioners:
+            p.close()
 
 
 @cli.command()
@@ -59,8 +96,8 @@ def worker(settings: Settings, name: str | None, cores: int | None) -> None:
     "--workers",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Worker hosts to start.",
+    type=click.IntRange(min=0),
+    help="Worker hosts to start (besides those the autoscaler starts).",
 )
 @click.option(
     "--cores",
@@ -69,12 +106,18 @@ def worker(settings: Settings, name: str | None, cores: int | None) -> None:
     help="Cores each worker host offers (default: all).",
 )
 @click.option(
+    "--autoscale",
+    is_flag=True,
+    help="Also run the autoscaler: hosts of the configured pools come and go with the load "
+    "(combine with --workers 0 to start from zero hosts).",
+)
+@click.option(
     "--embedded/--no-embedded",
     default=True,
     show_default=True,
     help="Start private RabbitMQ/Redis when none answers at a localhost URL.",
 )
-def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
+def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: bool) -> None:
     """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything."""
     from soafarm.farm import LocalFarm
 
@@ -82,10 +125,11 @@ def up(settings: Settings, workers: int, cores: int, embedded: bool) -> None:
     with servers as effective:
         for line in servers.started:
             click.echo(f"started {line} for the farm's lifetime", err=True)
-        farm = LocalFarm(effective, workers=workers, cores=cores)
+        farm = LocalFarm(effective, workers=workers, cores=cores, autoscale=autoscale)
         farm.start()
+        scaling = ", autoscaler" if autoscale else ""
         click.echo(
-            f"soafarm is up: broker + {workers} worker host(s), namespace "
+            f"soafarm is up: broker + {workers} worker host(s){scaling}, namespace "
             f"{effective.namespace!r}. Press Ctrl-C to stop.",
             err=True,
         )
