@@ -105,5 +105,9 @@ class ServiceFault(SoafarmError):
         self.retries = retries
 
 
+class ProvisionerError(SoafarmError):
+    """A provisioner could not start or stop hosts."""
+
+
 class RetryOperationError(SoafarmError):
     """Raised by a service to ask the farm to run the request again (counts as a retry)."""
