@@ -133,6 +133,8 @@ class Autoscaler:
         hosts = self.store.hosts()
         assigned = self.store.assignments(sorted(hosts))
         by_pool: dict[str, list[str]] = {}
-        for h in sorted(hosts, key=lambda h: (sum(assigned[h].values()), hosts[h].utilisation)):
+        for h in sorted(
+            hosts, key=lambda h: (sum(assigned[h].values()), hosts[h].utilisation or 0)
+        ):
             by_pool.setdefault(hosts[h].pool, []).append(h)
         return by_pool

@@ -1,4 +1,4 @@
-"""The broker daemon's main loop: answer control RPCs, reallocate hosts every second.
+"""The broker daemon's main loop: answer control RPCs, reallocate hosts four times a second.
 
 It is not a hop on the data path: requests go from clients to RabbitMQ to service instances.
 All its state is in Redis, so it can be restarted at any time; it reconnects to RabbitMQ by
@@ -31,7 +31,7 @@ from soafarm.topology import control_queue, dead_letter_queue
 
 log = structlog.get_logger(__name__)
 
-RECONCILE_INTERVAL = 1.0
+RECONCILE_INTERVAL = 0.25
 
 
 class BrokerDaemon:

@@ -77,8 +77,9 @@ class HostRecord(_JsonRecord):
     labels: dict[str, str] = field(default_factory=dict)
     #: Stopping: finishing what it holds; the allocator gives it nothing new.
     draining: bool = False
-    #: Busy fraction of its instances' capacity over the last heartbeat interval.
-    utilisation: float = 0.0
+    #: Busy fraction of its instances' capacity over their last report interval; None while
+    #: no instance serves (or none has reported twice yet).
+    utilisation: float | None = None
     #: When this record was written (the heartbeat), in seconds since the epoch.
     beat: float = 0.0
 

@@ -66,9 +66,9 @@ class WorkerHost:
         self.cores = settings.worker.effective_cores()
         self.size = HostSize(self.cores, settings.worker.effective_sockets())
         self.draining = False
-        self.utilisation = 0.0
-        self._busy: dict[str, float] = {}  # instance id -> busy seconds at the last sample
-        self._sampled = time.monotonic()
+        self.utilisation: float | None = None
+        # instance id -> (busy seconds, its clock) at the last sample
+        self._busy: dict[str, tuple[float, float]] = {}
         self.redis = redis_client(settings)
         self.sessions: dict[int, _SessionProcs] = {}
         self.stopping_procs: list[tuple[str, int, subprocess.Popen[bytes]]] = []
@@ -82,24 +82,28 @@ class WorkerHost:
             self.redis.rpush(self.names.host_wake_key(self.id), "stop")
 
     def _sample_load(self) -> None:
-        """Utilisation since the last sample: busy call-seconds over capacity-seconds."""
+        """Utilisation since the last sample: busy call-seconds over capacity-seconds.
+
+        Each instance stamps its report with its own clock, so the rate is taken over the
+        instance's interval between reports, not this host's (the two tick independently;
+        mixing them would alias into samples of 0% and 200%).
+        """
         raw = self.redis.hgetall(self.names.host_load_key(self.id))
-        now = time.monotonic()
-        elapsed, self._sampled = now - self._sampled, now
-        busy = 0.0
-        slots = 0
-        seen: dict[str, float] = {}
+        busy = slot_seconds = 0.0
+        seen: dict[str, tuple[float, float]] = {}
         for key, value in raw.items():
             load = json.loads(value)
             iid = as_text(key)
-            seen[iid] = float(load["busy"])
-            busy += seen[iid] - self._busy.get(iid, seen[iid])
-            slots += int(load["capacity"])
+            seen[iid] = (float(load["busy"]), float(load["at"]))
+            before = self._busy.get(iid)
+            if before is not None and seen[iid][1] > before[1]:
+                busy += seen[iid][0] - before[0]
+                slot_seconds += (seen[iid][1] - before[1]) * int(load["capacity"])
         self._busy = seen
-        if elapsed > 0 and slots:
-            self.utilisation = round(min(1.0, max(0.0, busy / (elapsed * slots))), 3)
-        else:
-            self.utilisation = 0.0
+        if slot_seconds > 0:
+            self.utilisation = round(min(1.0, max(0.0, busy / slot_seconds)), 3)
+        elif not seen:
+            self.utilisation = None  # no instance serving (or none has reported twice yet)
 
     def _heartbeat(self) -> None:
         self._sample_load()

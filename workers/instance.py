@@ -306,6 +306,7 @@ class ServiceInstance:
                 "session": session_id,
                 "capacity": self.spec.capacity,
                 "busy": round(sum(loop.watch.busy_seconds() for loop in loops), 4),
+                "at": round(time.monotonic(), 4),
             }
             with contextlib.suppress(redis.RedisError):
                 r.hset(key, self.spec.instance_id, json.dumps(load))

@@ -109,7 +109,7 @@ def hosts(settings: Settings, as_json: bool) -> None:
                 h.get("pool", "default"),
                 f"{h['cores']}/{h.get('sockets', 1)}",
                 _per_session(h),
-                f"{100 * h.get('utilisation', 0.0):.0f}%",
+                "-" if h.get("utilisation") is None else f"{100 * h['utilisation']:.0f}%",
                 f"{h.get('heartbeat_age', 0.0):.1f}s ago",
                 f"{h['uptime']:.0f}s",
             )
