@@ -81,14 +81,21 @@ def kombu_connection(settings: Settings, confirm: bool = False) -> Connection:
     return conn
 
 
-def pika_connection(settings: Settings, name: str) -> pika.BlockingConnection:
-    """An open pika connection to the first reachable AMQP URL; `name` shows in RabbitMQ."""
+def pika_connection(
+    settings: Settings, name: str, heartbeat: int | None = None
+) -> pika.BlockingConnection:
+    """An open pika connection to the first reachable AMQP URL; `name` shows in RabbitMQ.
+
+    `heartbeat=0` turns heartbeats off, for a connection that idles while a call runs.
+    """
     last: BaseException | None = None
     for url in settings.amqp_urls:
         params = pika.URLParameters(url)
         params.client_properties = {"connection_name": name}
         params.socket_timeout = settings.client.connect_timeout
         params.blocked_connection_timeout = 300
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
         try:
             return pika.BlockingConnection(params)
         except Exception as e:

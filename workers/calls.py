@@ -15,6 +15,7 @@ being run again, while the innocent requests of its batch run normally.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -26,7 +27,7 @@ from functools import partial
 import pika
 import structlog
 
-from soafarm.errors import DecodeError
+from soafarm.errors import ConnectionFailed, DecodeError
 from soafarm.progress import DoneMarker
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
@@ -127,8 +128,18 @@ class Link:
     draining: threading.Event  # set when the instance stops: hand back what has not started
 
 
+class PublisherLost(ConnectionFailed):
+    """Raised on the I/O thread when the call thread's publishing connection failed."""
+
+
 class CallLoop:
-    """Runs on the call thread until the inbox yields None."""
+    """Runs on the call thread until the inbox yields None.
+
+    Responses are published from this thread on a connection of its own (no hand-off to the
+    I/O thread on the response path); only acks and rejects go through the I/O thread, and
+    an ack is handed over only after the batch's responses are published (and confirmed, in
+    a durable session) and counted.
+    """
 
     def __init__(
         self,
@@ -139,73 +150,105 @@ class CallLoop:
         instance_id: str,
         max_bytes: int,
         watch: CallWatch,
+        connect: Callable[[], pika.BlockingConnection],
     ) -> None:
-        """`runner.resend_limit` is the session's message_resend_limit."""
+        """`runner.resend_limit` is the session's message_resend_limit; `connect` opens the
+        publishing connection (without heartbeats: it idles through long calls)."""
         self.runner = runner
         self.marker = marker
         self.link = link
         self.instance_id = instance_id
         self.max_bytes = max_bytes
         self.watch = watch
+        self.connect = connect
         self.publish_watch = PublishWatch()
         self.props = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=2 if link.durable else 1
         )
+        self.publisher: pika.BlockingConnection | None = None
+        self.channel: pika.adapters.blocking_connection.BlockingChannel | None = None
 
     def run(self) -> None:
         """Take deliveries from the inbox and run them."""
-        while (item := self.link.inbox.get()) is not None:
-            tag, body, redelivered = item
-            try:
-                batch = decode(body, self.max_bytes)
-                if not isinstance(batch, RequestBatch):
-                    raise DecodeError(f"expected a request batch, got {type(batch).__name__}")
-            except DecodeError as e:
-                log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
-                self._hand_over(partial(self._finish, tag, None, []))
-                continue
-            if redelivered or self.runner.resend_limit == 0:
-                # at-most-once counts every start, so a redelivery knows what already ran
-                self._careful(tag, batch)
-            else:
-                self._fast(tag, batch)
+        try:
+            while (item := self.link.inbox.get()) is not None:
+                tag, body, redelivered = item
+                try:
+                    batch = decode(body, self.max_bytes)
+                    if not isinstance(batch, RequestBatch):
+                        raise DecodeError(f"expected a request batch, got {type(batch).__name__}")
+                except DecodeError as e:
+                    log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
+                    self._hand_over(partial(self._reject, tag))
+                    continue
+                try:
+                    if redelivered or self.runner.resend_limit == 0:
+                        # at-most-once counts every start, so a redelivery knows what ran
+                        self._careful(tag, batch)
+                    else:
+                        self._fast(tag, batch)
+                except pika.exceptions.AMQPError as e:
+                    # no ack: the batch comes back once the I/O thread reconnects
+                    log.warning("publisher_lost", error=repr(e))
+                    self._close_publisher()
+                    self._hand_over(partial(_raise_lost, repr(e)))
+        finally:
+            self._close_publisher()
 
     # --- I/O thread side ------------------------------------------------------------------
+    def _ack(self, tag: int) -> None:
+        self.link.channel.basic_ack(tag)
+        self.link.settled()
+
+    def _reject(self, tag: int) -> None:
+        self.link.channel.basic_reject(tag, requeue=False)  # to the dead-letter queue, intact
+        self.link.settled()
+
+    # --- call thread side -----------------------------------------------------------------
+    def _channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        if self.channel is None or not self.channel.is_open:
+            self._close_publisher()
+            self.publisher = self.connect()
+            self.channel = self.publisher.channel()
+            if self.link.durable:
+                self.channel.confirm_delivery()  # a response counts once RabbitMQ has it
+        return self.channel
+
+    def _close_publisher(self) -> None:
+        if self.publisher is not None and self.publisher.is_open:
+            with contextlib.suppress(Exception):
+                self.publisher.close()
+        self.publisher = self.channel = None
+
+    def _send(self, queue: str, body: bytes) -> None:
+        channel = self._channel()
+        with self.publish_watch.running():
+            channel.basic_publish("", queue, body, self.props)
+
     def _publish(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
         body = encode_response_batch(
             batch.session_id, batch.client_id, self.instance_id, [o.body for o in outcomes]
         )
-        with self.publish_watch.running():
-            self.link.channel.basic_publish("", batch.reply_to, body, self.props)
+        self._send(batch.reply_to, body)
         self.marker.mark(
             batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
         )
 
     def _finish(
-        self,
-        tag: int,
-        batch: RequestBatch | None,
-        outcomes: list[Outcome],
-        rest: tuple[Request, ...] = (),
+        self, tag: int, batch: RequestBatch, outcomes: list[Outcome], rest: tuple[Request, ...] = ()
     ) -> None:
-        if batch is None:
-            self.link.channel.basic_reject(tag, requeue=False)  # to the dead-letter queue
-        else:
-            if rest:  # before the ack: a crash now re-runs requests, never loses them
-                body = encode_request_batch(
-                    batch.session_id,
-                    batch.client_id,
-                    batch.reply_to,
-                    [encode_request(r, self.max_bytes) for r in rest],
-                )
-                with self.publish_watch.running():
-                    self.link.channel.basic_publish("", self.link.request_queue, body, self.props)
-            if outcomes:
-                self._publish(batch, outcomes)
-            self.link.channel.basic_ack(tag)
-        self.link.settled()
+        if rest:  # before the ack: a crash now re-runs requests, never loses them
+            body = encode_request_batch(
+                batch.session_id,
+                batch.client_id,
+                batch.reply_to,
+                [encode_request(r, self.max_bytes) for r in rest],
+            )
+            self._send(self.link.request_queue, body)
+        if outcomes:
+            self._publish(batch, outcomes)
+        self._hand_over(partial(self._ack, tag))
 
-    # --- call thread side -----------------------------------------------------------------
     def _hand_over(self, callback: Callable[[], None]) -> bool:
         try:
             self.link.connection.add_callback_threadsafe(callback)
@@ -231,21 +274,19 @@ class CallLoop:
                 and time.monotonic() - began > RESPLIT_AFTER
                 and self.link.queue_empty.is_set()
             ):
-                self._hand_over(partial(self._finish, tag, batch, pending, rest))
+                self._finish(tag, batch, pending, rest)
                 return
             outcome = self._call(partial(self.runner.run, request), request.id)
             if pending and size + len(outcome.body) > self.max_bytes - BATCH_HEADER_ALLOWANCE:
-                out, pending, size = pending, [], 0
-                if not self._hand_over(partial(self._publish, batch, out)):
-                    return
+                self._publish(batch, pending)
+                pending, size = [], 0
             pending.append(outcome)
             size += len(outcome.body)
             now = time.monotonic()
             if now - last >= RESPONSE_LINGER:
-                out, pending, size, last = pending, [], 0, now
-                if not self._hand_over(partial(self._publish, batch, out)):
-                    return
-        self._hand_over(partial(self._finish, tag, batch, pending))
+                self._publish(batch, pending)
+                pending, size, last = [], 0, now
+        self._finish(tag, batch, pending)
 
     def _careful(self, tag: int, batch: RequestBatch) -> None:
         sid, cid = batch.session_id, batch.client_id
@@ -269,15 +310,9 @@ class CallLoop:
                 )
             else:
                 outcome = self._call(partial(self.runner.run, request), request.id)
-            published = threading.Event()
+            self._publish(batch, [outcome])  # before the next request: it may be the culprit
+        self._finish(tag, batch, [])
 
-            def publish(o: Outcome = outcome, done: threading.Event = published) -> None:
-                self._publish(batch, [o])
-                done.set()
 
-            if not self._hand_over(publish):
-                return
-            while not published.wait(0.1):  # before the next request: it may be the culprit
-                if not self.link.connection.is_open:
-                    return
-        self._hand_over(partial(self._finish, tag, batch, []))
+def _raise_lost(why: str) -> None:
+    raise PublisherLost(why)

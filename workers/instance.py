@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -43,7 +44,7 @@ from soafarm.names import Names
 from soafarm.progress import DoneMarker
 from soafarm.records import InstanceRecord, SessionRecord
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
-from workers.calls import CallLoop, CallWatch, Delivery, Link
+from workers.calls import CallLoop, CallWatch, Delivery, Link, PublisherLost
 
 log = structlog.get_logger(__name__)
 
@@ -180,7 +181,11 @@ class ServiceInstance:
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         backoff = 0.5
-        lost: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
+        lost: tuple[type[BaseException], ...] = (
+            ConnectionFailed,
+            PublisherLost,
+            *amqp_error_types(),
+        )
         threading.Thread(
             target=self._watch, args=(record.id,), name="watchdog", daemon=True
         ).start()
@@ -228,7 +233,8 @@ class ServiceInstance:
                 self.draining,
             )
             # one call thread per unit of capacity; with capacity 1 the service is never
-            # called from two threads at once
+            # called from two threads at once. Each publishes its responses on a connection
+            # of its own (no hand-off to the I/O thread on the response path)
             busy = sum(loop.watch.busy_seconds() for loop in self.loops)
             self.loops = [
                 CallLoop(
@@ -238,8 +244,14 @@ class ServiceInstance:
                     instance_id=self.spec.instance_id,
                     max_bytes=self.settings.max_message_bytes,
                     watch=CallWatch(),
+                    connect=partial(
+                        pika_connection,
+                        self.settings,
+                        f"soafarm-instance {self.spec.instance_id} publisher {i}",
+                        heartbeat=0,
+                    ),
                 )
-                for _ in range(self.spec.capacity)
+                for i in range(self.spec.capacity)
             ]
             self.loops[0].watch.busy = busy  # carried over a reconnect
             calls = [
