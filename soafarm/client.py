@@ -12,6 +12,7 @@ from `accepted`, so a request sent again after a crash keeps its id and is answe
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -19,14 +20,18 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
+import amqp.exceptions
 from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
 from soafarm.connections import (
+    NO_ROUTE,
+    UNROUTABLE_RETRY_SECONDS,
     close_quietly,
     kombu_connection,
     redis_client,
     reporting_lost_connection,
+    unroutable_retries,
 )
 from soafarm.errors import (
     DecodeError,
@@ -159,19 +164,45 @@ class BrokerClient:
         if self.durable:
             # a retried publish may duplicate the batch: same ids, answered once
             options = {"delivery_mode": 2, "retry": True, "retry_policy": DURABLE_RETRY_POLICY}
-        with reporting_lost_connection(self.connection, self.settings.amqp_url):
-            self.producer.publish(
-                body,
-                routing_key=self.request_queue,
-                exchange="",
-                content_type=CONTENT_TYPE,
-                content_encoding="binary",
-                **options,
-            )
+        self._publish(body, options)
         self._sent_here += len(self._buffer)
         self._buffer = []
         self._buffer_bytes = 0
         self._record_accepted()
+
+    def _publish(self, body: bytes, options: dict[str, Any]) -> None:
+        """Publish one batch; a durable one is `mandatory` and sent again while RabbitMQ
+        returns it (see `unroutable_retries`)."""
+        retries = unroutable_retries(self.request_queue)
+        while True:
+            try:
+                with reporting_lost_connection(self.connection, self.settings.amqp_url):
+                    self.producer.publish(
+                        body,
+                        routing_key=self.request_queue,
+                        exchange="",
+                        content_type=CONTENT_TYPE,
+                        content_encoding="binary",
+                        mandatory=self.durable,
+                        **options,
+                    )
+                return
+            except amqp.exceptions.ChannelError as e:
+                if getattr(e, "reply_code", None) != NO_ROUTE:
+                    raise
+                # the return came before the publish's confirm, which is still on its way:
+                # a fresh channel, or that confirm would be taken for the next publish's
+                with contextlib.suppress(Exception):
+                    self.channel.close()
+                self.channel = self.connection.channel()
+                self.producer = Producer(self.channel)
+                delay = next(retries, None)
+                if delay is None:
+                    raise SessionError(
+                        f"RabbitMQ has no queue {self.request_queue} to take requests after "
+                        f"{UNROUTABLE_RETRY_SECONDS:g}s; was session {self.session.id} closed?"
+                    ) from None
+                time.sleep(delay)
 
     def _record_accepted(self, now_too: bool = False) -> None:
         now = time.monotonic()

@@ -8,15 +8,19 @@ error a user sees names the URL (password masked) and what to do.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pika
 import redis
+import structlog
 from kombu import Connection
 
 from soafarm.config import Settings, mask_url
 from soafarm.errors import ConnectionFailed
+
+log = structlog.get_logger(__name__)
 
 RABBITMQ_HINT = (
     "is RabbitMQ running? start it with `rabbitmq-server -detached`, or use `soafarm up`"
@@ -42,6 +46,29 @@ def reporting_lost_connection(connection: Connection, url: str) -> Iterator[None
             f"lost the connection to RabbitMQ at {mask_url(url)}: {e or type(e).__name__}; "
             f"{RABBITMQ_HINT}"
         ) from None
+
+
+#: AMQP reply code of a message published with `mandatory` that no queue took.
+NO_ROUTE = 312
+#: Seconds a durable publish keeps retrying a queue that does not take messages.
+UNROUTABLE_RETRY_SECONDS = 60.0
+
+
+def unroutable_retries(what: str) -> Iterator[float]:
+    """Delays between retries of a durable publish no queue took, for at most
+    UNROUTABLE_RETRY_SECONDS (then the iterator ends).
+
+    Right after a RabbitMQ restart a durable queue or stream takes no messages for a moment
+    (`rabbitmqctl start_app` returns before queues recover), and a publish to it is confirmed
+    all the same and dropped: durable publishes are `mandatory`, so RabbitMQ returns them
+    instead, and they are sent again.
+    """
+    deadline = time.monotonic() + UNROUTABLE_RETRY_SECONDS
+    delay = 0.05
+    while time.monotonic() < deadline:
+        log.warning("publish_unroutable", queue=what, retry_in=delay)
+        yield delay
+        delay = min(delay * 2, 1.0)
 
 
 def close_quietly(connection: Connection) -> None:

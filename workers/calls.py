@@ -27,6 +27,7 @@ from functools import partial
 import pika
 import structlog
 
+from soafarm.connections import unroutable_retries
 from soafarm.errors import ConnectionFailed, DecodeError
 from soafarm.progress import DoneMarker
 from soafarm.protocol import (
@@ -220,16 +221,33 @@ class CallLoop:
                 self.publisher.close()
         self.publisher = self.channel = None
 
-    def _send(self, queue: str, body: bytes) -> None:
+    def _send(self, queue: str, body: bytes, wanted: Callable[[], object]) -> bool:
+        """Publish; durable publishes are `mandatory` and sent again while RabbitMQ returns
+        them and `wanted()` says the queue should exist (see `unroutable_retries`). False
+        when the queue is gone for good (the client id was purged, the session closed)."""
         channel = self._channel()
+        retries = unroutable_retries(queue)
         with self.publish_watch.running():
-            channel.basic_publish("", queue, body, self.props)
+            while True:
+                try:
+                    channel.basic_publish("", queue, body, self.props, mandatory=self.link.durable)
+                    return True
+                except pika.exceptions.UnroutableError:
+                    if not wanted():
+                        log.warning("publish_dropped", queue=queue, reason="queue deleted")
+                        return False
+                    delay = next(retries, None)
+                    if delay is None:
+                        raise  # no ack: the batch comes back after the reconnect
+                    time.sleep(delay)
 
     def _publish(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
         body = encode_response_batch(
             batch.session_id, batch.client_id, self.instance_id, [o.body for o in outcomes]
         )
-        self._send(batch.reply_to, body)
+        client = self.marker.names.client_key(batch.session_id, batch.client_id)
+        if not self._send(batch.reply_to, body, partial(self.marker.client.exists, client)):
+            return
         self.marker.mark(
             batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
         )
@@ -244,7 +262,8 @@ class CallLoop:
                 batch.reply_to,
                 [encode_request(r, self.max_bytes) for r in rest],
             )
-            self._send(self.link.request_queue, body)
+            session = self.marker.names.session_key(batch.session_id)
+            self._send(self.link.request_queue, body, partial(self.marker.client.exists, session))
         if outcomes:
             self._publish(batch, outcomes)
         self._hand_over(partial(self._ack, tag))

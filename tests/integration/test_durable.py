@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from soafarm import BrokerClient, DurableSession, SessionAttachInfo, SessionStartInfo
 from soafarm.config import Settings
-from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed
+from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed, SessionError
 from soafarm.farm import LocalFarm
 from tests.conftest import cli_env
 
@@ -247,3 +248,42 @@ def test_second_reader_takes_over_and_closed_sessions_keep_responses(
         closed.close(purge=True)
     with pytest.raises(SessionClosed):
         DurableSession.attach(SessionAttachInfo(sid), settings)
+
+
+def test_a_durable_publish_no_queue_takes_is_sent_again_not_dropped(
+    settings: Settings, farm: LocalFarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What RabbitMQ does for a moment after a restart: the queue takes nothing, yet a
+    # publish without `mandatory` is confirmed (and dropped). Here the queue is deleted,
+    # then declared again while the client retries.
+    import pika
+
+    from soafarm import connections
+    from soafarm.names import Names
+    from soafarm.topology import request_queue
+
+    with DurableSession.create(SessionStartInfo("echo"), settings) as session:
+        client = BrokerClient(session, "q")
+        names = Names(settings.namespace)
+        spec = request_queue(names, session.id, durable=True)
+        admin = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+        try:
+            channel = admin.channel()
+            channel.queue_delete(spec.name)
+            monkeypatch.setattr(connections, "UNROUTABLE_RETRY_SECONDS", 1.0)
+            client.send_request("echo", "lost?")
+            with pytest.raises(SessionError, match="has no queue"):
+                client.flush()  # gone for good: one clear error, not a silent drop
+            monkeypatch.setattr(connections, "UNROUTABLE_RETRY_SECONDS", 60.0)
+            admin.call_later(0.3, lambda: channel.queue_declare(**spec.declare_kwargs()))
+            sender = threading.Thread(target=client.flush)
+            sender.start()
+            while sender.is_alive():
+                admin.process_data_events(time_limit=0.05)
+            sender.join()
+        finally:
+            admin.close()
+        client.end_requests()
+        (response,) = client.get_responses(timeout=60)
+        assert response.result.endswith(":lost?")
+        client.close()
