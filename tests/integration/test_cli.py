@@ -65,6 +65,32 @@ def test_bad_config_file(settings: Settings, tmp_path: os.PathLike[str]) -> None
     assert_one_line_error(result, 2, "unknown setting 'nmespace'", "allowed:")
 
 
+def test_autoscaler_rejects_bad_pools_in_one_line(
+    settings: Settings, tmp_path: os.PathLike[str]
+) -> None:
+    path = f"{tmp_path}/pools.toml"
+    with open(path, "w") as fh:
+        fh.write('[[autoscaler.pools]]\nname = "a"\nprovisioner = "ec2"\n')
+    bad = soafarm(settings, "autoscaler", "--config", path)
+    assert_one_line_error(bad, 2, "autoscaler pool 'a'", "'local' or 'kubernetes'")
+    with open(path, "w") as fh:
+        fh.write('[[autoscaler.pools]]\nprovisioner = "kubernetes"\nkubernetes_context = "no"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "soafarm", "autoscaler", "--config", path],
+        env={**cli_env(settings), "KUBECONFIG": f"{tmp_path}/missing-kubeconfig"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert_one_line_error(result, 2, "kubernetes pool 'default'", "kubeconfig")
+
+
+def test_worker_rejects_malformed_labels(settings: Settings) -> None:
+    result = soafarm(settings, "worker", "--labels", "zone")
+    assert_one_line_error(result, 2, "worker.labels", "key=value")
+
+
 def test_call_sessions_and_hosts_against_a_farm(settings: Settings, farm: LocalFarm) -> None:
     ok = soafarm(settings, "call", "echo", "echo", "hello")
     assert ok.returncode == 0, ok.stderr
@@ -74,7 +100,12 @@ def test_call_sessions_and_hosts_against_a_farm(settings: Settings, farm: LocalF
     unknown = soafarm(settings, "call", "nosuch", "op")
     assert_one_line_error(unknown, 1, "unknown service 'nosuch'", "registered:")
     hosts = soafarm(settings, "hosts", "--json")
-    assert hosts.returncode == 0 and json.loads(hosts.stdout)[0]["cores"] == 2
+    assert hosts.returncode == 0
+    (host,) = json.loads(hosts.stdout)
+    assert (host["cores"], host["pool"], host["draining"]) == (2, "default", False)
+    assert 0 <= host["heartbeat_age"] < settings.worker.host_timeout
+    table = soafarm(settings, "hosts")
+    assert table.returncode == 0 and "default" in table.stdout, table.stdout
     assert json.loads(soafarm(settings, "sessions", "list", "--json").stdout) == []
     missing = soafarm(settings, "sessions", "close", "424242")
     assert_one_line_error(missing, 1, "no session 424242")
