@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from soafarm.config import Settings
+from soafarm.config import AutoscalerSettings, PoolSettings, Settings
 from soafarm.farm import LocalFarm
 from tests.conftest import cli_env
 
@@ -68,22 +68,24 @@ def test_bad_config_file(settings: Settings, tmp_path: os.PathLike[str]) -> None
 def test_autoscaler_rejects_bad_pools_in_one_line(
     settings: Settings, tmp_path: os.PathLike[str]
 ) -> None:
-    path = f"{tmp_path}/pools.toml"
-    with open(path, "w") as fh:
-        fh.write('[[autoscaler.pools]]\nname = "a"\nprovisioner = "ec2"\n')
-    bad = soafarm(settings, "autoscaler", "--config", path)
+    # pools travel to the child as SOAFARM_AUTOSCALER_POOLS (JSON), validated there
+    ec2 = settings.replace(autoscaler=AutoscalerSettings(pools=(PoolSettings("a", "ec2"),)))
+    bad = soafarm(ec2, "autoscaler")
     assert_one_line_error(bad, 2, "autoscaler pool 'a'", "'local' or 'kubernetes'")
-    with open(path, "w") as fh:
-        fh.write('[[autoscaler.pools]]\nprovisioner = "kubernetes"\nkubernetes_context = "no"\n')
+    kube = settings.replace(
+        autoscaler=AutoscalerSettings(
+            pools=(PoolSettings("k", "kubernetes", kubernetes_context="nope"),)
+        )
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "soafarm", "autoscaler", "--config", path],
-        env={**cli_env(settings), "KUBECONFIG": f"{tmp_path}/missing-kubeconfig"},
+        [sys.executable, "-m", "soafarm", "autoscaler"],
+        env={**cli_env(kube), "KUBECONFIG": f"{tmp_path}/missing-kubeconfig"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert_one_line_error(result, 2, "kubernetes pool 'default'", "kubeconfig")
+    assert_one_line_error(result, 2, "kubernetes pool 'k'", "kubeconfig")
 
 
 def test_worker_rejects_malformed_labels(settings: Settings) -> None:
