@@ -115,6 +115,7 @@ class BrokerClient:
         self._next_id = start.accepted if self.durable else 0
         self._sent_here = 0
         self._recorded_at = 0.0
+        self._recorded = -1  # the accepted count last recorded
         # interactive: which of this client's requests have been answered (bit N = id N)
         self._received = Bitmap()
         self._lock = threading.Lock()
@@ -204,13 +205,15 @@ class BrokerClient:
                     ) from None
                 time.sleep(delay)
 
-    def _record_accepted(self, now_too: bool = False) -> None:
+    def _record_accepted(self) -> None:
+        """Record the accepted count in Redis, at most every ACCEPTED_RECORD_INTERVAL."""
         now = time.monotonic()
-        if now_too or now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
+        if self._recorded != self._next_id and now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
             # a Redis write per flush would cost more than the flush; a lagging count only
-            # means a resumed client re-sends a few requests, which keep their ids
+            # means a resumed client re-sends a few requests (which keep their ids) and the
+            # autoscaler sees the work up to 0.2 s late
             self.progress.record_accepted(self._next_id)
-            self._recorded_at = now
+            self._recorded, self._recorded_at = self._next_id, now
 
     def end_requests(self) -> None:
         """Send what is buffered and seal the batch: it has exactly `sent` requests."""
@@ -256,8 +259,6 @@ class BrokerClient:
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
         self.flush()
-        if self._sent_here and not self._sealed:  # the autoscaler sees all the work
-            self._record_accepted(now_too=True)
         until_done = self.progress.load().done if available_only else None
         if self.durable:
             yield from self._stream_reader().responses(
@@ -276,6 +277,8 @@ class BrokerClient:
                 yield self._ready.popleft()
             if not self.outstanding:
                 return
+            if not self._sealed:  # the last flushes' count, for the autoscaler
+                self._record_accepted()
             with reporting_lost_connection(self.connection, self.settings.amqp_url):
                 self._consume()
                 self._wait(timeout)
@@ -358,16 +361,17 @@ class BrokerClient:
 
     def _on_message(self, message: Message) -> None:
         self._ready.extend(self._accept(message.body))
-        message.ack()
 
     def _consume(self) -> None:
         if self._consumer is None:
+            # auto-ack: an interactive session's responses live only as long as its client
+            # anyway (DESIGN.md), and an ack frame per batch is on the latency path
             self._consumer = Consumer(
                 self.channel,
                 queues=[Queue(self.response_queue, no_declare=True)],
                 on_message=self._on_message,
                 accept=[CONTENT_TYPE],
-                prefetch_count=RESPONSE_PREFETCH,
+                no_ack=True,
             )
             self._consumer.consume()
 

@@ -241,16 +241,23 @@ class CallLoop:
                         raise  # no ack: the batch comes back after the reconnect
                     time.sleep(delay)
 
-    def _publish(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
+    def _send_responses(self, batch: RequestBatch, outcomes: list[Outcome]) -> bool:
+        """Publish one response batch; False when its client id is gone for good."""
         body = encode_response_batch(
             batch.session_id, batch.client_id, self.instance_id, [o.body for o in outcomes]
         )
         client = self.marker.names.client_key(batch.session_id, batch.client_id)
-        if not self._send(batch.reply_to, body, partial(self.marker.client.exists, client)):
-            return
+        return self._send(batch.reply_to, body, partial(self.marker.client.exists, client))
+
+    def _mark(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
+        """Count the responses as done (once each, however often they ran)."""
         self.marker.mark(
             batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
         )
+
+    def _publish(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
+        if self._send_responses(batch, outcomes):
+            self._mark(batch, outcomes)
 
     def _finish(
         self, tag: int, batch: RequestBatch, outcomes: list[Outcome], rest: tuple[Request, ...] = ()
@@ -264,7 +271,15 @@ class CallLoop:
             )
             session = self.marker.names.session_key(batch.session_id)
             self._send(self.link.request_queue, body, partial(self.marker.client.exists, session))
-        if outcomes:
+        if outcomes and not self.link.durable:
+            # interactive: ack first, so a capacity-1 instance gets its next batch one Redis
+            # round trip sooner; dying before the count leaves only the informational done
+            # counter short (the batch is not redelivered, the client has its responses)
+            if self._send_responses(batch, outcomes):
+                self._hand_over(partial(self._ack, tag))
+                self._mark(batch, outcomes)
+                return
+        elif outcomes:
             self._publish(batch, outcomes)
         self._hand_over(partial(self._ack, tag))
 
