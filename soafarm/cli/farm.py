@@ -26,6 +26,10 @@ def _stop_on_signals(stop: object) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 @cli.command()
 @with_settings
 def broker(settings: Settings) -> None:
@@ -133,6 +137,9 @@ def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: 
             f"{effective.namespace!r}. Press Ctrl-C to stop.",
             err=True,
         )
+        # SIGTERM (a service manager, `kill`) stops the farm the way Ctrl-C does, instead of
+        # leaving the broker, autoscaler and workers running without their parent
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             farm.wait()
         except KeyboardInterrupt:

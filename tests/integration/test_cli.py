@@ -120,9 +120,29 @@ def test_demo_runs_and_reports_throughput(settings: Settings) -> None:
     assert "requests/s end to end" in result.stdout
 
 
-def test_up_runs_until_ctrl_c_then_stops_cleanly(settings: Settings) -> None:
+def processes_of(namespace: str) -> list[int]:
+    """Pids of live processes started with this test's namespace in their environment."""
+    marker = f"SOAFARM_NAMESPACE={namespace}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return pids
+
+
+@pytest.mark.parametrize(
+    ("stop_signal", "extra"),
+    [(signal.SIGINT, []), (signal.SIGTERM, ["--autoscale"])],
+    ids=["ctrl-c", "sigterm-with-autoscaler"],
+)
+def test_up_runs_until_ctrl_c_then_stops_cleanly(
+    settings: Settings, stop_signal: signal.Signals, extra: list[str]
+) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "soafarm", "up", "--no-embedded", "--cores", "1"],
+        [sys.executable, "-m", "soafarm", "up", "--no-embedded", "--cores", "1", *extra],
         env=cli_env(settings),
         stderr=subprocess.PIPE,
         text=True,
@@ -137,7 +157,7 @@ def test_up_runs_until_ctrl_c_then_stops_cleanly(settings: Settings) -> None:
             assert "soafarm is up" in seen, seen
             up = soafarm(settings, "call", "echo", "echo", "through-up")
             assert up.returncode == 0 and up.stdout.strip().endswith(":through-up"), up.stderr
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(stop_signal)
             rest = proc.stderr.read()
             assert proc.wait(timeout=60) == 0, rest
             assert "host_stopped" in rest and "Traceback" not in rest
@@ -146,6 +166,7 @@ def test_up_runs_until_ctrl_c_then_stops_cleanly(settings: Settings) -> None:
                 proc.kill()
     after = soafarm(settings, "hosts", "--json")
     assert_one_line_error(after, 3, "no broker daemon is running")
+    assert processes_of(settings.namespace) == [], "a farm process outlived `soafarm up`"
 
 
 def test_tutorial_runs_as_written(settings: Settings) -> None:
