@@ -23,6 +23,7 @@ from soafarm.config import Settings
 from soafarm.connections import redis_client
 from soafarm.errors import SoafarmError
 from soafarm.names import Names
+from soafarm.records import SessionRecord
 from soafarm.resources import HostSize
 from workers.provisioners.base import Provisioner
 
@@ -43,6 +44,7 @@ class Autoscaler:
         self.store = BrokerStore(redis_client(settings), Names(settings.namespace))
         self.stopping = threading.Event()
         self.samples: dict[int, list[int]] = {}
+        self.sessions: list[SessionRecord] = []
         self.last_busy = time.monotonic()
         self.targets: dict[str, int] = {}
 
@@ -74,6 +76,7 @@ class Autoscaler:
         """Record each session's outstanding requests; True when some session has work and
         no instance (adjust now rather than at the next interval)."""
         sessions = [s for s in self.store.open_sessions() if s.state not in ("closed", "failed")]
+        self.sessions = sessions
         outstanding = self.store.outstanding([s.id for s in sessions])
         self.samples = {
             s.id: [*self.samples.get(s.id, []), outstanding[s.id]][-1000:] for s in sessions
@@ -85,9 +88,9 @@ class Autoscaler:
     def loads(self) -> list[SessionLoad]:
         """The sessions' mean load since the last adjustment."""
         out = []
-        for s in self.store.open_sessions():
+        for s in self.sessions:  # as of the latest sample
             samples = self.samples.get(s.id)
-            if s.state in ("closed", "failed") or not samples:
+            if not samples:
                 continue
             broker = s.broker_settings
             out.append(

@@ -7,7 +7,6 @@ separate machines, started with this process's effective settings.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from soafarm.connections import pika_connection, redis_client
 from soafarm.control import ControlClient
 from soafarm.errors import BrokerUnavailable, SoafarmError
 from soafarm.names import Names
+from soafarm.processes import stop_processes
 from soafarm.records import as_text
 from soafarm.topology import control_queue, dead_letter_queue
 
@@ -130,17 +130,7 @@ class LocalFarm:
     def stop(self) -> None:
         """Stop the autoscaler (it drains its hosts) and worker hosts first, then the
         broker."""
-        for _what, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for what, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("farm_process_killed", process=what)
-                proc.kill()
-                proc.wait()
+        stop_processes(list(reversed(self.procs)), STOP_TIMEOUT)
         self.procs.clear()
 
     def __enter__(self) -> Self:

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.integration
 
 
 def soafarm(
-    settings: Settings, *args: str, timeout: float = 60
+    settings: Settings, *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "soafarm", *args],
-        env=cli_env(settings),
+        env={**cli_env(settings), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -77,14 +77,7 @@ def test_autoscaler_rejects_bad_pools_in_one_line(
             pools=(PoolSettings("k", "kubernetes", kubernetes_context="nope"),)
         )
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "soafarm", "autoscaler"],
-        env={**cli_env(kube), "KUBECONFIG": f"{tmp_path}/missing-kubeconfig"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = soafarm(kube, "autoscaler", env={"KUBECONFIG": f"{tmp_path}/missing-kubeconfig"})
     assert_one_line_error(result, 2, "kubernetes pool 'k'", "kubeconfig")
 
 

@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from soafarm.config import Settings
 from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed, SessionError
 from soafarm.farm import LocalFarm
 from tests.conftest import cli_env
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,14 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def small_batches(settings: Settings, size: int = 20) -> Settings:
     """More, smaller messages: crashes land mid-batch, and instances share the work."""
     return settings.replace(client=dataclasses.replace(settings.client, request_batch_size=size))
-
-
-def wait_until(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
-    """Poll `condition` with a deadline (the events are in Redis, not in this process)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def child(settings: Settings, module: str, *args: object) -> subprocess.Popen[str]:

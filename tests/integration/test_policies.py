@@ -11,6 +11,7 @@ from soafarm import BrokerClient, Session, SessionStartInfo
 from soafarm.config import Settings
 from soafarm.errors import SessionFailed, Throttled
 from soafarm.farm import LocalFarm
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -212,10 +213,10 @@ def test_a_lost_host_is_forgotten_and_its_instances_leave(settings: Settings) ->
             host.wait()
             control = ControlClient(settings)
             try:
-                _wait_until(lambda: control.call("hosts") == [], "the host to be declared lost")
+                wait_until("the host to be declared lost", lambda: control.call("hosts") == [], 30)
             finally:
                 control.close()
-            _wait_until(lambda: not _alive(instance), "the orphaned instance to leave")
+            wait_until("the orphaned instance to leave", lambda: not _alive(instance), 30)
     finally:
         farm.stop()
 
@@ -233,15 +234,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _wait_until(condition: object, what: str, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_slow_batch_is_shared_by_idle_instances(settings: Settings, farm: LocalFarm) -> None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from soafarm.config import AutoscalerSettings, PoolSettings, Settings
 from soafarm.connections import redis_client
 from soafarm.farm import LocalFarm
 from soafarm.names import Names
+from tests.waiting import wait_until
 from workers.provisioners.local import LocalProvisioner
 
 pytestmark = pytest.mark.integration
@@ -45,16 +44,6 @@ class Concurrency:
             self.running -= 1
             return self.most
 """
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll `check` until it returns something truthy, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 def store_of(settings: Settings) -> BrokerStore:
@@ -81,7 +70,7 @@ def most_concurrent(session: Session, calls: int, seconds: float = 0.4) -> int:
             client.send_request("hold", seconds)
             client.flush()  # one message per request: prefetch decides how many run at once
         client.end_requests()
-        return max(r.result for r in client.get_responses(timeout=60))
+        return int(max(r.result for r in client.get_responses(timeout=60)))
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 
 import structlog
 
 from soafarm.config import PoolSettings, Settings, child_environment
+from soafarm.processes import stop_processes
 
 log = structlog.get_logger(__name__)
 
@@ -69,16 +69,8 @@ class LocalProvisioner:
 
     def close(self) -> None:
         """Stop every host of this pool (draining) and wait for them."""
-        procs = [*self.running.values(), *self.stopping]
+        procs = [(f"host {h}", p) for h, p in self.running.items()]
+        procs += [("stopping host", p) for p in self.stopping]
         self.running.clear()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs, STOP_TIMEOUT)
         self.stopping.clear()
