@@ -18,29 +18,35 @@ import redis
 from soafarm.names import Names
 from soafarm.records import as_text
 
-# KEYS: client hash, done bitmap. ARGV: first id, count, one '0'/'1' fault flag per id.
-# Request ids in a batch are consecutive, so one GETRANGE/SETRANGE covers the run: no Redis
-# command per id (a SETBIT per id costs ~2 us each inside the script).
+# KEYS: client hash, done bitmap. ARGV: runs of consecutive ids, each as three arguments:
+# first id, count, one '0'/'1' fault flag per id. Request ids in a batch are consecutive, so
+# one GETRANGE/SETRANGE covers a run: no Redis command per id (a SETBIT per id costs ~2 us
+# each inside the script).
+#: Runs of ids per call of _MARK_DONE, to bound the time one script holds Redis.
+MARK_RUNS_PER_CALL = 256
 _MARK_DONE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local start, count, flags = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local first, last = math.floor(start / 8), math.floor((start + count - 1) / 8)
-local old = redis.call('GETRANGE', KEYS[2], first, last)
-local out, new, faulted = {}, 0, 0
-for byte = first, last do
-  local value = string.byte(old, byte - first + 1) or 0
-  for pos = 0, 7 do
-    local id = byte * 8 + pos
-    local mask = bit.rshift(128, pos)
-    if id >= start and id < start + count and bit.band(value, mask) == 0 then
-      value = bit.bor(value, mask)
-      new = new + 1
-      if string.byte(flags, id - start + 1) == 49 then faulted = faulted + 1 end
+local new, faulted = 0, 0
+for run = 1, #ARGV, 3 do
+  local start, count, flags = tonumber(ARGV[run]), tonumber(ARGV[run + 1]), ARGV[run + 2]
+  local first, last = math.floor(start / 8), math.floor((start + count - 1) / 8)
+  local old = redis.call('GETRANGE', KEYS[2], first, last)
+  local out = {}
+  for byte = first, last do
+    local value = string.byte(old, byte - first + 1) or 0
+    for pos = 0, 7 do
+      local id = byte * 8 + pos
+      local mask = bit.rshift(128, pos)
+      if id >= start and id < start + count and bit.band(value, mask) == 0 then
+        value = bit.bor(value, mask)
+        new = new + 1
+        if string.byte(flags, id - start + 1) == 49 then faulted = faulted + 1 end
+      end
     end
+    out[#out + 1] = string.char(value)
   end
-  out[#out + 1] = string.char(value)
+  redis.call('SETRANGE', KEYS[2], first, table.concat(out))
 end
-redis.call('SETRANGE', KEYS[2], first, table.concat(out))
 if new > 0 then redis.call('HINCRBY', KEYS[1], 'done', new) end
 if faulted > 0 then redis.call('HINCRBY', KEYS[1], 'faulted', faulted) end
 return new
@@ -196,9 +202,18 @@ class DoneMarker:
             self.names.client_key(session_id, client_id),
             self.names.client_done_key(session_id, client_id),
         ]
+        runs = _runs(outcomes)
         new = 0
-        for start, flags in _runs(outcomes):
-            new += max(int(self.script(keys=keys, args=[start, len(flags), flags])), 0)
+        # one round trip for many runs: ids of one client alternate between instances, so
+        # an instance's coalesced responses (workers/calls.py, MARK_LINGER) are rarely
+        # consecutive
+        for i in range(0, len(runs), MARK_RUNS_PER_CALL):
+            args = [
+                a
+                for start, flags in runs[i : i + MARK_RUNS_PER_CALL]
+                for a in (start, len(flags), flags)
+            ]
+            new += max(int(self.script(keys=keys, args=args)), 0)
         return new
 
 

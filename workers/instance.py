@@ -1,9 +1,11 @@
 """A service instance: one process that loads a service and serves one session's requests.
 
-The pika I/O loop runs on the main thread (so heartbeats keep flowing during long calls);
-calls run on a worker thread, which hands each response publish and the final ack back to the
-I/O thread with `add_callback_threadsafe`. A batch is acknowledged only after all its
-responses are published, so a killed instance loses nothing: RabbitMQ redelivers the batch.
+Each call thread (`capacity` of them) consumes, calls, publishes and acknowledges on a
+connection of its own (`workers.calls.CallLoop`). The main thread supervises: it looks at the
+request queue's depth on a connection of its own (`workers.monitor.QueueMonitor`), enforces
+service_operation_timeout, keeps the call threads' connections alive during long calls, and
+drains the instance when it is stopped or its host dies. A batch is acknowledged only after
+all its responses are published, so a killed instance loses nothing: RabbitMQ redelivers it.
 
 Run as `python -m workers.instance '<spec json>'` by the worker host, with the farm's
 settings in `SOAFARM_*` variables.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import sys
 import threading
@@ -22,9 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
-from typing import Any
 
-import pika
 import redis
 import structlog
 
@@ -32,9 +31,8 @@ from registration import Registration, Registry
 from registration.registry import load_service_class
 from soafarm.commondata import CommonDataReader
 from soafarm.config import Settings, load_settings
-from soafarm.connections import amqp_error_types, pika_connection, redis_client
+from soafarm.connections import pika_connection, redis_client
 from soafarm.errors import (
-    ConnectionFailed,
     RegistrationError,
     SessionNotFound,
     SoafarmError,
@@ -44,13 +42,13 @@ from soafarm.names import Names
 from soafarm.progress import DoneMarker
 from soafarm.records import InstanceRecord, SessionRecord
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
-from workers.calls import CallLoop, CallWatch, Delivery, Link, PublisherLost
+from workers.calls import CallLoop, CallWatch, Link
+from workers.monitor import QueueMonitor
 
 log = structlog.get_logger(__name__)
 
 #: Seconds between looks at the request queue's depth (for handing back slow batches).
 QUEUE_CHECK_INTERVAL = 0.1
-NOT_FOUND = 404
 #: Seconds a publish may wait for RabbitMQ's confirm before the instance restarts itself.
 PUBLISH_STALL_LIMIT = 30.0
 EXIT_LOAD_FAILED = 4
@@ -89,10 +87,8 @@ class ServiceInstance:
         self.spec = spec
         self.names = Names(settings.namespace)
         self.stopping = threading.Event()
-        # deliveries received and not yet acknowledged; touched only on the I/O thread
-        self.held = 0
         self.parent = os.getppid()
-        self.loops: list[CallLoop] = []  # the current connection's call loops
+        self.loops: list[CallLoop] = []
         self.draining = threading.Event()
 
     def stop(self) -> None:
@@ -180,29 +176,11 @@ class ServiceInstance:
             ).to_json(),
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
-        backoff = 0.5
-        lost: tuple[type[BaseException], ...] = (
-            ConnectionFailed,
-            PublisherLost,
-            *amqp_error_types(),
-        )
         threading.Thread(
             target=self._watch, args=(record.id,), name="watchdog", daemon=True
         ).start()
         try:
-            while not self.stopping.is_set():
-                try:
-                    self._serve(record, runner, marker)
-                except lost as e:
-                    if isinstance(e, pika.exceptions.ChannelClosedByBroker) and (
-                        e.reply_code == NOT_FOUND
-                    ):
-                        log.info("session_queue_gone", instance=self.spec.instance_id)
-                        break
-                    # the loaded service is kept: reconnect instead of paying its start-up again
-                    log.warning("rabbitmq_connection_lost", error=repr(e), retry_in=backoff)
-                    self.stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+            self._serve(record, runner, marker)
         finally:
             with contextlib.suppress(redis.RedisError):
                 r.hdel(instances_key, self.spec.instance_id)
@@ -210,102 +188,64 @@ class ServiceInstance:
             log.info("instance_stopped", instance=self.spec.instance_id)
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
-        """One connection's life: consume until stopped (then drain) or the connection fails."""
-        connection = pika_connection(self.settings, f"soafarm-instance {self.spec.instance_id}")
-        inbox: queue.Queue[Delivery | None] = queue.Queue()
-        calls: list[threading.Thread] = []
-        timeout = float(record.broker_settings.get("service_operation_timeout", 0))
-        try:
-            channel = connection.channel()
-            if record.durable:
-                channel.confirm_delivery()  # a response counts only once RabbitMQ has it
-            # at most `capacity` batches held: a slow instance never hoards work
-            channel.basic_qos(prefetch_count=self.spec.capacity)
-            self.held = 0
-            link = Link(
-                connection,
-                channel,
-                inbox,
-                self._settled,
-                record.durable,
-                self.names.request_queue(record.id),
-                threading.Event(),
-                self.draining,
+        """Start the call loops and supervise them until they have drained."""
+        link = Link(
+            record.durable,
+            self.names.request_queue(record.id),
+            threading.Event(),
+            self.draining,
+            self.stop,
+        )
+        # one call loop per unit of capacity; with capacity 1 the service is never called
+        # from two threads at once
+        self.loops = [
+            CallLoop(
+                runner,
+                marker,
+                link,
+                instance_id=self.spec.instance_id,
+                max_bytes=self.settings.max_message_bytes,
+                watch=CallWatch(),
+                connect=partial(
+                    pika_connection,
+                    self.settings,
+                    f"soafarm-instance {self.spec.instance_id} calls {i}",
+                ),
             )
-            # one call thread per unit of capacity; with capacity 1 the service is never
-            # called from two threads at once. Each publishes its responses on a connection
-            # of its own (no hand-off to the I/O thread on the response path)
-            busy = sum(loop.watch.busy_seconds() for loop in self.loops)
-            self.loops = [
-                CallLoop(
-                    runner,
-                    marker,
-                    link,
-                    instance_id=self.spec.instance_id,
-                    max_bytes=self.settings.max_message_bytes,
-                    watch=CallWatch(),
-                    connect=partial(
-                        pika_connection,
-                        self.settings,
-                        f"soafarm-instance {self.spec.instance_id} publisher {i}",
-                        heartbeat=0,
-                    ),
-                )
-                for i in range(self.spec.capacity)
-            ]
-            self.loops[0].watch.busy = busy  # carried over a reconnect
-            calls = [
-                threading.Thread(target=loop.run, name=f"calls-{i}")
-                for i, loop in enumerate(self.loops)
-            ]
-
-            def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
-                self.held += 1
-                inbox.put((method.delivery_tag, body, bool(method.redelivered)))
-
-            tag = channel.basic_consume(self.names.request_queue(record.id), on_message)
-            channel.add_on_cancel_callback(lambda _frame: self.stop())
-            for thread in calls:
-                thread.start()
+            for i in range(self.spec.capacity)
+        ]
+        calls = [
+            threading.Thread(target=loop.run, name=f"calls-{i}")
+            for i, loop in enumerate(self.loops)
+        ]
+        for thread in calls:
+            thread.start()
+        timeout = float(record.broker_settings.get("service_operation_timeout", 0))
+        monitor = QueueMonitor(self.settings, link, self.spec.instance_id)
+        try:
             while not self.stopping.is_set():
-                connection.process_data_events(time_limit=QUEUE_CHECK_INTERVAL)
-                self._enforce_timeout(timeout)
-                self._check_queue(channel, link)
+                monitor.look(QUEUE_CHECK_INTERVAL)
+                self._tend(timeout)
                 if os.getppid() != self.parent:
                     # our worker host died: the broker reassigns its work; drain and leave
                     log.warning("host_gone", instance=self.spec.instance_id)
                     self.stop()
-            if channel.is_open:
-                channel.basic_cancel(tag)
-            while self.held:  # drain: finish and ack (or hand back) what this instance holds
-                connection.process_data_events(time_limit=0.05)
-                self._enforce_timeout(timeout)
-            connection.process_data_events(time_limit=0)
+                # a loop that stops the instance (its queue is gone) sets `stopping` first
+                if not all(t.is_alive() for t in calls) and not self.stopping.is_set():
+                    raise SoafarmError("a call thread ended unexpectedly; see its log")
         finally:
-            for _ in calls:
-                inbox.put(None)
-            for thread in calls:
-                if thread.is_alive():
-                    thread.join()
-            if connection.is_open:
-                with contextlib.suppress(*amqp_error_types()):
-                    connection.close()
+            monitor.close()
+            self.stop()
+            for thread in calls:  # drain: running calls finish, unstarted work goes back
+                while thread.is_alive():
+                    thread.join(timeout=QUEUE_CHECK_INTERVAL)
+                    self._tend(timeout)
 
-    def _check_queue(
-        self, channel: pika.adapters.blocking_connection.BlockingChannel, link: Link
-    ) -> None:
-        """Note whether batches wait in the queue (a 404 means the session was closed)."""
-        try:
-            waiting = channel.queue_declare(link.request_queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as e:
-            if e.reply_code == NOT_FOUND:
-                self.stop()
-                return
-            raise
-        if waiting.method.message_count:
-            link.queue_empty.clear()
-        else:
-            link.queue_empty.set()
+    def _tend(self, timeout: float) -> None:
+        """What the main thread does for the call loops every QUEUE_CHECK_INTERVAL."""
+        self._enforce_timeout(timeout)
+        for loop in self.loops:
+            loop.keep_alive()
 
     def _watch(self, session_id: int) -> None:
         """Each second: report busy time for the host's utilisation figure, and end the
@@ -326,9 +266,6 @@ class ServiceInstance:
             if stuck > PUBLISH_STALL_LIMIT:
                 log.error("publish_stalled", instance=self.spec.instance_id, seconds=stuck)
                 os._exit(EXIT_TIMED_OUT)
-
-    def _settled(self) -> None:
-        self.held -= 1
 
     def _enforce_timeout(self, timeout: float) -> None:
         request_id = next(

@@ -84,6 +84,25 @@ def test_service_operation_timeout_ends_the_call_and_counts_as_a_retry(
     assert executions(log) == 2
 
 
+def test_a_call_longer_than_two_heartbeats_keeps_its_connection(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A call thread's connection is tended by the instance's main thread while a call runs:
+    with 1 s heartbeats, RabbitMQ would close an untended connection after 2 s and
+    redeliver the batch, so the call would run twice."""
+    beating = settings.replace(amqp_url=settings.amqp_url + "?heartbeat=1")
+    log = tmp_path / "long.log"
+    with (
+        LocalFarm(beating, workers=1, cores=1),
+        Session.create(SessionStartInfo("faulty"), settings) as session,
+        BrokerClient(session) as client,
+    ):
+        client.send_request("sleep_logged", str(log), 5)
+        responses = list(client.get_responses(timeout=60))
+    assert [r.result for r in responses] == [5]
+    assert executions(log) == 1
+
+
 def test_service_init_timeout_fails_the_session(settings: Settings, farm: LocalFarm) -> None:
     folder = settings.service_registration_path[0]
     faulty = Path(__file__).resolve().parents[2] / "examples"

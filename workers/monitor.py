@@ -1,0 +1,85 @@
+"""The request queue's depth, as a service instance's main thread sees it.
+
+Call loops hand the unstarted requests of a slow batch back to the queue only when no other
+batch waits there (`Link.queue_empty`), so slow work spreads over idle instances without
+churning a busy queue. The monitor looks every QUEUE_CHECK_INTERVAL on a connection of its own
+(the call loops' connections belong to their threads), and stops the instance when the queue
+is gone (its session was closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pika
+import structlog
+
+from soafarm.config import Settings
+from soafarm.connections import amqp_error_types, pika_connection
+from soafarm.errors import ConnectionFailed
+from workers.calls import NOT_FOUND, RECONNECT_FIRST, RECONNECT_MAX, Link
+
+log = structlog.get_logger(__name__)
+
+_LOST: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
+
+
+class QueueMonitor:
+    """Keeps `link.queue_empty` up to date; reconnects by itself when RabbitMQ goes away."""
+
+    def __init__(self, settings: Settings, link: Link, instance_id: str) -> None:
+        """Nothing connects until the first `look`."""
+        self.settings = settings
+        self.link = link
+        self.instance_id = instance_id
+        self.connection: pika.BlockingConnection | None = None
+        self.channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self.retry_at = 0.0
+        self.backoff = RECONNECT_FIRST
+
+    def look(self, interval: float) -> None:
+        """Wait up to `interval` seconds (serving the connection), then look at the queue."""
+        try:
+            if self.channel is None or not self.channel.is_open:
+                if time.monotonic() < self.retry_at:
+                    self.link.draining.wait(interval)
+                    return
+                self.close()
+                self.connection = pika_connection(
+                    self.settings, f"soafarm-instance {self.instance_id} monitor"
+                )
+                self.channel = self.connection.channel()
+            assert self.connection is not None
+            self.connection.process_data_events(time_limit=interval)
+            waiting = self.channel.queue_declare(self.link.request_queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == NOT_FOUND:
+                log.info("session_queue_gone", instance=self.instance_id)
+                self.link.stop()
+                return
+            self._lost(e)
+            return
+        except _LOST as e:
+            self._lost(e)
+            return
+        self.backoff = RECONNECT_FIRST
+        if waiting.method.message_count:
+            self.link.queue_empty.clear()
+        else:
+            self.link.queue_empty.set()
+
+    def _lost(self, error: BaseException) -> None:
+        # the call loops reconnect on their own; until this one is back, slow batches are
+        # not split (queue_empty keeps its last value)
+        log.warning("monitor_connection_lost", error=repr(error), retry_in=self.backoff)
+        self.close()
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX)
+
+    def close(self) -> None:
+        """Close the monitor's connection, whatever state it is in."""
+        connection, self.connection, self.channel = self.connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):
+                connection.close()
