@@ -57,7 +57,7 @@ MARK_LINGER = 0.05
 #: Seconds an idle call loop waits for a delivery before looking at the instance's state.
 IDLE_POLL = 0.1
 #: A call running this many seconds has the main thread tend its loop's connection.
-KEEPALIVE_AFTER = 1.0
+KEEPALIVE_AFTER = 0.5
 #: Seconds before the first reconnect after the connection drops, and the most between two.
 RECONNECT_FIRST = 0.5
 RECONNECT_MAX = 5.0

@@ -88,18 +88,18 @@ def test_a_call_longer_than_two_heartbeats_keeps_its_connection(
     settings: Settings, tmp_path: Path
 ) -> None:
     """A call thread's connection is tended by the instance's main thread while a call runs:
-    with 1 s heartbeats, RabbitMQ would close an untended connection after 2 s and
-    redeliver the batch, so the call would run twice."""
-    beating = settings.replace(amqp_url=settings.amqp_url + "?heartbeat=1")
+    with 2 s heartbeats, RabbitMQ would close an untended connection after about 4 s and
+    redeliver the batch, so the call would run again."""
+    beating = settings.replace(amqp_url=settings.amqp_url + "?heartbeat=2")
     log = tmp_path / "long.log"
     with (
         LocalFarm(beating, workers=1, cores=1),
         Session.create(SessionStartInfo("faulty"), settings) as session,
         BrokerClient(session) as client,
     ):
-        client.send_request("sleep_logged", str(log), 5)
+        client.send_request("sleep_logged", str(log), 6)
         responses = list(client.get_responses(timeout=60))
-    assert [r.result for r in responses] == [5]
+    assert [r.result for r in responses] == [6]
     assert executions(log) == 1
 
 
