@@ -13,34 +13,33 @@ import argparse
 import json
 import os
 import time
+from contextlib import ExitStack
 from functools import partial
 
 from benchmarks.common import Figure, machine, render, repeat
-from benchmarks.figures import SERVICES, latency, many_sessions, scaling, session_start, throughput
+from benchmarks.figures import (
+    SERVICES,
+    LatencyPeer,
+    latency,
+    many_sessions,
+    scaling,
+    session_start,
+    throughput,
+)
+from benchmarks.peers.raw_pika import RAW_PIKA, RAW_SETUP, RawPika
+from benchmarks.peers.task_queues import DRAMATIQ, DRAMATIQ_SETUP, TaskQueuePeer
 from benchmarks.profile import cpu_profile, render_profile
-from soafarm.config import load_settings
+from soafarm.config import Settings, load_settings
 from soafarm.farm import LocalFarm, delete_namespace
 
 
 def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int) -> list[Figure]:
-    """The same echo work on raw pika, Dramatiq and Celery."""
-    from benchmarks.peers.raw_pika import RawPika
-    from benchmarks.peers.task_queues import TaskQueuePeer
-
+    """The same echo work on raw pika, Dramatiq and Celery (the latency of raw pika and
+    Dramatiq is measured in turns with soafarm's, in `latency_beside_peers`)."""
     out: list[Figure] = []
     candidates: list[tuple[str, object, int, str]] = [
-        (
-            "raw pika request/reply",
-            RawPika,
-            n_raw,
-            "1 message per request, 1 worker process, transient, no confirms, prefetch 100",
-        ),
-        (
-            "Dramatiq",
-            lambda: TaskQueuePeer("dramatiq"),
-            n_dramatiq,
-            "RabbitMQ broker, Redis results, 2 processes (default threads)",
-        ),
+        (RAW_PIKA, RawPika, n_raw, RAW_SETUP),
+        (DRAMATIQ, lambda: TaskQueuePeer("dramatiq"), n_dramatiq, DRAMATIQ_SETUP),
         (
             "Celery",
             lambda: TaskQueuePeer("celery"),
@@ -65,6 +64,8 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
                 f"{n:,} tasks sent back to back, then every result read; {setup}",
             )
             out.append(repeat(rate, runs, partial(peer.throughput, n)))
+            if name in (RAW_PIKA, DRAMATIQ):
+                continue
             p50 = Figure(
                 "interactive latency p50 (ms)",
                 name,
@@ -82,6 +83,23 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
         finally:
             peer.close()
     return out
+
+
+def latency_beside_peers(settings: Settings, n: int, runs: int, with_peers: bool) -> list[Figure]:
+    """Figure 3, soafarm's round trips in turns with raw pika's and Dramatiq's (the two
+    latency targets), all three measured in the same minutes."""
+    with ExitStack() as stack:
+        beside = []
+        if with_peers:
+            raw = RawPika()
+            stack.callback(raw.close)
+            dramatiq = TaskQueuePeer("dramatiq")
+            stack.callback(dramatiq.close)
+            beside = [
+                LatencyPeer(RAW_PIKA, RAW_SETUP, raw.latencies),
+                LatencyPeer(DRAMATIQ, DRAMATIQ_SETUP, dramatiq.latencies),
+            ]
+        return latency(settings, n, runs, beside)
 
 
 def main() -> None:
@@ -105,7 +123,7 @@ def main() -> None:
     try:
         with LocalFarm(settings, workers=1, cores=2) as farm:
             figures += throughput(settings, n_echo, runs)
-            figures += latency(settings, n_latency, runs)
+            figures += latency_beside_peers(settings, n_latency, runs, not args.no_peers)
             figures += scaling(settings, 200 if quick else 1_000, runs)
             figures.append(session_start(settings, runs))
             figures.append(many_sessions(settings, 20 if quick else 100, 200, 1))

@@ -92,6 +92,11 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _number(value: float) -> str:
+    """Two decimals below 10 (sub-millisecond latencies, ratios near 1), else one."""
+    return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
+
+
 def render(figures: list[Figure], title: str) -> str:
     """The results table, with each peer's ratio to soafarm's figure of the same name."""
     lines = [title, ""]
@@ -103,9 +108,10 @@ def render(figures: list[Figure], title: str) -> str:
         base = ours.get(f.name)
         if base is not None and f.system != "soafarm" and f.median:
             value = base.median / f.median if f.higher_is_better else f.median / base.median
-            ratio = f"{value:,.1f}x"
-        spread = f"{min(f.samples):,.1f}-{max(f.samples):,.1f}"
-        lines.append(f"{f.name:<44} {f.system:<26} {f.median:>12,.1f} {spread:>22} {ratio:>11}")
+            ratio = f"{_number(value)}x"
+        spread = f"{_number(min(f.samples))}-{_number(max(f.samples))}"
+        median = _number(f.median)
+        lines.append(f"{f.name:<44} {f.system:<26} {median:>12} {spread:>22} {ratio:>11}")
     lines.append("")
     lines.append(
         "'soafarm vs': how many times better soafarm's median is (throughput: ours/theirs,"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import Figure, repeat
@@ -60,38 +62,78 @@ def throughput(settings: Settings, n: int, runs: int) -> list[Figure]:
     return out
 
 
-def latency(settings: Settings, n: int, runs: int) -> list[Figure]:
-    """Figure 3: round-trip latency of sequential requests, p50 and p99."""
+#: Sequential requests per block when soafarm and its peers take turns.
+BLOCK = 100
+
+
+@dataclass
+class LatencyPeer:
+    """A peer whose sequential latency is measured in turns with soafarm's."""
+
+    name: str
+    setup: str
+    latencies: Callable[[int], list[float]]  # milliseconds of `n` sequential round trips
+
+
+def latency(
+    settings: Settings, n: int, runs: int, beside: Sequence[LatencyPeer] = ()
+) -> list[Figure]:
+    """Figure 3: round-trip latency of sequential requests, p50 and p99.
+
+    The interactive figure and each peer in `beside` take turns in blocks of `BLOCK`
+    requests, so all are measured in the same minutes: the VM's speed drifts by 30% from one
+    minute to the next, more than the 1.5x target leaves, and a peer measured minutes later
+    moves the ratio either way.
+    """
     out = []
     for kind, label in ((Session, "interactive"), (DurableSession, "durable")):
-        p50 = Figure(
-            f"{label} latency p50 (ms)",
-            "soafarm",
-            "ms",
-            False,
-            f"{n:,} sequential echo requests, one at a time; {ECHO_SETUP}",
-        )
-        p99 = Figure(f"{label} latency p99 (ms)", "soafarm", "ms", False, p50.setup)
+        peers = list(beside) if kind is Session else []
+        setup = f"{n:,} sequential echo requests, one at a time"
+        if peers:
+            setup += f", in turns of {BLOCK}: {', '.join(['soafarm'] + [p.name for p in peers])}"
+        pairs = [
+            (
+                Figure(f"{label} latency p50 (ms)", system, "ms", False, f"{setup}; {detail}"),
+                Figure(f"{label} latency p99 (ms)", system, "ms", False, f"{setup}; {detail}"),
+            )
+            for system, detail in [("soafarm", ECHO_SETUP)] + [(p.name, p.setup) for p in peers]
+        ]
         with kind.create(SessionStartInfo("echo", min_units=2, max_units=2), settings) as s:
             s.wait_for_instances(2)
             with BrokerClient(s) as client:
 
-                def once() -> float:
-                    start = time.perf_counter()
-                    client.send_request("echo", "x")
-                    list(client.get_responses(timeout=30))
-                    return (time.perf_counter() - start) * 1000
+                def ours(k: int) -> list[float]:
+                    out = []
+                    for _ in range(k):
+                        start = time.perf_counter()
+                        client.send_request("echo", "x")
+                        list(client.get_responses(timeout=30))
+                        out.append((time.perf_counter() - start) * 1000)
+                    return out
 
-                for _ in range(50):
-                    once()  # warm-up
+                turns = [ours] + [p.latencies for p in peers]
+                for turn in turns:
+                    turn(50)  # warm-up
                 for _ in range(runs):
-                    samples = sorted(once() for _ in range(n))
-                    p50.samples.append(samples[len(samples) // 2])
-                    p99.samples.append(samples[int(len(samples) * 0.99)])
+                    samples: list[list[float]] = [[] for _ in turns]
+                    for block in range(-(-n // BLOCK)):
+                        size = min(BLOCK, n - block * BLOCK)
+                        shift = block % len(turns)  # each side goes first in turn
+                        for side in [*range(shift, len(turns)), *range(shift)]:
+                            samples[side] += turns[side](size)
+                    for (p50, p99), xs in zip(pairs, samples, strict=True):
+                        _percentiles(xs, p50, p99)
             if kind is DurableSession:
                 s.close()
-        out += [p50, p99]
+        out += [figure for pair in pairs for figure in pair]
     return out
+
+
+def _percentiles(samples: list[float], p50: Figure, p99: Figure) -> None:
+    """Add the p50 and p99 of one run's `samples` to their figures."""
+    xs = sorted(samples)
+    p50.samples.append(xs[len(xs) // 2])
+    p99.samples.append(xs[int(len(xs) * 0.99)])
 
 
 def _spin_batch(session: Session, n: int) -> tuple[float, float]:

@@ -14,6 +14,9 @@ import uuid
 import pika
 
 URL = "amqp://guest:guest@localhost:5672/"
+#: How the benchmark table names this peer, and its set-up.
+RAW_PIKA = "raw pika request/reply"
+RAW_SETUP = "1 message per request, 1 worker process, transient, no confirms, prefetch 100"
 
 
 def serve(queue: str) -> None:

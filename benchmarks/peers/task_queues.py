@@ -13,6 +13,9 @@ from typing import Any
 import pika
 
 URL = "amqp://guest:guest@localhost:5672/"
+#: How the benchmark table names the Dramatiq peer, and its set-up.
+DRAMATIQ = "Dramatiq"
+DRAMATIQ_SETUP = "RabbitMQ broker, Redis results, 2 processes (default threads)"
 
 
 class TaskQueuePeer:
