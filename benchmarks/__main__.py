@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from functools import partial
 
-from benchmarks.common import Figure, machine, render, repeat
+from benchmarks.common import Figure, add_percentiles, machine, render, repeat
 from benchmarks.figures import (
     SERVICES,
     LatencyPeer,
@@ -37,23 +37,26 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
     """The same echo work on raw pika, Dramatiq and Celery (the latency of raw pika and
     Dramatiq is measured in turns with soafarm's, in `latency_beside_peers`)."""
     out: list[Figure] = []
-    candidates: list[tuple[str, object, int, str]] = [
-        (RAW_PIKA, RawPika, n_raw, RAW_SETUP),
-        (DRAMATIQ, lambda: TaskQueuePeer("dramatiq"), n_dramatiq, DRAMATIQ_SETUP),
+    # (name, factory, tasks for throughput, set-up, latency measured here rather than in turns)
+    candidates: list[tuple[str, object, int, str, bool]] = [
+        (RAW_PIKA, RawPika, n_raw, RAW_SETUP, False),
+        (DRAMATIQ, lambda: TaskQueuePeer("dramatiq"), n_dramatiq, DRAMATIQ_SETUP, False),
         (
             "Celery",
             lambda: TaskQueuePeer("celery"),
             n_celery,
             "RabbitMQ broker, Redis results, prefork pool of 2",
+            True,
         ),
         (
             "Celery acks_late",
             lambda: TaskQueuePeer("celery", acks_late=True),
             n_celery,
             "as Celery, task_acks_late + worker_prefetch_multiplier=1",
+            True,
         ),
     ]
-    for name, make, n, setup in candidates:
+    for name, make, n, setup, with_latency in candidates:
         peer = make()  # type: ignore[operator]
         try:
             rate = Figure(
@@ -64,7 +67,7 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
                 f"{n:,} tasks sent back to back, then every result read; {setup}",
             )
             out.append(repeat(rate, runs, partial(peer.throughput, n)))
-            if name in (RAW_PIKA, DRAMATIQ):
+            if not with_latency:
                 continue
             p50 = Figure(
                 "interactive latency p50 (ms)",
@@ -76,9 +79,7 @@ def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int)
             p99 = Figure("interactive latency p99 (ms)", name, "ms", False, p50.setup)
             peer.latencies(20)
             for _ in range(runs):
-                samples = sorted(peer.latencies(n_latency))
-                p50.samples.append(samples[len(samples) // 2])
-                p99.samples.append(samples[int(len(samples) * 0.99)])
+                add_percentiles(peer.latencies(n_latency), p50, p99)
             out += [p50, p99]
         finally:
             peer.close()

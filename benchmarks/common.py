@@ -51,6 +51,13 @@ def repeat(figure: Figure, runs: int, measure: Callable[[], float], warmup: bool
     return figure
 
 
+def add_percentiles(samples: list[float], p50: Figure, p99: Figure) -> None:
+    """Add the p50 and p99 of one run's latency `samples` to their figures."""
+    xs = sorted(samples)
+    p50.samples.append(xs[len(xs) // 2])
+    p99.samples.append(xs[int(len(xs) * 0.99)])
+
+
 def machine() -> str:
     """A one-line description of this machine."""
     cpu = "unknown CPU"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import Figure, repeat
+from benchmarks.common import Figure, add_percentiles, repeat
 from soafarm import BrokerClient, DurableSession, Session, SessionStartInfo
 from soafarm.config import Settings
 
@@ -122,18 +122,11 @@ def latency(
                         for side in [*range(shift, len(turns)), *range(shift)]:
                             samples[side] += turns[side](size)
                     for (p50, p99), xs in zip(pairs, samples, strict=True):
-                        _percentiles(xs, p50, p99)
+                        add_percentiles(xs, p50, p99)
             if kind is DurableSession:
                 s.close()
         out += [figure for pair in pairs for figure in pair]
     return out
-
-
-def _percentiles(samples: list[float], p50: Figure, p99: Figure) -> None:
-    """Add the p50 and p99 of one run's `samples` to their figures."""
-    xs = sorted(samples)
-    p50.samples.append(xs[len(xs) // 2])
-    p99.samples.append(xs[int(len(xs) * 0.99)])
 
 
 def _spin_batch(session: Session, n: int) -> tuple[float, float]:
