@@ -15,6 +15,7 @@ from soafarm.control import ControlClient
 from soafarm.errors import SessionClosed
 from soafarm.farm import LocalFarm
 from tests.conftest import cli_env
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,9 +34,11 @@ def state_of(settings: Settings, session_id: int) -> str:
 def wait_for(settings: Settings, session_id: int, wanted: str, timeout: float = 20) -> float:
     """Poll the broker until the session reaches `wanted`; return the seconds it took."""
     began = time.monotonic()
-    while (state := state_of(settings, session_id)) != wanted:
-        assert time.monotonic() - began < timeout, f"session {session_id} stayed {state}"
-        time.sleep(0.05)
+    wait_until(
+        f"session {session_id} to become {wanted}",
+        lambda: state_of(settings, session_id) == wanted,
+        timeout,
+    )
     return time.monotonic() - began
 
 

@@ -17,7 +17,7 @@ with (
 ):
     for i in range(client.sent, count):
         client.send_request("echo", i, user_data=i)
-        time.sleep(0.0001)
+        time.sleep(0.0001)  # a producer doing some work per request: the kill lands mid-send
         if client.sent % client.settings.client.request_batch_size == 0:
             print("sent", client.sent, flush=True)
     client.end_requests()
