@@ -30,7 +30,7 @@ from benchmarks.peers.raw_pika import RAW_PIKA, RAW_SETUP, RawPika
 from benchmarks.peers.task_queues import DRAMATIQ, DRAMATIQ_SETUP, TaskQueuePeer
 from benchmarks.profile import cpu_profile, render_profile
 from soafarm.config import Settings, load_settings
-from soafarm.farm import LocalFarm, delete_namespace
+from soafarm.local.farm import LocalFarm, delete_namespace
 
 
 def peers(n_raw: int, n_dramatiq: int, n_celery: int, n_latency: int, runs: int) -> list[Figure]:

@@ -25,12 +25,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from broker.store import BrokerStore
 from soafarm import BrokerClient, Session, SessionStartInfo
+from soafarm.broker.store import BrokerStore
 from soafarm.config import AutoscalerSettings, PoolSettings, Settings, load_settings
-from soafarm.connections import pika_connection, redis_client
-from soafarm.farm import LocalFarm, delete_namespace
+from soafarm.local.farm import LocalFarm, delete_namespace
 from soafarm.names import Names
+from soafarm.transport.connections import pika_connection, redis_client
 
 IDLE_TIMEOUT = 3.0
 

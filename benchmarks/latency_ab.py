@@ -37,7 +37,7 @@ def serve(units: int) -> None:
     requests and prints their latencies (ms) as one JSON line; `0` ends."""
     from soafarm import BrokerClient, Session, SessionStartInfo
     from soafarm.config import load_settings
-    from soafarm.farm import LocalFarm, delete_namespace
+    from soafarm.local.farm import LocalFarm, delete_namespace
 
     settings = load_settings().replace(
         namespace=f"bench-ab-{os.getpid()}",

@@ -16,7 +16,7 @@ import time
 from benchmarks.common import peak_rss_mib
 from soafarm import BrokerClient, DurableSession, SessionStartInfo
 from soafarm.config import load_settings
-from soafarm.farm import LocalFarm, delete_namespace
+from soafarm.local.farm import LocalFarm, delete_namespace
 
 
 def main() -> None:

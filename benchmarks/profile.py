@@ -8,7 +8,7 @@ import time
 from benchmarks.common import cpu_seconds, pids_of
 from soafarm import BrokerClient, DurableSession, Session, SessionStartInfo
 from soafarm.config import Settings
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 
 
 def _client_cpu() -> float:

@@ -6,8 +6,8 @@ import dataclasses
 
 import structlog
 
-from broker.allocator import Demand, allocate, totals
-from broker.store import BrokerStore
+from soafarm.broker.allocator import Demand, allocate, totals
+from soafarm.broker.store import BrokerStore
 from soafarm.resources import HostSize
 
 log = structlog.get_logger(__name__)

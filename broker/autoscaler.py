@@ -17,15 +17,15 @@ from collections.abc import Sequence
 import redis
 import structlog
 
-from broker.scaling import SessionLoad, load_ratio, pool_targets
-from broker.store import BrokerStore
+from soafarm.broker.scaling import SessionLoad, load_ratio, pool_targets
+from soafarm.broker.store import BrokerStore
 from soafarm.config import Settings
-from soafarm.connections import redis_client
 from soafarm.errors import SoafarmError
 from soafarm.names import Names
-from soafarm.records import SessionRecord
+from soafarm.provisioning import Provisioner
 from soafarm.resources import HostSize
-from workers.provisioners.base import Provisioner
+from soafarm.state.records import SessionRecord
+from soafarm.transport.connections import redis_client
 
 log = structlog.get_logger(__name__)
 

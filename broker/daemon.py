@@ -16,18 +16,18 @@ import pika
 import redis
 import structlog
 
-from broker.assignment import reconcile
-from broker.lifecycle import expire_sessions
-from broker.sessions import SessionService
-from broker.store import BrokerStore
-from registration import Registry
+from soafarm.broker.assignment import reconcile
+from soafarm.broker.lifecycle import expire_sessions
+from soafarm.broker.sessions import SessionService
+from soafarm.broker.store import BrokerStore
 from soafarm.config import Settings, mask_url
-from soafarm.connections import amqp_error_types, pika_connection, redis_client
 from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
-from soafarm.records import SessionRecord
-from soafarm.topology import control_queue, dead_letter_queue
+from soafarm.registration import Registry
+from soafarm.state.records import SessionRecord
+from soafarm.transport.connections import amqp_error_types, pika_connection, redis_client
+from soafarm.transport.topology import control_queue, dead_letter_queue
 
 log = structlog.get_logger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import structlog
 
-from broker.store import BrokerStore
-from soafarm.records import SessionRecord
+from soafarm.broker.store import BrokerStore
+from soafarm.state.records import SessionRecord
 
 log = structlog.get_logger(__name__)
 

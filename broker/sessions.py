@@ -14,15 +14,15 @@ from typing import Any
 import pika
 import structlog
 
-from broker.store import BrokerStore
-from registration import Registry
+from soafarm.broker.store import BrokerStore
 from soafarm.config import Settings, broker_settings_with
 from soafarm.errors import ConfigError, SessionClosed, SessionNotFound
 from soafarm.names import Names, check_client_id
-from soafarm.progress import ProgressStore
-from soafarm.records import SessionRecord
+from soafarm.registration import Registry
 from soafarm.resources import check_unit
-from soafarm.topology import request_queue, response_queue
+from soafarm.state.clients import ProgressStore
+from soafarm.state.records import SessionRecord
+from soafarm.transport.topology import request_queue, response_queue
 
 log = structlog.get_logger(__name__)
 
@@ -147,7 +147,7 @@ class SessionService:
             isinstance(k, str) and isinstance(v, str) and v.startswith(prefix)
             for k, v in keys.items()
         ):
-            raise ConfigError("data must map names to keys made by soafarm.commondata.upload")
+            raise ConfigError("data must map names to keys made by soafarm.state.commondata.upload")
         for key in keys.values():
             if not self.store.r.persist(key) and not self.store.r.exists(key):
                 raise ConfigError(f"common data key {key} expired before the session used it")

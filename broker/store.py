@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 
 from soafarm.names import Names
-from soafarm.records import HostRecord, InstanceRecord, SessionRecord, as_text
+from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord, as_text
 
 CLOSED_TOMBSTONE_SECONDS = 7 * 24 * 3600
 

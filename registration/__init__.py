@@ -1,6 +1,6 @@
 """Service registration: TOML files that name a service's entry point and default settings."""
 
-from registration.registry import Registry
-from registration.schema import Registration, parse_file_name, parse_registration
+from soafarm.registration.registry import Registry
+from soafarm.registration.schema import Registration, parse_file_name, parse_registration
 
 __all__ = ["Registration", "Registry", "parse_file_name", "parse_registration"]

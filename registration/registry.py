@@ -8,11 +8,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from registration.schema import Registration, parse_file_name, parse_registration
+import soafarm.examples
 from soafarm.errors import RegistrationError, ServiceNotFound
+from soafarm.registration.schema import Registration, parse_file_name, parse_registration
 
-#: The example services shipped with soafarm are always found, after the configured folders.
-BUILTIN_FOLDER = Path(__file__).resolve().parent.parent / "examples"
+#: The example services shipped inside the package (`soafarm.examples`: echo, faulty) are
+#: always found, after the configured folders.
+BUILTIN_FOLDER = Path(soafarm.examples.__file__).resolve().parent
 
 
 @dataclass(frozen=True)

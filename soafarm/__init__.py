@@ -10,11 +10,11 @@ with Session.create(SessionStartInfo("echo", min_units=1, max_units=4)) as sessi
 """
 
 from soafarm.client import BrokerClient
+from soafarm.client.session import DurableSession, Session, SessionAttachInfo, SessionStartInfo
 from soafarm.config import Settings, load_settings
 from soafarm.errors import RetryOperationError, ServiceFault, SoafarmError
 from soafarm.protocol import Fault, Response
 from soafarm.service import ServiceContext
-from soafarm.session import DurableSession, Session, SessionAttachInfo, SessionStartInfo
 
 __all__ = [
     "BrokerClient",

@@ -98,7 +98,7 @@ class Names:
         return f"{self.namespace}:session:{session_id}:closed"
 
     def common_data_key(self, token: str) -> str:
-        """String: one msgpack-encoded common data value (see soafarm.commondata)."""
+        """String: one msgpack-encoded common data value (see soafarm.state.commondata)."""
         return f"{self.namespace}:data:{token}"
 
     @property

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from soafarm.config import Settings, load_settings
-from soafarm.farm import LocalFarm, delete_namespace
+from soafarm.local.farm import LocalFarm, delete_namespace
 
 START_HINT = (
     "integration tests need the real servers: start RabbitMQ with `rabbitmq-server -detached && "

@@ -26,9 +26,7 @@ import pika
 import redis
 import structlog
 
-from soafarm.connections import amqp_error_types, unroutable_retries
 from soafarm.errors import ConnectionFailed, DecodeError
-from soafarm.progress import DoneMarker
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
@@ -40,6 +38,8 @@ from soafarm.protocol import (
     encode_response_batch,
 )
 from soafarm.service import CallRunner, Outcome
+from soafarm.state.clients import DoneMarker
+from soafarm.transport.connections import amqp_error_types, unroutable_retries
 
 log = structlog.get_logger(__name__)
 

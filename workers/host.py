@@ -2,7 +2,7 @@
 
 The broker writes "session S: N instances" into this host's assignment hash in Redis and
 pushes to its wake list; the host reconciles its child processes at once (and at every
-heartbeat anyway), starting instances with `python -m workers.instance` and stopping extras
+heartbeat anyway), starting instances with `python -m soafarm.workers.instance` and stopping extras
 with SIGTERM, which lets them finish and acknowledge what they hold (drain).
 """
 
@@ -24,11 +24,11 @@ import redis
 import structlog
 
 from soafarm.config import Settings, child_environment
-from soafarm.connections import redis_client
 from soafarm.names import Names
-from soafarm.records import HostRecord, SessionRecord, as_text
 from soafarm.resources import HostSize, capacity
-from workers.instance import EXIT_LOAD_FAILED, EXIT_TIMED_OUT, InstanceSpec
+from soafarm.state.records import HostRecord, SessionRecord, as_text
+from soafarm.transport.connections import redis_client
+from soafarm.workers.instance import EXIT_LOAD_FAILED, EXIT_TIMED_OUT, InstanceSpec
 
 log = structlog.get_logger(__name__)
 
@@ -195,7 +195,7 @@ class WorkerHost:
         procs.counter += 1
         spec = InstanceSpec(sid, iid, self.id, self.hostname, self._capacity(sid))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.instance", spec.to_json()], env=self.env
+            [sys.executable, "-m", "soafarm.workers.instance", spec.to_json()], env=self.env
         )
         procs.started[iid] = time.monotonic()
         log.info("instance_starting", instance=iid, pid=proc.pid)

@@ -7,7 +7,7 @@ service_operation_timeout, keeps the call threads' connections alive during long
 drains the instance when it is stopped or its host dies. A batch is acknowledged only after
 all its responses are published, so a killed instance loses nothing: RabbitMQ redelivers it.
 
-Run as `python -m workers.instance '<spec json>'` by the worker host, with the farm's
+Run as `python -m soafarm.workers.instance '<spec json>'` by the worker host, with the farm's
 settings in `SOAFARM_*` variables.
 """
 
@@ -27,11 +27,7 @@ from types import FrameType
 import redis
 import structlog
 
-from registration import Registration, Registry
-from registration.registry import load_service_class
-from soafarm.commondata import CommonDataReader
 from soafarm.config import Settings, load_settings
-from soafarm.connections import pika_connection, redis_client
 from soafarm.errors import (
     RegistrationError,
     SessionNotFound,
@@ -39,11 +35,15 @@ from soafarm.errors import (
 )
 from soafarm.logs import configure_logging
 from soafarm.names import Names
-from soafarm.progress import DoneMarker
-from soafarm.records import InstanceRecord, SessionRecord
+from soafarm.registration import Registration, Registry
+from soafarm.registration.registry import load_service_class
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
-from workers.calls import CallLoop, CallWatch, Link
-from workers.monitor import QueueMonitor
+from soafarm.state.clients import DoneMarker
+from soafarm.state.commondata import CommonDataReader
+from soafarm.state.records import InstanceRecord, SessionRecord
+from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.workers.calls import CallLoop, CallWatch, Link
+from soafarm.workers.monitor import QueueMonitor
 
 log = structlog.get_logger(__name__)
 

@@ -16,9 +16,9 @@ import pika
 import structlog
 
 from soafarm.config import Settings
-from soafarm.connections import amqp_error_types, pika_connection
 from soafarm.errors import ConnectionFailed
-from workers.calls import NOT_FOUND, RECONNECT_FIRST, RECONNECT_MAX, Link
+from soafarm.transport.connections import amqp_error_types, pika_connection
+from soafarm.workers.calls import NOT_FOUND, RECONNECT_FIRST, RECONNECT_MAX, Link
 
 log = structlog.get_logger(__name__)
 

@@ -141,8 +141,8 @@ def submit(  # noqa: PLR0917 - click passes every option by name
     With --session and the --client-id of an interrupted submit, the requests RabbitMQ already
     accepted are skipped (request N is line N), so the batch resumes where it stopped.
     """
-    from soafarm.client import BrokerClient
-    from soafarm.session import DurableSession, Session, SessionStartInfo, attach_session
+    from soafarm.client.broker_client import BrokerClient
+    from soafarm.client.session import DurableSession, Session, SessionStartInfo, attach_session
 
     if not durable and session_id is None:
         raise ConfigError(
@@ -214,7 +214,7 @@ def _status_rows(status: dict[str, Any]) -> list[tuple[Any, ...]]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def attach(settings: Settings, session_id: int, follow: bool, as_json: bool) -> None:
     """Show a session's state and each client id's progress."""
-    from soafarm.session import attach_session
+    from soafarm.client.session import attach_session
 
     session = attach_session(session_id, settings)
     try:
@@ -299,8 +299,8 @@ def responses(  # noqa: PLR0917 - click passes every option by name
     timeout: float | None,
 ) -> None:
     """Write a client id's responses, each exactly once, faults included and marked."""
-    from soafarm.client import BrokerClient
-    from soafarm.session import attach_session
+    from soafarm.client.broker_client import BrokerClient
+    from soafarm.client.session import attach_session
 
     session = attach_session(session_id, settings)
     count = faults = 0

@@ -41,8 +41,8 @@ def call(  # noqa: PLR0917 - click passes every option positionally by name
 
     A fault from the service is printed as one line on stderr, with exit code 1.
     """
-    from soafarm.client import BrokerClient
-    from soafarm.session import Session, SessionStartInfo
+    from soafarm.client.broker_client import BrokerClient
+    from soafarm.client.session import Session, SessionStartInfo
 
     info = SessionStartInfo(service, version=version, min_units=1, max_units=1)
     with Session.create(info, settings) as session, BrokerClient(session) as client:

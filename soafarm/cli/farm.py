@@ -11,8 +11,8 @@ import click
 
 from soafarm.cli import cli, with_settings
 from soafarm.config import Settings, with_section
-from soafarm.embedded import EmbeddedServers
 from soafarm.errors import SoafarmError
+from soafarm.local.embedded import EmbeddedServers
 from soafarm.logs import configure_logging
 
 
@@ -34,7 +34,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 @with_settings
 def broker(settings: Settings) -> None:
     """Run the broker daemon (session service and allocator) until SIGTERM or Ctrl-C."""
-    from broker.daemon import BrokerDaemon
+    from soafarm.broker.daemon import BrokerDaemon
 
     daemon = BrokerDaemon(settings)
     _stop_on_signals(daemon.stop)
@@ -62,7 +62,7 @@ def worker(  # noqa: PLR0917 - click passes every option by name
 
     SIGTERM drains it: running calls finish, requests not started go back to their queue.
     """
-    from workers.host import WorkerHost
+    from soafarm.workers.host import WorkerHost
 
     given = {"cores": cores, "sockets": sockets, "pool": pool, "labels": labels}
     changes = {k: v for k, v in given.items() if v is not None}
@@ -81,8 +81,8 @@ def autoscaler(settings: Settings) -> None:
     Pools come from the [[autoscaler.pools]] tables of the settings file (default: one local
     pool of up to 2 single-core hosts). Stopping it stops the hosts of local pools (drained).
     """
-    from broker.autoscaler import Autoscaler
-    from workers.provisioners import make_provisioner
+    from soafarm.broker.autoscaler import Autoscaler
+    from soafarm.workers.provisioners import make_provisioner
 
     provisioners = [make_provisioner(p, settings) for p in settings.autoscaler.pools]
     try:
@@ -123,7 +123,7 @@ def autoscaler(settings: Settings) -> None:
 )
 def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: bool) -> None:
     """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything."""
-    from soafarm.farm import LocalFarm
+    from soafarm.local.farm import LocalFarm
 
     servers = EmbeddedServers(settings, enabled=embedded)
     with servers as effective:
@@ -167,9 +167,9 @@ def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: 
 )
 def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
     """Start a farm, push echo requests through a session, print the throughput, stop."""
-    from soafarm.client import BrokerClient
-    from soafarm.farm import LocalFarm, delete_namespace
-    from soafarm.session import Session, SessionStartInfo
+    from soafarm.client.broker_client import BrokerClient
+    from soafarm.client.session import Session, SessionStartInfo
+    from soafarm.local.farm import LocalFarm, delete_namespace
 
     servers = EmbeddedServers(settings, enabled=embedded)
     with servers as reachable:

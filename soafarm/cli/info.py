@@ -35,7 +35,7 @@ def services() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def services_list(settings: Settings, as_json: bool) -> None:
     """List registered services (name, version, entry point, file) and broken files."""
-    from registration import Registry
+    from soafarm.registration import Registry
 
     regs, problems = Registry(settings.service_registration_path).scan()
     if as_json:
@@ -66,7 +66,7 @@ def services_list(settings: Settings, as_json: bool) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def services_validate(files: tuple[Path, ...]) -> None:
     """Check registration files; exit 1 with one line per problem if any is invalid."""
-    from registration import parse_registration
+    from soafarm.registration import parse_registration
 
     bad = 0
     for path in files:

@@ -9,9 +9,9 @@ import click
 
 from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json, emit_table
+from soafarm.client.control import ControlClient
+from soafarm.client.session import UNBOUNDED_UNITS
 from soafarm.config import Settings
-from soafarm.control import ControlClient
-from soafarm.session import UNBOUNDED_UNITS
 
 
 def _call(settings: Settings, op: str, **params: Any) -> Any:

@@ -13,7 +13,7 @@ import pytest
 from soafarm import BrokerClient, DurableSession, Response, SessionAttachInfo, SessionStartInfo
 from soafarm.config import Settings
 from soafarm.errors import SessionNotFound
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from tests.integration.test_cli import assert_one_line_error, soafarm
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from soafarm.config import AutoscalerSettings, PoolSettings, Settings
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 from soafarm import BrokerClient, DurableSession, SessionAttachInfo, SessionStartInfo
 from soafarm.config import Settings
 from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed, SessionError
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from tests.conftest import cli_env
 from tests.waiting import wait_until
 
@@ -251,7 +251,7 @@ def test_a_durable_publish_no_queue_takes_is_sent_again_not_dropped(
 
     from soafarm import connections
     from soafarm.names import Names
-    from soafarm.topology import request_queue
+    from soafarm.transport.topology import request_queue
 
     with DurableSession.create(SessionStartInfo("echo"), settings) as session:
         client = BrokerClient(session, "q")

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from soafarm.config import Settings
-from soafarm.embedded import EmbeddedServers, answers, free_port
 from soafarm.errors import ConnectionFailed
+from soafarm.local.embedded import EmbeddedServers, answers, free_port
 
 pytestmark = pytest.mark.integration
 

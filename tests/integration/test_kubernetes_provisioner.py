@@ -25,7 +25,7 @@ from kubernetes import client
 
 from soafarm.config import PoolSettings
 from soafarm.errors import ConfigError, ProvisionerError
-from workers.provisioners.kubernetes import (
+from soafarm.workers.provisioners.kubernetes import (
     MISSING_PACKAGE,
     KubernetesProvisioner,
 )

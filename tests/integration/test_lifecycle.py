@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from soafarm import BrokerClient, DurableSession, Session, SessionAttachInfo, SessionStartInfo
+from soafarm.client.control import ControlClient
 from soafarm.config import Settings
-from soafarm.control import ControlClient
 from soafarm.errors import SessionClosed
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from tests.conftest import cli_env
 from tests.waiting import wait_until
 

@@ -10,7 +10,7 @@ import pytest
 from soafarm import BrokerClient, Session, SessionStartInfo
 from soafarm.config import Settings
 from soafarm.errors import SessionFailed, Throttled
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -220,7 +220,7 @@ def test_a_large_batch_keeps_client_memory_and_queue_depth_bounded(
 def test_a_lost_host_is_forgotten_and_its_instances_leave(settings: Settings) -> None:
     import signal
 
-    from soafarm.control import ControlClient
+    from soafarm.client.control import ControlClient
 
     farm = LocalFarm(settings, workers=1, cores=1)
     farm.start()

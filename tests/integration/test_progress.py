@@ -7,10 +7,10 @@ import random
 import pytest
 import redis
 
+from soafarm.client.reader import Bitmap
 from soafarm.config import Settings
 from soafarm.names import Names
-from soafarm.progress import DoneMarker, ProgressStore
-from soafarm.reader import Bitmap
+from soafarm.state.clients import DoneMarker, ProgressStore
 
 pytestmark = pytest.mark.integration
 

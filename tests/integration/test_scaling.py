@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from broker.store import BrokerStore
 from soafarm import BrokerClient, Session, SessionStartInfo
+from soafarm.broker.store import BrokerStore
 from soafarm.config import AutoscalerSettings, PoolSettings, Settings
-from soafarm.connections import redis_client
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from soafarm.names import Names
+from soafarm.transport.connections import redis_client
+from soafarm.workers.provisioners.local import LocalProvisioner
 from tests.waiting import wait_until
-from workers.provisioners.local import LocalProvisioner
 
 pytestmark = pytest.mark.integration
 

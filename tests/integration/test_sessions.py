@@ -8,8 +8,8 @@ import pika
 import pytest
 
 from soafarm import BrokerClient, ServiceFault, Session, SessionStartInfo
+from soafarm.client.control import ControlClient
 from soafarm.config import Settings
-from soafarm.control import ControlClient
 from soafarm.errors import (
     BrokerUnavailable,
     ConnectionFailed,
@@ -21,7 +21,7 @@ from soafarm.errors import (
     SessionFailed,
     SessionNotFound,
 )
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 from soafarm.names import Names
 from tests.proxy import CuttableProxy
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from soafarm import BrokerClient, Session, SessionStartInfo
+from soafarm.client.control import ControlClient
 from soafarm.config import Settings
-from soafarm.control import ControlClient
 from soafarm.errors import MessageTooLarge, ServiceNotFound, SessionNotFound
-from soafarm.farm import LocalFarm
+from soafarm.local.farm import LocalFarm
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -1,7 +1,7 @@
 """The allocator's pure functions: minimums by priority, sharing by outstanding work, unit
 types, stable placement."""
 
-from broker.allocator import Demand, allocate, totals
+from soafarm.broker.allocator import Demand, allocate, totals
 from soafarm.resources import HostSize, capacity, units_per_host
 
 ONE_HOST = {"a": HostSize(5)}

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from registration import Registry, parse_registration
-from registration.registry import BUILTIN_FOLDER, load_service_class
 from soafarm.cli import cli
 from soafarm.errors import RegistrationError, ServiceNotFound
+from soafarm.registration import Registry, parse_registration
+from soafarm.registration.registry import BUILTIN_FOLDER, load_service_class
 
 
 def write(folder: Path, name: str, text: str) -> Path:

@@ -2,7 +2,7 @@
 
 import math
 
-from broker.scaling import SessionLoad, load_ratio, pool_targets, wanted_units
+from soafarm.broker.scaling import SessionLoad, load_ratio, pool_targets, wanted_units
 from soafarm.config import PoolSettings
 from soafarm.resources import HostSize
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from examples.faulty import FaultyService
 from soafarm.errors import EncodeError, ServiceFault
+from soafarm.examples.faulty import FaultyService
 from soafarm.testing import ServiceHarness
 
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from soafarm.config import PoolSettings, Settings
-from workers.provisioners.base import Provisioner
+from soafarm.provisioning import Provisioner
 
 
 def make_provisioner(pool: PoolSettings, settings: Settings) -> Provisioner:
     """The provisioner a pool's settings name."""
     if pool.provisioner == "kubernetes":
-        from workers.provisioners.kubernetes import KubernetesProvisioner
+        from soafarm.workers.provisioners.kubernetes import KubernetesProvisioner
 
         return KubernetesProvisioner(pool)
-    from workers.provisioners.local import LocalProvisioner
+    from soafarm.workers.provisioners.local import LocalProvisioner
 
     return LocalProvisioner(pool, settings)
 

@@ -21,10 +21,10 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from soafarm.config import Settings
-from soafarm.connections import close_quietly, kombu_connection
 from soafarm.errors import DecodeError, ReaderTakenOver, ResponseTimeout
-from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import CONTENT_TYPE, Response, ResponseBatch, decode
+from soafarm.state.clients import ClientProgress, ProgressStore
+from soafarm.transport.connections import close_quietly, kombu_connection
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ import redis
 
 from soafarm.errors import ConfigError, DecodeError, EncodeError, MessageTooLarge, SoafarmError
 from soafarm.names import Names
-from soafarm.records import SessionRecord
+from soafarm.state.records import SessionRecord
 
 #: Uploaded data not adopted by a session within this many seconds expires by itself.
 UNADOPTED_TTL = 3600

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from soafarm.commondata import upload
+from soafarm.client.control import ControlClient
+from soafarm.client.heartbeat import Heartbeat
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
-from soafarm.connections import redis_client
-from soafarm.control import ControlClient
 from soafarm.errors import ConfigError, SessionClosed, SessionError, SessionNotFound
-from soafarm.heartbeat import Heartbeat
 from soafarm.names import Names
+from soafarm.state.commondata import upload
+from soafarm.transport.connections import redis_client
 
 #: Sent for "no upper bound" on units: the allocator never gives more than the farm has.
 UNBOUNDED_UNITS = 2**31 - 1

@@ -13,8 +13,8 @@ from typing import Any
 
 from soafarm.errors import Throttled
 from soafarm.names import Names
-from soafarm.progress import ProgressStore
-from soafarm.records import as_text
+from soafarm.state.clients import ProgressStore
+from soafarm.state.records import as_text
 
 #: Seconds between checks of the other clients' load while this client is under the threshold.
 CHECK_INTERVAL = 0.5

@@ -12,11 +12,11 @@ from kombu.message import Message
 
 from soafarm import errors
 from soafarm.config import Settings, mask_url
-from soafarm.connections import close_quietly, kombu_connection, reporting_lost_connection
 from soafarm.errors import BrokerUnavailable, ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
-from soafarm.topology import control_queue
+from soafarm.transport.connections import close_quietly, kombu_connection, reporting_lost_connection
+from soafarm.transport.topology import control_queue
 
 #: Control operations safe to send twice.
 IDEMPOTENT_OPS = frozenset({"get", "list", "hosts", "ping", "attach_client"})

@@ -24,15 +24,10 @@ import amqp.exceptions
 from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
-from soafarm.connections import (
-    NO_ROUTE,
-    UNROUTABLE_RETRY_SECONDS,
-    close_quietly,
-    kombu_connection,
-    redis_client,
-    reporting_lost_connection,
-    unroutable_retries,
-)
+from soafarm.client.heartbeat import Heartbeat
+from soafarm.client.reader import Bitmap, StreamReader, StreamTarget
+from soafarm.client.session import Session
+from soafarm.client.throttle import Throttle
 from soafarm.errors import (
     DecodeError,
     ResponseTimeout,
@@ -40,9 +35,7 @@ from soafarm.errors import (
     SessionError,
     SessionFailed,
 )
-from soafarm.heartbeat import Heartbeat
 from soafarm.names import Names, check_client_id
-from soafarm.progress import ClientProgress, ProgressStore
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
@@ -53,10 +46,17 @@ from soafarm.protocol import (
     encode_request,
     encode_request_batch,
 )
-from soafarm.reader import Bitmap, StreamReader, StreamTarget
-from soafarm.records import SessionRecord
-from soafarm.session import Session
-from soafarm.throttle import Throttle
+from soafarm.state.clients import ClientProgress, ProgressStore
+from soafarm.state.records import SessionRecord
+from soafarm.transport.connections import (
+    NO_ROUTE,
+    UNROUTABLE_RETRY_SECONDS,
+    close_quietly,
+    kombu_connection,
+    redis_client,
+    reporting_lost_connection,
+    unroutable_retries,
+)
 
 RESPONSE_PREFETCH = 64
 #: Seconds between writes of the confirmed-request count to Redis (and at seal and close).

@@ -15,14 +15,14 @@ from typing import Self
 
 import structlog
 
+from soafarm.client.control import ControlClient
 from soafarm.config import Settings, child_environment
-from soafarm.connections import pika_connection, redis_client
-from soafarm.control import ControlClient
 from soafarm.errors import BrokerUnavailable, SoafarmError
 from soafarm.names import Names
 from soafarm.processes import stop_processes
-from soafarm.records import as_text
-from soafarm.topology import control_queue, dead_letter_queue
+from soafarm.state.records import as_text
+from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.transport.topology import control_queue, dead_letter_queue
 
 log = structlog.get_logger(__name__)
 

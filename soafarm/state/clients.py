@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from soafarm.names import Names
-from soafarm.records import as_text
+from soafarm.state.records import as_text
 
 # KEYS: client hash, done bitmap. ARGV: runs of consecutive ids, each as three arguments:
 # first id, count, one '0'/'1' fault flag per id. Request ids in a batch are consecutive, so
