@@ -1,13 +1,8 @@
 """The call threads of a service instance: consume request batches, run them, publish the
 responses and acknowledge, each thread on a connection of its own (see CallLoop).
 
-A batch RabbitMQ delivers again (`redelivered`: an instance crashed, timed out or lost its
-host while holding it), and every batch of an at-most-once session (message_resend_limit 0),
-is run carefully: requests that already have a response are skipped,
-each remaining one counts an attempt in Redis first, and its response is published before the
-next one starts. So the request that kills its instance is the one whose attempts grow, and
-after `message_resend_limit` retries it is answered with a RetryLimitExceeded fault instead of
-being run again, while the innocent requests of its batch run normally.
+How a redelivered batch runs is `workers.retries`; how answered requests are counted,
+`workers.done`. This module is the transport and batching around them.
 """
 
 from __future__ import annotations
@@ -23,23 +18,25 @@ from functools import partial
 from typing import Any
 
 import pika
-import redis
 import structlog
 
-from soafarm.errors import ConnectionFailed, DecodeError
+from soafarm.errors import DecodeError
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
     Request,
     RequestBatch,
-    decode,
+    decode_as,
     encode_request,
     encode_request_batch,
     encode_response_batch,
 )
 from soafarm.service import CallRunner, Outcome
-from soafarm.state.clients import DoneMarker
-from soafarm.transport.connections import amqp_error_types, unroutable_retries
+from soafarm.transport.backoff import Backoff
+from soafarm.transport.connections import publish_routed
+from soafarm.transport.errors import LOST, REDIS_LOST, is_queue_gone
+from soafarm.workers.done import Counts, DoneCounter
+from soafarm.workers.retries import Retries
 
 log = structlog.get_logger(__name__)
 
@@ -50,20 +47,10 @@ RESPONSE_LINGER = 0.05
 #: spreads over every instance instead of waiting while one instance holds it. A draining
 #: instance (being stopped) hands them back at once.
 RESPLIT_AFTER = 0.05
-#: Done counts of an interactive session's acknowledged responses reach Redis at most this
-#: much later (seconds), many batches in one call: one Redis round trip per response cost
-#: more CPU than the call itself on a loaded 2-core machine (issue 6's latency figure).
-MARK_LINGER = 0.05
 #: Seconds an idle call loop waits for a delivery before looking at the instance's state.
 IDLE_POLL = 0.1
 #: A call running this many seconds has the main thread tend its loop's connection.
 KEEPALIVE_AFTER = 0.5
-#: Seconds before the first reconnect after the connection drops, and the most between two.
-RECONNECT_FIRST = 0.5
-RECONNECT_MAX = 5.0
-NOT_FOUND = 404
-#: Failures after which a call loop reconnects (the batch it held comes back redelivered).
-LOST: tuple[type[BaseException], ...] = (ConnectionFailed, redis.RedisError, *amqp_error_types())
 
 Delivery = tuple[int, bytes, bool]  # delivery tag, body, redelivered
 
@@ -159,7 +146,7 @@ class CallLoop:
     def __init__(
         self,
         runner: CallRunner,
-        marker: DoneMarker,
+        counts: Counts,
         link: Link,
         *,
         instance_id: str,
@@ -167,10 +154,12 @@ class CallLoop:
         watch: CallWatch,
         connect: Callable[[], pika.BlockingConnection],
     ) -> None:
-        """`runner.resend_limit` is the session's message_resend_limit; `connect` opens the
-        loop's connection."""
+        """`runner.resend_limit` is the session's message_resend_limit; `counts` is the
+        session's counters in Redis; `connect` opens the loop's connection."""
         self.runner = runner
-        self.marker = marker
+        self.counts = counts
+        self.done = DoneCounter(counts)
+        self.retries = Retries(counts, runner, instance_id)
         self.link = link
         self.instance_id = instance_id
         self.max_bytes = max_bytes
@@ -185,38 +174,33 @@ class CallLoop:
         self.connection: pika.BlockingConnection | None = None
         self.channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self.deliveries: deque[Delivery] = deque()
-        # interactive responses acknowledged but not yet counted, by (session, client id)
-        self.unmarked: dict[tuple[int, str], list[tuple[int, bool]]] = {}
-        self.unmarked_since = 0.0
 
     def run(self) -> None:
         """Serve until the instance drains, reconnecting when the connection drops."""
-        backoff = RECONNECT_FIRST
+        backoff = Backoff()
         with self.io:
             try:
                 while not self.link.draining.is_set():
                     try:
                         self._serve()
                     except LOST as e:
-                        if isinstance(e, pika.exceptions.ChannelClosedByBroker) and (
-                            e.reply_code == NOT_FOUND
-                        ):
+                        if is_queue_gone(e):
                             log.info("session_queue_gone", instance=self.instance_id)
                             self.link.stop()
                             break
                         # no ack for the batch held: RabbitMQ redelivers it once this
                         # connection is closed
-                        log.warning("connection_lost", error=repr(e), retry_in=backoff)
+                        delay = backoff.next()
+                        log.warning("connection_lost", error=repr(e), retry_in=round(delay, 2))
                         self._close()
                         self.deliveries.clear()
-                        self.link.draining.wait(backoff)
-                        backoff = min(backoff * 2, RECONNECT_MAX)
+                        self.link.draining.wait(delay)
                     else:
-                        backoff = RECONNECT_FIRST
+                        backoff.reset()
             finally:
                 try:
-                    with contextlib.suppress(redis.RedisError):
-                        self._flush_marks()
+                    with contextlib.suppress(*REDIS_LOST):
+                        self.done.flush()
                 finally:
                     self._close()
 
@@ -231,15 +215,14 @@ class CallLoop:
         tag = channel.basic_consume(self.link.request_queue, self._on_delivery)
         channel.add_on_cancel_callback(lambda _frame: self.link.stop())
         while not self.link.draining.is_set():
-            if self.unmarked and time.monotonic() - self.unmarked_since >= MARK_LINGER:
-                self._flush_marks()
+            due = self.done.due_in()
+            if due == 0.0:
+                self.done.flush()
+                due = None
             if self.deliveries:
                 self._run(*self.deliveries.popleft())
                 continue
-            wait = IDLE_POLL
-            if self.unmarked:
-                wait = max(self.unmarked_since + MARK_LINGER - time.monotonic(), 0.0)
-            self.connection.process_data_events(time_limit=wait)
+            self.connection.process_data_events(time_limit=IDLE_POLL if due is None else due)
         if channel.is_open:
             channel.basic_cancel(tag)  # pika requeues what came before the cancel-ok
         while self.deliveries:  # handed back: draining is set
@@ -274,15 +257,12 @@ class CallLoop:
     def _run(self, tag: int, body: bytes, redelivered: bool) -> None:
         """Run one delivered batch and acknowledge it (or dead-letter it, if undecodable)."""
         try:
-            batch = decode(body, self.max_bytes)
-            if not isinstance(batch, RequestBatch):
-                raise DecodeError(f"expected a request batch, got {type(batch).__name__}")
+            batch = decode_as(body, self.max_bytes, RequestBatch)
         except DecodeError as e:
             log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
             self._reject(tag)
             return
-        if redelivered or self.runner.resend_limit == 0:
-            # at-most-once counts every start, so a redelivery knows what ran
+        if self.retries.careful(batch, redelivered):
             self._careful(tag, batch)
         else:
             self._fast(tag, batch)
@@ -297,56 +277,32 @@ class CallLoop:
 
     def _send(self, queue: str, body: bytes, wanted: Callable[[], object]) -> bool:
         """Publish; durable publishes are `mandatory` and sent again while RabbitMQ returns
-        them and `wanted()` says the queue should exist (see `unroutable_retries`). False
-        when the queue is gone for good (the client id was purged, the session closed)."""
-        channel = self.channel
-        assert channel is not None
-        retries = unroutable_retries(queue)
+        them and `wanted()` says the queue should exist (see `publish_routed`). False when
+        the queue is gone for good (the client id was purged, the session closed)."""
+        channel, connection = self.channel, self.connection
+        assert channel is not None and connection is not None
         with self.publish_watch.running():
-            while True:
-                try:
-                    channel.basic_publish("", queue, body, self.props, mandatory=self.link.durable)
-                    return True
-                except pika.exceptions.UnroutableError:
-                    if not wanted():
-                        log.warning("publish_dropped", queue=queue, reason="queue deleted")
-                        return False
-                    delay = next(retries, None)
-                    if delay is None:
-                        raise  # no ack: the batch comes back after the reconnect
-                    assert self.connection is not None
-                    self.connection.sleep(delay)  # serving heartbeats meanwhile
+            return publish_routed(
+                partial(
+                    channel.basic_publish, "", queue, body, self.props, self.link.durable
+                ),
+                queue,
+                wanted=wanted,
+                pause=connection.sleep,  # serving heartbeats meanwhile
+            )
 
     def _send_responses(self, batch: RequestBatch, outcomes: list[Outcome]) -> bool:
         """Publish one response batch; False when its client id is gone for good."""
         body = encode_response_batch(
             batch.session_id, batch.client_id, self.instance_id, [o.body for o in outcomes]
         )
-        client = self.marker.names.client_key(batch.session_id, batch.client_id)
-        return self._send(batch.reply_to, body, partial(self.marker.client.exists, client))
-
-    def _mark(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
-        """Count the responses as done (once each, however often they ran)."""
-        self.marker.mark(
-            batch.session_id, batch.client_id, [(o.request_id, o.faulted) for o in outcomes]
-        )
-
-    def _mark_later(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
-        """Count acknowledged interactive responses with the next ones (see MARK_LINGER)."""
-        if not self.unmarked:
-            self.unmarked_since = time.monotonic()
-        pending = self.unmarked.setdefault((batch.session_id, batch.client_id), [])
-        pending += [(o.request_id, o.faulted) for o in outcomes]
-
-    def _flush_marks(self) -> None:
-        """Count every response `_mark_later` holds."""
-        unmarked, self.unmarked = self.unmarked, {}
-        for (session_id, client_id), outcomes in unmarked.items():
-            self.marker.mark(session_id, client_id, outcomes)
+        wanted = partial(self.counts.client_exists, batch.session_id, batch.client_id)
+        return self._send(batch.reply_to, body, wanted)
 
     def _publish(self, batch: RequestBatch, outcomes: list[Outcome]) -> None:
+        """Publish responses and count them at once (before the batch is acknowledged)."""
         if self._send_responses(batch, outcomes):
-            self._mark(batch, outcomes)
+            self.done.now(batch.session_id, batch.client_id, _pairs(outcomes))
 
     def _finish(
         self, tag: int, batch: RequestBatch, outcomes: list[Outcome], rest: tuple[Request, ...] = ()
@@ -358,8 +314,8 @@ class CallLoop:
                 batch.reply_to,
                 [encode_request(r, self.max_bytes) for r in rest],
             )
-            session = self.marker.names.session_key(batch.session_id)
-            self._send(self.link.request_queue, body, partial(self.marker.client.exists, session))
+            wanted = partial(self.counts.session_exists, batch.session_id)
+            self._send(self.link.request_queue, body, wanted)
         if outcomes and not self.link.durable:
             # interactive: ack first and count later, so a capacity-1 instance gets its next
             # batch without waiting on Redis; dying before the count leaves only the
@@ -367,7 +323,7 @@ class CallLoop:
             # its responses)
             if self._send_responses(batch, outcomes):
                 self._ack(tag)
-                self._mark_later(batch, outcomes)
+                self.done.later(batch.session_id, batch.client_id, _pairs(outcomes))
                 return
         elif outcomes:
             self._publish(batch, outcomes)
@@ -409,26 +365,12 @@ class CallLoop:
         self._finish(tag, batch, pending)
 
     def _careful(self, tag: int, batch: RequestBatch) -> None:
-        sid, cid = batch.session_id, batch.client_id
-        answered = self.marker.answered(sid, cid, [r.id for r in batch.requests])
-        log.info(
-            "batch_redelivered",
-            instance=self.instance_id,
-            requests=len(batch.requests),
-            answered=len(answered),
-        )
-        limit = self.runner.resend_limit
-        for request in batch.requests:
-            if request.id in answered:
-                continue
-            counted = self.marker.count_attempt(sid, cid, request.id)
-            # with a limit, the first run (fast path) is not counted; at-most-once counts it
-            retry = counted - 1 if limit == 0 else counted
-            if retry > limit:
-                outcome = self.runner.retry_limit_fault(
-                    request, retry - 1, "its instance crashed, timed out or lost its host"
-                )
-            else:
-                outcome = self._call(partial(self.runner.run, request), request.id)
+        for request, fault in self.retries.plan(batch):
+            outcome = fault or self._call(partial(self.runner.run, request), request.id)
             self._publish(batch, [outcome])  # before the next request: it may be the culprit
         self._finish(tag, batch, [])
+
+
+def _pairs(outcomes: list[Outcome]) -> list[tuple[int, bool]]:
+    """(request id, faulted) of each outcome, as the done counters take them."""
+    return [(o.request_id, o.faulted) for o in outcomes]

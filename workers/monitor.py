@@ -16,13 +16,13 @@ import pika
 import structlog
 
 from soafarm.config import Settings
-from soafarm.errors import ConnectionFailed
-from soafarm.transport.connections import amqp_error_types, pika_connection
-from soafarm.workers.calls import NOT_FOUND, RECONNECT_FIRST, RECONNECT_MAX, Link
+from soafarm.transport.backoff import Backoff
+from soafarm.transport.connections import pika_connection
+from soafarm.transport.errors import LOST, is_queue_gone
+from soafarm.workers.calls import Link
 
 log = structlog.get_logger(__name__)
 
-_LOST: tuple[type[BaseException], ...] = (ConnectionFailed, *amqp_error_types())
 
 
 class QueueMonitor:
@@ -36,7 +36,7 @@ class QueueMonitor:
         self.connection: pika.BlockingConnection | None = None
         self.channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self.retry_at = 0.0
-        self.backoff = RECONNECT_FIRST
+        self.backoff = Backoff()
 
     def look(self, interval: float) -> None:
         """Wait up to `interval` seconds (serving the connection), then look at the queue."""
@@ -53,17 +53,14 @@ class QueueMonitor:
             assert self.connection is not None
             self.connection.process_data_events(time_limit=interval)
             waiting = self.channel.queue_declare(self.link.request_queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as e:
-            if e.reply_code == NOT_FOUND:
+        except LOST as e:
+            if is_queue_gone(e):
                 log.info("session_queue_gone", instance=self.instance_id)
                 self.link.stop()
                 return
             self._lost(e)
             return
-        except _LOST as e:
-            self._lost(e)
-            return
-        self.backoff = RECONNECT_FIRST
+        self.backoff.reset()
         if waiting.method.message_count:
             self.link.queue_empty.clear()
         else:
@@ -72,10 +69,10 @@ class QueueMonitor:
     def _lost(self, error: BaseException) -> None:
         # the call loops reconnect on their own; until this one is back, slow batches are
         # not split (queue_empty keeps its last value)
-        log.warning("monitor_connection_lost", error=repr(error), retry_in=self.backoff)
+        delay = self.backoff.next()
+        log.warning("monitor_connection_lost", error=repr(error), retry_in=round(delay, 2))
         self.close()
-        self.retry_at = time.monotonic() + self.backoff
-        self.backoff = min(self.backoff * 2, RECONNECT_MAX)
+        self.retry_at = time.monotonic() + delay
 
     def close(self) -> None:
         """Close the monitor's connection, whatever state it is in."""

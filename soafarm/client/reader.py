@@ -13,22 +13,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
-from kombu import Connection, Consumer, Queue
-from kombu.message import Message
 
-from soafarm.config import Settings
-from soafarm.errors import DecodeError, ReaderTakenOver, ResponseTimeout
-from soafarm.protocol import CONTENT_TYPE, Response, ResponseBatch, decode
-from soafarm.state.clients import ClientProgress, ProgressStore
-from soafarm.transport.connections import close_quietly, kombu_connection
+from soafarm.client.inbox import Delivery
+from soafarm.errors import ReaderTakenOver, ResponseTimeout
+from soafarm.protocol import Response, ResponseBatch, decode_as
+from soafarm.state.clients import ClientProgress
 
 log = structlog.get_logger(__name__)
 
-STREAM_PREFETCH = 64
 IDLE_TICK = 0.5
 #: Seconds without deliveries, while the counters show unread responses, before re-consuming.
 RESUBSCRIBE_AFTER = 5.0
@@ -76,30 +73,78 @@ class StreamTarget:
     until_done: int | None = None
 
 
+class Stream(Protocol):
+    """A response stream read from an offset (`client.inbox.StreamInbox`)."""
+
+    stream: str
+
+    @property
+    def is_open(self) -> bool:
+        """True while reading."""
+        ...
+
+    def open(self, offset: int, on_delivery: Callable[[Delivery], None]) -> None:
+        """Start reading at `offset`."""
+        ...
+
+    def drain(self, timeout: float) -> bool:
+        """Wait for deliveries; False if the connection is gone."""
+        ...
+
+    def close(self) -> None:
+        """Stop reading; what was not acknowledged goes to the next reader."""
+        ...
+
+
+class ReadProgress(Protocol):
+    """A client id's read state in Redis (`state.clients.ProgressStore`)."""
+
+    client_id: str
+
+    def load(self) -> ClientProgress:
+        """The client id's counters."""
+        ...
+
+    def take_reader(self) -> str:
+        """Become the reader; returns the lease token."""
+        ...
+
+    def is_reader(self, token: str) -> bool:
+        """True while `token` holds the lease."""
+        ...
+
+    def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
+        """Record ids handed out and the next offset; False if the lease was lost."""
+        ...
+
+    def read_bitmap(self) -> bytes:
+        """Ids handed out so far (a Redis bitmap)."""
+        ...
+
+
 class StreamReader:
     """One pass over a durable client id's responses."""
 
     def __init__(
         self,
-        settings: Settings,
-        stream: str,
-        progress: ProgressStore,
+        source: Stream,
+        progress: ReadProgress,
+        max_bytes: int,
         describe: Callable[[], str],
         check: Callable[[], None],
     ) -> None:
         """`describe()` gives the session status line used in timeout errors; `check()` raises
         if the session failed or closed (called once per idle tick)."""
-        self.settings = settings
-        self.stream = stream
+        self.source = source
         self.progress = progress
+        self.max_bytes = max_bytes
         self.describe = describe
         self.check = check
         self.next_offset = 0
         self.resubscribes = 0
         self.token: str | None = None
         self.seen = Bitmap()
-        self.inbox: deque[Message] = deque()
-        self.connection: Connection | None = None
+        self.inbox: deque[Delivery] = deque()
 
     def responses(
         self,
@@ -128,9 +173,9 @@ class StreamReader:
         while not self._complete(meta, self.seen, target):
             if stop is not None and stop.is_set():
                 return
-            if self.connection is None:
-                self.connection = self._consume(self.next_offset, self.inbox)
-            if not self._drain(self.connection):
+            if not self.source.is_open:
+                self.source.open(self.next_offset, self.inbox.append)
+            if not self.source.drain(IDLE_TICK):
                 # RabbitMQ restarted or the link dropped: resume after the last batch read
                 self.close()
                 continue
@@ -165,38 +210,26 @@ class StreamReader:
         self.resubscribes += 1
         if self.resubscribes > 1:
             self.next_offset = 0
-        log.warning("stream_resubscribe", stream=self.stream, offset=self.next_offset)
+        log.warning("stream_resubscribe", stream=self.source.stream, offset=self.next_offset)
         self.close()
         return True
 
     def close(self) -> None:
         """Release the consumer; deliveries not handed out are redelivered to the next one."""
-        if self.connection is not None:
-            close_quietly(self.connection)
-        self.connection = None
+        self.source.close()
         self.inbox.clear()
 
-    @staticmethod
-    def _drain(connection: Connection) -> bool:
-        """Wait up to one tick for deliveries; False if the connection is gone."""
-        try:
-            connection.drain_events(timeout=IDLE_TICK)
-        except TimeoutError:
-            pass
-        except connection.connection_errors:
-            return False
-        return True
-
     def _hand_out(
-        self, message: Message, seen: Bitmap, token: str
+        self, delivery: Delivery, seen: Bitmap, token: str
     ) -> Generator[Response, None, int]:
         """Yield a batch's first-seen responses, then commit them; returns how many."""
-        offset = int(message.headers.get("x-stream-offset", self.next_offset))
-        fresh = [r for r in _batch(message.body, self.settings) if seen.add(r.id)]
+        offset = self.next_offset if delivery.offset is None else delivery.offset
+        batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
+        fresh = [r for r in batch.responses if seen.add(r.id)]
         yield from fresh
         if not self.progress.commit_read(token, offset + 1, [r.id for r in fresh]):
             raise self._taken_over()
-        message.ack()
+        delivery.ack()
         self.next_offset = offset + 1
         return len(fresh)
 
@@ -208,29 +241,9 @@ class StreamReader:
             return False
         return seen.count >= goal and seen.count_below(goal) >= goal
 
-    def _consume(self, offset: int, inbox: deque[Message]) -> Connection:
-        connection = kombu_connection(self.settings)
-        consumer = Consumer(
-            connection.channel(),
-            queues=[
-                Queue(self.stream, no_declare=True, consumer_arguments={"x-stream-offset": offset})
-            ],
-            on_message=inbox.append,
-            accept=[CONTENT_TYPE],
-            prefetch_count=STREAM_PREFETCH,
-        )
-        consumer.consume()
-        return connection
-
     def _taken_over(self) -> ReaderTakenOver:
         return ReaderTakenOver(
             f"another reader took over client id {self.progress.client_id!r}; "
             "only one reader per client id at a time"
         )
 
-
-def _batch(body: bytes, settings: Settings) -> tuple[Response, ...]:
-    batch = decode(body, settings.max_message_bytes)
-    if not isinstance(batch, ResponseBatch):
-        raise DecodeError(f"expected a response batch, got {type(batch).__name__}")
-    return batch.responses

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import pika
 import redis
@@ -19,6 +18,7 @@ from kombu import Connection
 
 from soafarm.config import Settings, mask_url
 from soafarm.errors import ConnectionFailed
+from soafarm.transport.errors import is_unroutable_return
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +48,6 @@ def reporting_lost_connection(connection: Connection, url: str) -> Iterator[None
         ) from None
 
 
-#: AMQP reply code of a message published with `mandatory` that no queue took.
-NO_ROUTE = 312
 #: Seconds a durable publish keeps retrying a queue that does not take messages.
 UNROUTABLE_RETRY_SECONDS = 60.0
 
@@ -69,6 +67,42 @@ def unroutable_retries(what: str) -> Iterator[float]:
         log.warning("publish_unroutable", queue=what, retry_in=delay)
         yield delay
         delay = min(delay * 2, 1.0)
+
+
+def publish_routed(
+    publish: Callable[[], None],
+    queue: str,
+    *,
+    wanted: Callable[[], object] = lambda: True,
+    pause: Callable[[float], None] = time.sleep,
+    after_return: Callable[[], None] | None = None,
+) -> bool:
+    """Run `publish` (a `mandatory` publish to `queue`) until RabbitMQ routes it.
+
+    While RabbitMQ returns it unroutable and `wanted()` says the queue should exist, it is
+    sent again after the delays of `unroutable_retries`; past them the return is re-raised.
+    False, with nothing sent, when `wanted()` says the queue is gone for good (a closed
+    session, a purged client id). `after_return` runs before each retry (a kombu channel
+    must be replaced: the returned publish's confirm is still on its way), and `pause` waits
+    (a pika connection's `sleep` serves heartbeats meanwhile).
+    """
+    retries = unroutable_retries(queue)
+    while True:
+        try:
+            publish()
+            return True
+        except Exception as e:
+            if not is_unroutable_return(e):
+                raise
+            if not wanted():
+                log.warning("publish_dropped", queue=queue, reason="queue deleted")
+                return False
+            delay = next(retries, None)
+            if delay is None:
+                raise
+            if after_return is not None:
+                after_return()
+            pause(delay)
 
 
 def close_quietly(connection: Connection) -> None:
@@ -146,9 +180,3 @@ def redis_client(settings: Settings) -> redis.Redis:
             f"cannot connect to Redis at {mask_url(settings.redis_url)}: {e}; {REDIS_HINT}"
         ) from None
     return client
-
-
-def amqp_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the AMQP connection is gone" for pika and kombu users alike."""
-    kinds: list[Any] = [pika.exceptions.AMQPError, ConnectionError, OSError]
-    return tuple(kinds)

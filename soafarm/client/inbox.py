@@ -1,0 +1,122 @@
+"""Where readers get response batches from: RabbitMQ through kombu.
+
+The readers (`client.queue_reader`, `client.reader`) hold the policies (each response once,
+completion, leases, resuming); these classes are their only contact with AMQP, so tests/unit
+can hand the readers in-memory batches instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kombu import Connection, Consumer, Queue
+from kombu.message import Message
+
+from soafarm.config import Settings
+from soafarm.protocol import CONTENT_TYPE
+from soafarm.transport.connections import (
+    close_quietly,
+    kombu_connection,
+    reporting_lost_connection,
+)
+
+#: Stream deliveries in flight per reader: enough to keep a reader busy between round trips.
+STREAM_PREFETCH = 64
+
+
+class QueueInbox:
+    """An interactive response queue, consumed with auto-ack on a given connection.
+
+    Auto-ack: an interactive session's responses live only as long as its client anyway, and
+    an ack frame per batch is on the latency path.
+    """
+
+    def __init__(self, connection: Connection, queue: str, url: str) -> None:
+        """Consume `queue` on `connection` (whose URL `url` names errors) once started."""
+        self.connection = connection
+        self.queue = queue
+        self.url = url
+        self.consumer: Consumer | None = None
+
+    def start(self, on_body: Callable[[bytes], None]) -> None:
+        """Start delivering bodies to `on_body` (during `drain`); later calls do nothing."""
+        if self.consumer is not None:
+            return
+        with reporting_lost_connection(self.connection, self.url):
+            self.consumer = Consumer(
+                self.connection.channel(),
+                queues=[Queue(self.queue, no_declare=True)],
+                on_message=lambda message: on_body(message.body),
+                accept=[CONTENT_TYPE],
+                no_ack=True,
+            )
+            self.consumer.consume()
+
+    def drain(self, timeout: float) -> None:
+        """Deliver what arrives within `timeout` seconds; TimeoutError if nothing did."""
+        with reporting_lost_connection(self.connection, self.url):
+            self.connection.drain_events(timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One response batch from a stream: its offset, its body, and how to acknowledge it."""
+
+    offset: int | None
+    body: bytes
+    ack: Callable[[], None]
+
+
+class StreamInbox:
+    """A durable client id's response stream, read from an offset on a connection of its own
+    (reopened by the reader after RabbitMQ dropped it)."""
+
+    def __init__(self, settings: Settings, stream: str) -> None:
+        """Nothing is open until `open`."""
+        self.settings = settings
+        self.stream = stream
+        self.connection: Connection | None = None
+
+    def open(self, offset: int, on_delivery: Callable[[Delivery], None]) -> None:
+        """Start reading at `offset`; deliveries reach `on_delivery` during `drain`."""
+
+        def on_message(message: Message) -> None:
+            at = message.headers.get("x-stream-offset")
+            on_delivery(Delivery(None if at is None else int(at), message.body, message.ack))
+
+        connection = kombu_connection(self.settings)
+        consumer = Consumer(
+            connection.channel(),
+            queues=[
+                Queue(self.stream, no_declare=True, consumer_arguments={"x-stream-offset": offset})
+            ],
+            on_message=on_message,
+            accept=[CONTENT_TYPE],
+            prefetch_count=STREAM_PREFETCH,
+        )
+        consumer.consume()
+        self.connection = connection
+
+    @property
+    def is_open(self) -> bool:
+        """True between `open` and `close` (or a lost connection)."""
+        return self.connection is not None
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for deliveries; False if the connection is gone."""
+        connection = self.connection
+        assert connection is not None
+        try:
+            connection.drain_events(timeout=timeout)
+        except TimeoutError:
+            pass
+        except connection.connection_errors:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release the consumer; deliveries not acknowledged go to the next one."""
+        if self.connection is not None:
+            close_quietly(self.connection)
+        self.connection = None

@@ -1,0 +1,226 @@
+"""The call loop's policies, on an in-memory channel and counters (tests/unit/memory_amqp.py).
+
+The same behaviours run against the real RabbitMQ and Redis in tests/integration
+(test_sessions, test_durable, test_policies); these reach the corners in milliseconds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from soafarm.protocol import (
+    Request,
+    RequestBatch,
+    ResponseBatch,
+    decode_as,
+    encode_request,
+    encode_request_batch,
+)
+from soafarm.service import CallRunner
+from soafarm.workers.calls import CallLoop, CallWatch, Link
+from tests.unit.memory_amqp import MemoryBroker
+from tests.waiting import wait_until
+
+LIMIT = 1 << 20
+QUEUE = "requests"
+REPLY = "responses"
+
+
+class Service:
+    """Echoes; `fail` raises; `slow` sleeps (for hand-back); records the order of calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.release = threading.Event()
+
+    def echo(self, value: Any) -> Any:
+        self.calls.append(value)
+        return value
+
+    def fail(self) -> None:
+        raise ValueError("no")
+
+    def wait(self, value: Any) -> Any:
+        self.calls.append(value)
+        self.release.wait(10)
+        return value
+
+
+@dataclass
+class MemoryCounts:
+    """The session's counters in Redis (soafarm.state.clients.DoneMarker), in memory."""
+
+    done: dict[tuple[int, str], dict[int, bool]] = field(default_factory=dict)
+    attempts: dict[tuple[int, str, int], int] = field(default_factory=dict)
+    clients: set[tuple[int, str]] = field(default_factory=lambda: {(1, "c")})
+    marks: int = 0
+
+    def answered(self, session_id: int, client_id: str, ids: list[int]) -> set[int]:
+        return set(ids) & set(self.done.get((session_id, client_id), {}))
+
+    def count_attempt(self, session_id: int, client_id: str, request_id: int) -> int:
+        key = (session_id, client_id, request_id)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key]
+
+    def mark(self, session_id: int, client_id: str, outcomes: list[tuple[int, bool]]) -> int:
+        self.marks += 1
+        seen = self.done.setdefault((session_id, client_id), {})
+        new = [i for i, _ in outcomes if i not in seen]
+        seen.update({i: f for i, f in outcomes if i not in seen})
+        return len(new)
+
+    def client_exists(self, session_id: int, client_id: str) -> bool:
+        return (session_id, client_id) in self.clients
+
+    def session_exists(self, session_id: int) -> bool:
+        return any(s == session_id for s, _ in self.clients)
+
+
+def batch(*requests: Request) -> bytes:
+    return encode_request_batch(1, "c", REPLY, [encode_request(r, LIMIT) for r in requests])
+
+
+@dataclass
+class Harness:
+    broker: MemoryBroker
+    service: Service
+    counts: MemoryCounts
+    link: Link
+    loop: CallLoop
+
+    def responses(self) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        for body in self.broker.bodies(REPLY):
+            for r in decode_as(body, LIMIT, ResponseBatch).responses:
+                out[r.id] = r.fault.type if r.fault else r.value
+        return out
+
+
+def make(durable: bool = False, resend_limit: int = 3) -> Harness:
+    broker = MemoryBroker()
+    service = Service()
+    counts = MemoryCounts()
+    stopped = threading.Event()
+    link = Link(durable, QUEUE, threading.Event(), threading.Event(), stopped.set)
+    runner = CallRunner(service, frozenset({"echo", "fail", "wait"}), False, LIMIT, resend_limit)
+    loop = CallLoop(
+        runner,
+        counts,
+        link,
+        instance_id="i1",
+        max_bytes=LIMIT,
+        watch=CallWatch(),
+        connect=broker.connect,  # type: ignore[arg-type]
+    )
+    return Harness(broker, service, counts, link, loop)
+
+
+@pytest.fixture
+def running() -> Iterator[Any]:
+    started: list[tuple[Harness, threading.Thread]] = []
+
+    def start(h: Harness) -> Harness:
+        thread = threading.Thread(target=h.loop.run, daemon=True)
+        thread.start()
+        started.append((h, thread))
+        return h
+
+    yield start
+    for h, thread in started:
+        h.service.release.set()
+        h.link.draining.set()
+        thread.join(5)
+        assert not thread.is_alive(), "the call loop did not stop when draining"
+
+
+def test_fast_path_answers_each_request_acks_then_counts(running: Any) -> None:
+    h = running(make())
+    h.broker.put(QUEUE, batch(*(Request(i, "echo", (i * 10,)) for i in range(5))))
+    wait_until("5 responses", lambda: len(h.responses()) == 5, timeout=5)
+    assert h.responses() == {i: i * 10 for i in range(5)}
+    # interactive counts are coalesced: they arrive within MARK_LINGER, in one call
+    wait_until("done counted", lambda: len(h.counts.done.get((1, "c"), {})) == 5, timeout=5)
+    assert h.counts.marks == 1
+    assert h.broker.bodies(QUEUE) == []
+
+
+def test_a_fault_is_a_response_and_the_batch_goes_on(running: Any) -> None:
+    h = running(make())
+    h.broker.put(QUEUE, batch(Request(0, "fail"), Request(1, "echo", ("x",))))
+    wait_until("2 responses", lambda: len(h.responses()) == 2, timeout=5)
+    assert h.responses() == {0: "ValueError", 1: "x"}
+    wait_until("faulted counted", lambda: h.counts.done.get((1, "c"), {}).get(0), timeout=5)
+
+
+def test_undecodable_batch_is_dead_lettered_and_later_ones_answered(running: Any) -> None:
+    h = running(make())
+    h.broker.put(QUEUE, b"\xc1 not msgpack")
+    h.broker.put(QUEUE, batch(Request(0, "echo", (1,))))
+    wait_until("the good batch answered", lambda: h.responses() == {0: 1}, timeout=5)
+    assert h.broker.dead_letters == [b"\xc1 not msgpack"]
+
+
+def test_redelivered_batch_skips_answered_and_faults_past_the_limit(running: Any) -> None:
+    h = make(resend_limit=1)
+    h.counts.mark(1, "c", [(0, False)])  # request 0 was answered before the crash
+    h.counts.attempts[(1, "c", 1)] = 1  # request 1 already came back once
+    running(h)
+    h.broker.put(QUEUE, batch(*(Request(i, "echo", (i,)) for i in range(3))), redelivered=True)
+    wait_until("requests 1 and 2 answered", lambda: len(h.responses()) == 2, timeout=5)
+    assert h.responses() == {1: "RetryLimitExceeded", 2: 2}
+    assert h.service.calls == [2]  # 0 was skipped, 1 was not run again
+    assert h.counts.attempts[(1, "c", 2)] == 1
+
+
+def test_durable_publish_is_retried_while_returned_then_counted(running: Any) -> None:
+    h = make(durable=True)
+    h.broker.unroutable[REPLY] = 2  # RabbitMQ returns the first two publishes
+    running(h)
+    h.broker.put(QUEUE, batch(Request(0, "echo", ("d",))))
+    wait_until("the response stored", lambda: h.responses() == {0: "d"}, timeout=5)
+    assert h.counts.done[(1, "c")] == {0: False}
+    assert h.loop.connection is not None and h.loop.connection.slept > 0
+
+
+def test_durable_response_of_a_purged_client_is_dropped_not_retried(running: Any) -> None:
+    h = make(durable=True)
+    h.counts.clients.clear()  # the client id was purged: its stream is gone
+    h.broker.unroutable[REPLY] = 1000
+    running(h)
+    h.broker.put(QUEUE, batch(Request(0, "echo", ("d",))))
+    wait_until("the batch acknowledged", lambda: h.service.calls == ["d"] and not any(
+        ch.unacked for ch in h.loop.connection.channels  # type: ignore[union-attr]
+    ), timeout=5)
+    assert h.responses() == {}
+    assert (1, "c") not in h.counts.done
+
+
+def test_draining_hands_back_unstarted_requests_before_the_ack(running: Any) -> None:
+    h = running(make())
+    h.broker.put(QUEUE, batch(*(Request(i, "wait", (i,)) for i in range(4))))
+    wait_until("the first call running", lambda: h.service.calls == [0], timeout=5)
+    h.link.draining.set()
+    h.service.release.set()
+    wait_until("the first response", lambda: h.responses() == {0: 0}, timeout=5)
+    handed_back = wait_until("the rest handed back", lambda: h.broker.bodies(QUEUE), timeout=5)
+    rest = decode_as(handed_back[0], LIMIT, RequestBatch)
+    assert [r.id for r in rest.requests] == [1, 2, 3]
+    assert h.service.calls == [0]
+
+
+def test_lost_connection_reconnects_and_the_batch_comes_back(running: Any) -> None:
+    h = running(make())
+    h.broker.put(QUEUE, batch(Request(0, "wait", ("w",))))
+    wait_until("the call running", lambda: h.service.calls == ["w"], timeout=5)
+    first = h.loop.connection
+    assert first is not None
+    first.close()  # the broker drops the connection: the batch is requeued, redelivered
+    h.service.release.set()
+    wait_until("answered after the reconnect", lambda: h.responses().get(0) == "w", timeout=10)
+    assert h.loop.connection is not first
