@@ -1,0 +1,198 @@
+"""The client's receive paths, on in-memory inboxes and counters.
+
+client.queue_reader (interactive) and client.reader (durable) hold the policies: each response
+handed out once, completion, the reader lease, resuming after a lost connection. Here they
+read in-memory batches; tests/integration runs the same paths against RabbitMQ and Redis.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pytest
+
+from soafarm.client.inbox import Delivery
+from soafarm.client.queue_reader import QueueReader
+from soafarm.client.reader import Bitmap, StreamReader, StreamTarget
+from soafarm.errors import ReaderTakenOver, ResponseTimeout
+from soafarm.protocol import Response, encode_response, encode_response_batch
+from soafarm.state.clients import ClientProgress
+
+LIMIT = 1 << 20
+
+
+def batch(*ids: int) -> bytes:
+    return encode_response_batch(1, "c", "i", [encode_response(Response(i, i * 2)) for i in ids])
+
+
+@dataclass
+class Counters:
+    """A client id's progress hash and read bitmap, in memory."""
+
+    accepted: int = 0
+    done: int = 0
+    sealed: bool = False
+    total: int | None = None
+    reader: str = ""
+    read_offset: int | None = None
+    read: Bitmap = field(default_factory=Bitmap)
+    client_id: str = "c"
+
+    def load(self) -> ClientProgress:
+        return ClientProgress(
+            "c", self.accepted, self.done, 0, self.sealed, self.total, self.read_offset
+        )
+
+    def take_reader(self) -> str:
+        self.reader = uuid.uuid4().hex
+        return self.reader
+
+    def is_reader(self, token: str) -> bool:
+        return self.reader == token
+
+    def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
+        if token != self.reader:
+            return False
+        for i in ids:
+            self.read.add(i)
+        self.read_offset = max(self.read_offset or 0, next_offset)
+        return True
+
+    def read_bitmap(self) -> bytes:
+        return bytes(self.read.bits)
+
+
+class MemoryQueue:
+    """An interactive response queue: bodies pushed by the test, delivered on drain."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = list(bodies)
+        self.on_body: Callable[[bytes], None] | None = None
+
+    def start(self, on_body: Callable[[bytes], None]) -> None:
+        self.on_body = on_body
+
+    def drain(self, timeout: float) -> None:
+        if not self.bodies:
+            raise TimeoutError
+        assert self.on_body is not None
+        self.on_body(self.bodies.pop(0))
+
+
+class MemoryStream:
+    """A response stream: batches by offset; `drop_after` loses the connection once."""
+
+    stream = "stream"
+
+    def __init__(self, bodies: list[bytes], drop_after: int | None = None) -> None:
+        self.bodies = bodies
+        self.position: int | None = None
+        self.on_delivery: Callable[[Delivery], None] | None = None
+        self.drop_after = drop_after
+        self.opens: list[int] = []
+        self.acked: list[int] = []
+
+    @property
+    def is_open(self) -> bool:
+        return self.position is not None
+
+    def open(self, offset: int, on_delivery: Callable[[Delivery], None]) -> None:
+        self.opens.append(offset)
+        self.position, self.on_delivery = offset, on_delivery
+
+    def drain(self, timeout: float) -> bool:
+        assert self.position is not None and self.on_delivery is not None
+        if self.drop_after is not None and self.position >= self.drop_after:
+            self.drop_after = None
+            return False
+        if self.position < len(self.bodies):
+            at = self.position
+            self.position += 1
+            self.on_delivery(Delivery(at, self.bodies[at], lambda: self.acked.append(at)))
+        return True
+
+    def close(self) -> None:
+        self.position = None
+
+
+def fine() -> None:
+    """The session is open."""
+
+
+def queue_reader(bodies: list[bytes], counters: Counters) -> QueueReader:
+    return QueueReader(
+        MemoryQueue(bodies),
+        max_bytes=LIMIT,
+        progress=counters.load,
+        describe=lambda: "described",
+        check=fine,
+    )
+
+
+def stream_reader(stream: MemoryStream, counters: Counters) -> StreamReader:
+    return StreamReader(stream, counters, LIMIT, lambda: "described", fine)
+
+
+def test_interactive_reader_drops_second_answers_and_stops_at_what_was_sent() -> None:
+    reader = queue_reader([batch(0, 1), batch(1, 2), batch(3)], Counters())
+    got = [r.id for r in reader.responses(5, StreamTarget(sent_here=4))]
+    assert got == [0, 1, 2, 3]
+    assert reader.duplicates == 1
+
+
+def test_interactive_reader_of_another_process_waits_for_the_sealed_total() -> None:
+    counters = Counters(accepted=3, done=3, sealed=True, total=3)
+    reader = queue_reader([batch(0), batch(2), batch(1)], counters)
+    assert sorted(r.id for r in reader.responses(5, StreamTarget())) == [0, 1, 2]
+
+
+def test_interactive_reader_times_out_naming_what_is_outstanding() -> None:
+    counters = Counters(accepted=2, done=1)
+    reader = queue_reader([batch(0)], counters)
+    with pytest.raises(ResponseTimeout, match="1 of 2 requests still outstanding; described"):
+        list(reader.responses(0.01, StreamTarget(sent_here=2)))
+
+
+def test_stream_reader_hands_out_each_response_once_and_commits() -> None:
+    counters = Counters(accepted=3, done=3, sealed=True, total=3)
+    stream = MemoryStream([batch(0, 1), batch(1), batch(2)])
+    got = [r.id for r in stream_reader(stream, counters).responses(5)]
+    assert got == [0, 1, 2]
+    assert counters.read_offset == 3 and counters.read.count == 3
+    assert stream.acked == [0, 1, 2]
+
+
+def test_stream_reader_new_only_starts_after_the_last_commit() -> None:
+    counters = Counters(accepted=4, done=4, sealed=True, total=4)
+    stream = MemoryStream([batch(0, 1), batch(2, 3)])
+    first = stream_reader(stream, counters)
+    for response in first.responses(5):
+        if response.id == 1:
+            break  # the first batch was handed out whole
+    first.close()
+    counters.commit_read(counters.reader, 1, [0, 1])
+    again = MemoryStream(stream.bodies)
+    got = [r.id for r in stream_reader(again, counters).responses(5, new_only=True)]
+    assert got == [2, 3]
+    assert again.opens == [1]
+
+
+def test_stream_reader_resumes_after_a_lost_connection_without_repeats() -> None:
+    counters = Counters(accepted=3, done=3, sealed=True, total=3)
+    stream = MemoryStream([batch(0), batch(1), batch(2)], drop_after=1)
+    got = [r.id for r in stream_reader(stream, counters).responses(5)]
+    assert got == [0, 1, 2]
+    assert stream.opens == [0, 1]  # reopened after the batch it had committed
+
+
+def test_second_stream_reader_takes_over_and_the_first_fails() -> None:
+    counters = Counters(accepted=2, done=2, sealed=True, total=2)
+    first = stream_reader(MemoryStream([batch(0), batch(1)]), counters)
+    reading = first.responses(5)
+    assert next(reading).id == 0
+    second = stream_reader(MemoryStream([batch(0), batch(1)]), counters)
+    assert [r.id for r in second.responses(5)] == [0, 1]
+    with pytest.raises(ReaderTakenOver, match="another reader took over client id 'c'"):
+        next(reading)
