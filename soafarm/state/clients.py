@@ -53,9 +53,11 @@ return new
 """
 
 # KEYS: client hash, read bitmap. ARGV: reader token, next offset, id, id, ...
+# The ids are recorded even for a reader that was taken over (it did hand them out, and the
+# new reader must not wait for them); only the lease holder moves the offset.
 _COMMIT_READ = """
-if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return 0 end
 for i = 3, #ARGV do redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
+if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'read_offset') or '-1')
 if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], 'read_offset', ARGV[2]) end
 return 1
@@ -103,51 +105,82 @@ class ProgressStore:
 
     def __init__(self, client: redis.Redis, names: Names, session_id: int, client_id: str) -> None:
         """Bind to `session_id`/`client_id` in `names`' namespace."""
-        self.r = client
+        self._r = client
+        self.names = names
+        self.session_id = session_id
         self.client_id = client_id
+        self.clients_key = names.session_clients_key(session_id)
         self.key = names.client_key(session_id, client_id)
         self.done_key = names.client_done_key(session_id, client_id)
         self.read_key = names.client_read_key(session_id, client_id)
 
+    def close(self) -> None:
+        """Release the Redis client's connections (its owner is done with it)."""
+        self._r.close()
+
     def create(self) -> None:
         """Create the counters if this client id is new (idempotent)."""
-        pipe = self.r.pipeline()
+        pipe = self._r.pipeline()
         for field in ("accepted", "done", "faulted"):
             pipe.hsetnx(self.key, field, 0)
         pipe.execute()
 
     def load(self) -> ClientProgress:
         """The current counters."""
-        raw = {as_text(k): as_text(v) for k, v in self.r.hgetall(self.key).items()}
+        raw = {as_text(k): as_text(v) for k, v in self._r.hgetall(self.key).items()}
         return parse_progress(self.client_id, raw)
 
     def record_accepted(self, count: int) -> None:
         """Requests 0..count-1 are safely in RabbitMQ (one writer per client id)."""
-        self.r.hset(self.key, "accepted", count)
+        self._r.hset(self.key, "accepted", count)
 
     def seal(self, total: int) -> None:
         """end_requests(): the batch has exactly `total` requests."""
-        self.r.hset(self.key, mapping={"accepted": total, "total": total, "sealed": 1})
+        self._r.hset(self.key, mapping={"accepted": total, "total": total, "sealed": 1})
 
     def take_reader(self) -> str:
         """Become the one reader of this client id; the previous reader's next commit fails."""
         token = uuid.uuid4().hex
-        self.r.hset(self.key, "reader", token)
+        self._r.hset(self.key, "reader", token)
         return token
 
     def is_reader(self, token: str) -> bool:
         """True while `token` still holds the reader lease."""
-        return as_text(self.r.hget(self.key, "reader") or b"") == token
+        return as_text(self._r.hget(self.key, "reader") or b"") == token
 
     def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
-        """Record responses handed out up to stream offset `next_offset`; False if taken over."""
-        script: Any = self.r.register_script(_COMMIT_READ)
+        """Record responses handed out, and (for the lease holder) that the stream is read up to
+        offset `next_offset`; False if another reader took over."""
+        script: Any = self._r.register_script(_COMMIT_READ)
         return bool(script(keys=[self.key, self.read_key], args=[token, next_offset, *ids]))
 
     def read_bitmap(self) -> bytes:
         """The bitmap of responses already handed out (bit N = request N)."""
-        raw = self.r.get(self.read_key) or b""
+        raw = self._r.get(self.read_key) or b""
         return raw if isinstance(raw, bytes) else raw.encode("latin-1")
+
+    def session_counts(self) -> tuple[int, int]:
+        """(this client id's done count, the other client ids' outstanding requests) of the
+        session, in one round trip after listing the client ids (the throttle's view)."""
+        members = self._r.smembers(self.clients_key)
+        others = [c for c in (as_text(m) for m in members) if c != self.client_id]
+        pipe = self._r.pipeline()
+        pipe.hget(self.key, "done")
+        for c in others:
+            pipe.hmget(self.names.client_key(self.session_id, c), "accepted", "done")
+        replies = pipe.execute()
+        outstanding = sum(max(int(a or 0) - int(d or 0), 0) for a, d in replies[1:])
+        return int(replies[0] or 0), outstanding
+
+
+def client_keys(names: Names, session_id: int, client_id: str) -> list[str]:
+    """Every Redis key of one client id: progress hash, done and read bitmaps, attempts."""
+    return [
+        names.client_key(session_id, client_id),
+        names.client_done_key(session_id, client_id),
+        names.client_read_key(session_id, client_id),
+        names.client_attempts_key(session_id, client_id),
+    ]
 
 
 def parse_progress(client_id: str, raw: dict[str, str]) -> ClientProgress:
@@ -170,7 +203,7 @@ class DoneMarker:
 
     def __init__(self, client: redis.Redis, names: Names) -> None:
         """Load the counting script once."""
-        self.client = client
+        self._r = client
         self.names = names
         self.script: Any = client.register_script(_MARK_DONE)
 
@@ -179,7 +212,7 @@ class DoneMarker:
         if not ids:
             return set()
         low, high = min(ids), max(ids)
-        raw = self.client.getrange(
+        raw = self._r.getrange(
             self.names.client_done_key(session_id, client_id), low // 8, high // 8
         )
         bits = raw if isinstance(raw, bytes) else raw.encode("latin-1")
@@ -191,10 +224,18 @@ class DoneMarker:
                 out.add(i)
         return out
 
+    def client_exists(self, session_id: int, client_id: str) -> bool:
+        """True while the client id has its counters (it was not purged, its session is open)."""
+        return bool(self._r.exists(self.names.client_key(session_id, client_id)))
+
+    def session_exists(self, session_id: int) -> bool:
+        """True while the session's record exists (it was not closed)."""
+        return bool(self._r.exists(self.names.session_key(session_id)))
+
     def count_attempt(self, session_id: int, client_id: str, request_id: int) -> int:
         """Count one more execution of a request whose batch came back after a failure."""
         key = self.names.client_attempts_key(session_id, client_id)
-        return int(self.client.hincrby(key, str(request_id), 1))
+        return int(self._r.hincrby(key, str(request_id), 1))
 
     def mark(self, session_id: int, client_id: str, outcomes: list[tuple[int, bool]]) -> int:
         """Mark (request id, faulted) pairs answered; returns how many were new."""

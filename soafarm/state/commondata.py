@@ -18,33 +18,59 @@ import redis
 
 from soafarm.errors import ConfigError, DecodeError, EncodeError, MessageTooLarge, SoafarmError
 from soafarm.names import Names
-from soafarm.state.records import SessionRecord
+from soafarm.state.sessions import SessionStore
 
 #: Uploaded data not adopted by a session within this many seconds expires by itself.
 UNADOPTED_TTL = 3600
+
+
+class CommonDataStore:
+    """The common data values of one namespace: uploaded, adopted by a session, read."""
+
+    def __init__(self, client: redis.Redis, names: Names) -> None:
+        """Use `client` for every common data key of `names`' namespace."""
+        self._r = client
+        self.names = names
+
+    def upload(self, values: Mapping[str, Any], limit: int) -> dict[str, str]:
+        """Store each value under a fresh key; return name -> key for the session to adopt."""
+        keys: dict[str, str] = {}
+        for name, value in values.items():
+            body = _encode(name, value, limit)
+            key = self.names.common_data_key(uuid.uuid4().hex)
+            self._r.set(key, body, ex=UNADOPTED_TTL)
+            keys[name] = key
+        return keys
+
+    def adopt(self, key: str) -> bool:
+        """Keep an uploaded value for its session's lifetime; False if it already expired."""
+        return bool(self._r.persist(key)) or bool(self._r.exists(key))
+
+    def value(self, key: str) -> bytes | None:
+        """The encoded value under `key`, or None when it is gone."""
+        body = self._r.get(key)
+        return body if isinstance(body, bytes) else None
+
+
+def _encode(name: str, value: Any, limit: int) -> bytes:
+    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ConfigError(f"common data name {name!r}: use letters, digits, '_', '-', '.'")
+    try:
+        body: bytes = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EncodeError(f"common data {name!r} cannot be encoded with msgpack: {e}") from None
+    if len(body) > limit:
+        raise MessageTooLarge(
+            f"common data {name!r} is {len(body):,} bytes, over max_common_data_bytes ({limit:,})"
+        )
+    return body
 
 
 def upload(
     client: redis.Redis, names: Names, values: Mapping[str, Any], limit: int
 ) -> dict[str, str]:
     """Store each value under a fresh key; return name -> key for the session to adopt."""
-    keys: dict[str, str] = {}
-    for name, value in values.items():
-        if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise ConfigError(f"common data name {name!r}: use letters, digits, '_', '-', '.'")
-        try:
-            body = msgpack.packb(value, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise EncodeError(f"common data {name!r} cannot be encoded with msgpack: {e}") from None
-        if len(body) > limit:
-            raise MessageTooLarge(
-                f"common data {name!r} is {len(body):,} bytes, over max_common_data_bytes "
-                f"({limit:,})"
-            )
-        key = names.common_data_key(uuid.uuid4().hex)
-        client.set(key, body, ex=UNADOPTED_TTL)
-        keys[name] = key
-    return keys
+    return CommonDataStore(client, names).upload(values, limit)
 
 
 class CommonDataReader:
@@ -52,22 +78,22 @@ class CommonDataReader:
 
     def __init__(self, client: redis.Redis, names: Names, session_id: int, limit: int) -> None:
         """Read from the session record's `data` keys, decoding at most `limit` bytes."""
-        self.r = client
-        self.names = names
+        self.sessions = SessionStore(client, names)
+        self.data = CommonDataStore(client, names)
         self.session_id = session_id
         self.limit = limit
 
     def __call__(self, name: str) -> Any:
         """The value of `name`; a SoafarmError naming what exists if there is none."""
-        raw = self.r.get(self.names.session_key(self.session_id))
-        keys = {} if raw is None else SessionRecord.from_json(raw).data
+        record = self.sessions.get(self.session_id)
+        keys = {} if record is None else record.data
         if name not in keys:
             have = ", ".join(sorted(keys)) or "none"
             raise SoafarmError(
                 f"session {self.session_id} has no common data named {name!r} (it has: {have})"
             )
-        body = self.r.get(keys[name])
-        if not isinstance(body, bytes):
+        body = self.data.value(keys[name])
+        if body is None:
             raise SoafarmError(f"common data {name!r} of session {self.session_id} is gone")
         try:
             return msgpack.unpackb(

@@ -1,0 +1,144 @@
+"""Worker hosts in Redis: host records, heartbeat keys, assignments, wake lists, load reports.
+
+The broker writes a host's assignments and pushes to its wake list; the host blocks on that
+list (at most one heartbeat interval), so one call gives both instant reaction and the
+heartbeat tick. Its instances report their busy time into the host's load hash.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from soafarm.names import Names
+from soafarm.state.records import HostRecord, as_text
+
+#: What `HostStore.wake` pushes by default: "look at your assignments now".
+WAKE = "1"
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """One instance's report to its host: busy call-seconds since it started, on its clock."""
+
+    session: int
+    capacity: int
+    busy: float
+    at: float
+
+    def to_json(self) -> str:
+        """JSON with the fields in declaration order (as `redis-cli` shows them)."""
+        return json.dumps(
+            {"session": self.session, "capacity": self.capacity, "busy": self.busy, "at": self.at}
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> InstanceLoad:
+        """Parse `to_json`'s output."""
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            int(data["session"]), int(data["capacity"]), float(data["busy"]), float(data["at"])
+        )
+
+
+class HostStore:
+    """Typed reads and writes of the worker hosts of one namespace."""
+
+    def __init__(self, client: redis.Redis, names: Names) -> None:
+        """Use `client` for every host key of `names`' namespace."""
+        self._r = client
+        self.names = names
+
+    def close(self) -> None:
+        """Release the Redis client's connections (its owner is done with it)."""
+        self._r.close()
+
+    # --- records and heartbeats -----------------------------------------------------------
+    def beat(self, record: HostRecord, timeout: float) -> None:
+        """Write the host's record and renew its heartbeat key for `timeout` seconds."""
+        pipe = self._r.pipeline()
+        pipe.hset(self.names.hosts_key, record.id, record.to_json())
+        pipe.set(self.names.host_heartbeat_key(record.id), "1", px=int(timeout * 1000))
+        pipe.execute()
+
+    def hosts(self) -> dict[str, HostRecord]:
+        """Every registered host, alive or not."""
+        raw = self._r.hgetall(self.names.hosts_key)
+        return {as_text(k): HostRecord.from_json(v) for k, v in raw.items()}
+
+    def alive(self, host_ids: list[str]) -> set[str]:
+        """The subset of `host_ids` whose heartbeat key still exists."""
+        pipe = self._r.pipeline()
+        for h in host_ids:
+            pipe.exists(self.names.host_heartbeat_key(h))
+        return {h for h, ok in zip(host_ids, pipe.execute(), strict=True) if ok}
+
+    def forget(self, host_id: str) -> None:
+        """Broker side: remove a lost host and its assignments."""
+        pipe = self._r.pipeline()
+        pipe.hdel(self.names.hosts_key, host_id)
+        pipe.delete(self.names.host_assignments_key(host_id), self.names.host_wake_key(host_id))
+        pipe.execute()
+
+    def deregister(self, host_id: str) -> None:
+        """Host side: remove every key of a host that stopped."""
+        n = self.names
+        pipe = self._r.pipeline()
+        pipe.hdel(n.hosts_key, host_id)
+        pipe.delete(
+            n.host_heartbeat_key(host_id),
+            n.host_assignments_key(host_id),
+            n.host_wake_key(host_id),
+            n.host_load_key(host_id),
+        )
+        pipe.execute()
+
+    # --- assignments and wake-ups ---------------------------------------------------------
+    def assignments(self, host_ids: list[str]) -> dict[str, dict[int, int]]:
+        """Current assignments (session id -> instances) of each host."""
+        pipe = self._r.pipeline()
+        for h in host_ids:
+            pipe.hgetall(self.names.host_assignments_key(h))
+        return {
+            h: {int(k): int(v) for k, v in raw.items()}
+            for h, raw in zip(host_ids, pipe.execute(), strict=True)
+        }
+
+    def assignments_of(self, host_id: str) -> dict[int, int]:
+        """One host's assignments: session id -> instances it should run."""
+        raw = self._r.hgetall(self.names.host_assignments_key(host_id))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def set_assignments(self, host_id: str, assignments: dict[int, int]) -> None:
+        """Replace a host's assignments and wake it so it applies them at once."""
+        key = self.names.host_assignments_key(host_id)
+        pipe = self._r.pipeline()
+        pipe.delete(key)
+        if assignments:
+            pipe.hset(key, mapping={str(k): v for k, v in assignments.items()})
+        pipe.rpush(self.names.host_wake_key(host_id), WAKE)
+        pipe.execute()
+
+    def wake(self, host_id: str, why: str = WAKE) -> None:
+        """Make the host's `wait_for_wake` return now."""
+        self._r.rpush(self.names.host_wake_key(host_id), why)
+
+    def wait_for_wake(self, host_id: str, timeout: float) -> None:
+        """Block until the host is woken or `timeout` seconds pass, then clear the wake list
+        (many wake-ups while the host was busy need one look at the assignments)."""
+        key = self.names.host_wake_key(host_id)
+        self._r.blpop([key], timeout=timeout)
+        self._r.delete(key)
+
+    # --- load reports ---------------------------------------------------------------------
+    def report_load(self, host_id: str, instance_id: str, load: InstanceLoad) -> None:
+        """An instance's latest busy-time report to its host."""
+        self._r.hset(self.names.host_load_key(host_id), instance_id, load.to_json())
+
+    def loads(self, host_id: str) -> dict[str, InstanceLoad]:
+        """The latest report of each instance of the host, by instance id."""
+        raw = self._r.hgetall(self.names.host_load_key(host_id))
+        return {as_text(k): InstanceLoad.from_json(v) for k, v in raw.items()}
