@@ -9,6 +9,7 @@ import structlog
 from soafarm.broker.allocator import Demand, allocate, totals
 from soafarm.broker.store import BrokerStore
 from soafarm.resources import HostSize
+from soafarm.state.records import SessionState
 
 log = structlog.get_logger(__name__)
 
@@ -28,14 +29,18 @@ def reconcile(store: BrokerStore) -> None:
     }
     # a closed (not purged) durable session keeps its responses but runs nothing; a failed
     # one could not load its service anywhere
-    sessions = [s for s in store.open_sessions() if s.state not in ("closed", "failed")]
+    sessions = [
+        s
+        for s in store.open_sessions()
+        if s.state not in (SessionState.CLOSED, SessionState.FAILED)
+    ]
     load_errors = {s.id: store.load_errors(s.id) for s in sessions}
     for s in sessions:
         if alive and alive <= set(load_errors[s.id]):
             why = next(iter(sorted(load_errors[s.id].items())))
             error = f"the service could not be loaded on any host ({why[0]}: {why[1]})"
             log.error("session_failed", session_id=s.id, error=error)
-            store.save_session(dataclasses.replace(s, state="failed", error=error))
+            store.save_session(dataclasses.replace(s, state=SessionState.FAILED, error=error))
     sessions = [s for s in sessions if not (alive and alive <= set(load_errors[s.id]))]
     outstanding = store.outstanding([s.id for s in sessions])
     demands = [
@@ -46,7 +51,7 @@ def reconcile(store: BrokerStore) -> None:
             s.priority,
             s.resource_unit,
             outstanding[s.id],
-            running=s.state == "running",
+            running=s.state == SessionState.RUNNING,
         )
         for s in sessions
     ]
@@ -63,6 +68,6 @@ def reconcile(store: BrokerStore) -> None:
             log.info("host_assigned", host_id=host_id, assignment=assignment)
             store.set_assignments(host_id, assignment)
     for s in sessions:
-        state = "running" if wanted.get(s.id, 0) > 0 else "queued"
+        state = SessionState.RUNNING if wanted.get(s.id, 0) > 0 else SessionState.QUEUED
         if state != s.state:
             store.save_session(dataclasses.replace(s, state=state))

@@ -9,7 +9,6 @@ with SIGTERM, which lets them finish and acknowledge what they hold (drain).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis
@@ -26,7 +26,10 @@ import structlog
 from soafarm.config import Settings, child_environment
 from soafarm.names import Names
 from soafarm.resources import HostSize, capacity
-from soafarm.state.records import HostRecord, SessionRecord, as_text
+from soafarm.state.hosts import HostStore
+from soafarm.state.instances import InstanceStore
+from soafarm.state.records import HostRecord
+from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import redis_client
 from soafarm.workers.instance import EXIT_LOAD_FAILED, EXIT_TIMED_OUT, InstanceSpec
 
@@ -38,7 +41,7 @@ HEALTHY_RUN_SECONDS = 30.0
 
 
 @dataclass
-class _SessionProcs:
+class SessionProcs:
     """Instance processes of one session on this host, and its restart back-off."""
 
     running: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
@@ -49,15 +52,57 @@ class _SessionProcs:
     load_failed: bool = False
 
 
+@dataclass(frozen=True)
+class ReconcilePlan:
+    """What one reconcile does: instances to stop and start per session, sessions to drop."""
+
+    #: session id -> how many of its running instances get SIGTERM (newest first)
+    stop: dict[int, int]
+    #: session id -> how many instances to start now
+    start: dict[int, int]
+    #: sessions this host no longer serves: their restart back-off and load failure are
+    #: forgotten, so a later assignment starts afresh
+    drop: frozenset[int]
+
+
+def plan_reconcile(
+    sessions: Mapping[int, SessionProcs], wanted: Mapping[int, int], now: float
+) -> ReconcilePlan:
+    """Decide, without side effects, how to make each session run what `wanted` says.
+
+    Extra instances stop at once; missing ones start only once the session's restart
+    back-off (`next_start`, on the monotonic clock `now`) has passed, and never after its
+    service failed to load here (the broker excludes this host for it instead).
+    """
+    stop: dict[int, int] = {}
+    start: dict[int, int] = {}
+    drop: set[int] = set()
+    for sid in set(sessions) | set(wanted):
+        procs = sessions.get(sid) or SessionProcs()
+        want = wanted.get(sid, 0)
+        running = len(procs.running)
+        if running > want:
+            stop[sid] = running - want
+        elif running < want and now >= procs.next_start and not procs.load_failed:
+            start[sid] = want - running
+        if want == 0:
+            drop.add(sid)
+    return ReconcilePlan(stop, start, frozenset(drop))
+
+
 class WorkerHost:
     """One worker host. `run()` blocks until `stop()` (or a signal)."""
 
     def __init__(
-        self, settings: Settings, name: str | None = None, stop_with_parent: bool = False
+        self,
+        settings: Settings,
+        name: str | None = None,
+        stop_with_parent: bool = False,
+        client: redis.Redis | None = None,
     ) -> None:
-        """Connect to Redis now, so a wrong URL fails fast with a clear error. With
-        `stop_with_parent` (hosts a local provisioner starts) it drains and stops when its
-        parent process dies, so a killed autoscaler leaves no orphan hosts."""
+        """Connect to Redis now (unless given `client`), so a wrong URL fails fast with a
+        clear error. With `stop_with_parent` (hosts a local provisioner starts) it drains and
+        stops when its parent process dies, so a killed autoscaler leaves no orphan hosts."""
         self.parent = os.getppid() if stop_with_parent else None
         self.settings = settings
         self.names = Names(settings.namespace)
@@ -69,8 +114,11 @@ class WorkerHost:
         self.utilisation: float | None = None
         # instance id -> (busy seconds, its clock) at the last sample
         self._busy: dict[str, tuple[float, float]] = {}
-        self.redis = redis_client(settings)
-        self.sessions: dict[int, _SessionProcs] = {}
+        state = client if client is not None else redis_client(settings)
+        self.host_store = HostStore(state, self.names)
+        self.session_store = SessionStore(state, self.names)
+        self.instance_store = InstanceStore(state, self.names)
+        self.sessions: dict[int, SessionProcs] = {}
         self.stopping_procs: list[tuple[str, int, subprocess.Popen[bytes]]] = []
         self.stopping = threading.Event()
         self.env = child_environment(settings)
@@ -79,7 +127,7 @@ class WorkerHost:
         """Ask `run()` to stop every instance (draining) and return."""
         self.stopping.set()
         with contextlib.suppress(redis.RedisError):  # best effort: the BLPOP times out anyway
-            self.redis.rpush(self.names.host_wake_key(self.id), "stop")
+            self.host_store.wake(self.id, "stop")
 
     def _sample_load(self) -> None:
         """Utilisation since the last sample: busy call-seconds over capacity-seconds.
@@ -88,17 +136,14 @@ class WorkerHost:
         instance's interval between reports, not this host's (the two tick independently;
         mixing them would alias into samples of 0% and 200%).
         """
-        raw = self.redis.hgetall(self.names.host_load_key(self.id))
         busy = slot_seconds = 0.0
         seen: dict[str, tuple[float, float]] = {}
-        for key, value in raw.items():
-            load = json.loads(value)
-            iid = as_text(key)
-            seen[iid] = (float(load["busy"]), float(load["at"]))
+        for iid, load in self.host_store.loads(self.id).items():
+            seen[iid] = (load.busy, load.at)
             before = self._busy.get(iid)
-            if before is not None and seen[iid][1] > before[1]:
-                busy += seen[iid][0] - before[0]
-                slot_seconds += (seen[iid][1] - before[1]) * int(load["capacity"])
+            if before is not None and load.at > before[1]:
+                busy += load.busy - before[0]
+                slot_seconds += (load.at - before[1]) * load.capacity
         self._busy = seen
         if slot_seconds > 0:
             self.utilisation = round(min(1.0, max(0.0, busy / slot_seconds)), 3)
@@ -122,19 +167,11 @@ class WorkerHost:
             utilisation=self.utilisation,
             beat=time.time(),
         )
-        pipe = self.redis.pipeline()
-        pipe.hset(self.names.hosts_key, self.id, record.to_json())
-        pipe.set(
-            self.names.host_heartbeat_key(self.id),
-            "1",
-            px=int(self.settings.worker.host_timeout * 1000),
-        )
-        pipe.execute()
+        self.host_store.beat(record, self.settings.worker.host_timeout)
 
     def run(self) -> None:
         """Heartbeat and reconcile until stopped; then drain and deregister."""
         self.started = time.time()
-        wake = self.names.host_wake_key(self.id)
         self._heartbeat()
         log.info(
             "host_started",
@@ -146,11 +183,9 @@ class WorkerHost:
         try:
             while not self.stopping.is_set():
                 try:
-                    self.redis.blpop([wake], timeout=self.settings.worker.heartbeat_interval)
-                    self.redis.delete(wake)
+                    self.host_store.wait_for_wake(self.id, self.settings.worker.heartbeat_interval)
                     self._heartbeat()
-                    raw = self.redis.hgetall(self.names.host_assignments_key(self.id))
-                    wanted = {int(k): int(v) for k, v in raw.items()}
+                    wanted = self.host_store.assignments_of(self.id)
                 except redis.RedisError as e:
                     log.warning("redis_unreachable", error=str(e))
                     self.stopping.wait(1.0)
@@ -169,28 +204,28 @@ class WorkerHost:
     def reconcile(self, wanted: dict[int, int]) -> None:
         """Start or stop instance processes so each session has what `wanted` says."""
         self._reap()
-        now = time.monotonic()
-        for sid in set(self.sessions) | set(wanted):
-            procs = self.sessions.setdefault(sid, _SessionProcs())
-            want = wanted.get(sid, 0)
-            while len(procs.running) > want:
+        plan = plan_reconcile(self.sessions, wanted, time.monotonic())
+        for sid, count in plan.stop.items():
+            procs = self.sessions[sid]
+            for _ in range(count):
                 iid, proc = procs.running.pop()
                 log.info("instance_stopping", instance=iid)
                 proc.send_signal(signal.SIGTERM)
                 self.stopping_procs.append((iid, sid, proc))
-            while len(procs.running) < want and now >= procs.next_start and not procs.load_failed:
+        for sid, count in plan.start.items():
+            procs = self.sessions.setdefault(sid, SessionProcs())
+            for _ in range(count):
                 procs.running.append(self._start(sid, procs))
-            if want == 0 and not procs.running:
-                del self.sessions[sid]
+        for sid in plan.drop:
+            self.sessions.pop(sid, None)
 
     def _capacity(self, sid: int) -> int:
-        raw = self.redis.get(self.names.session_key(sid))
-        if raw is None:  # closed meanwhile: the instance finds out and exits at once
+        record = self.session_store.get(sid)
+        if record is None:  # closed meanwhile: the instance finds out and exits at once
             return 1
-        record = SessionRecord.from_json(raw)
         return capacity(record.resource_unit, self.size, record.max_concurrent_calls)
 
-    def _start(self, sid: int, procs: _SessionProcs) -> tuple[str, subprocess.Popen[bytes]]:
+    def _start(self, sid: int, procs: SessionProcs) -> tuple[str, subprocess.Popen[bytes]]:
         iid = f"{self.id}.{sid}.{procs.counter}"
         procs.counter += 1
         spec = InstanceSpec(sid, iid, self.id, self.hostname, self._capacity(sid))
@@ -234,10 +269,7 @@ class WorkerHost:
                 self._forget_instance(sid, iid)
 
     def _forget_instance(self, sid: int, iid: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.hdel(self.names.session_instances_key(sid), iid)
-        pipe.hdel(self.names.host_load_key(self.id), iid)
-        pipe.execute()
+        self.instance_store.forget(sid, self.id, iid)
 
     def _shutdown(self) -> None:
         # tell the broker first, so it places this host's work elsewhere while it drains
@@ -263,15 +295,7 @@ class WorkerHost:
                 p.kill()
                 p.wait()
         try:
-            pipe = self.redis.pipeline()
-            pipe.hdel(self.names.hosts_key, self.id)
-            pipe.delete(
-                self.names.host_heartbeat_key(self.id),
-                self.names.host_assignments_key(self.id),
-                self.names.host_wake_key(self.id),
-                self.names.host_load_key(self.id),
-            )
-            pipe.execute()
+            self.host_store.deregister(self.id)
         except redis.RedisError as e:
             log.warning("deregister_failed", error=str(e))
         log.info("host_stopped", host_id=self.id)

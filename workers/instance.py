@@ -40,7 +40,10 @@ from soafarm.registration.registry import load_service_class
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
 from soafarm.state.clients import DoneMarker
 from soafarm.state.commondata import CommonDataReader
+from soafarm.state.hosts import HostStore, InstanceLoad
+from soafarm.state.instances import InstanceStore
 from soafarm.state.records import InstanceRecord, SessionRecord
+from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.workers.calls import CallLoop, CallWatch, Link
 from soafarm.workers.monitor import QueueMonitor
@@ -119,8 +122,8 @@ class ServiceInstance:
         why = f"the service did not load within service_init_timeout ({seconds:g}s)"
         log.error("service_init_timeout", instance=self.spec.instance_id, timeout=seconds)
         with contextlib.suppress(Exception):
-            r = redis_client(self.settings)
-            r.hset(self.names.session_load_errors_key(session_id), self.spec.host_id, why)
+            sessions = SessionStore(redis_client(self.settings), self.names)
+            sessions.record_load_error(session_id, self.spec.host_id, why)
         os._exit(EXIT_LOAD_FAILED)
 
     def _construct(self, record: SessionRecord, registration: Registration) -> CallRunner:
@@ -145,35 +148,34 @@ class ServiceInstance:
             operations_of(cls),
             record.include_exception_detail_in_faults,
             self.settings.max_message_bytes,
-            int(record.broker_settings.get("message_resend_limit", 3)),
+            record.broker_settings.message_resend_limit,
         )
 
     def run(self) -> None:
         """Serve until stopped or the session's queue disappears."""
         r = redis_client(self.settings)
-        raw = r.get(self.names.session_key(self.spec.session_id))
-        if raw is None:
+        sessions = SessionStore(r, self.names)
+        instances = InstanceStore(r, self.names)
+        record = sessions.get(self.spec.session_id)
+        if record is None:
             raise SessionNotFound(f"session {self.spec.session_id} no longer exists")
-        record = SessionRecord.from_json(raw)
         try:
             runner = self._load(record)
         except Exception as e:
             # recorded so the client's timeout and `soafarm sessions show` can say why
             why = str(e) if isinstance(e, SoafarmError) else f"{type(e).__name__}: {e}"
-            r.hset(self.names.session_load_errors_key(record.id), self.spec.host_id, why)
+            sessions.record_load_error(record.id, self.spec.host_id, why)
             raise RegistrationError(f"service {record.service!r} failed to load: {why}") from e
         marker = DoneMarker(r, self.names)
-        instances_key = self.names.session_instances_key(record.id)
-        r.hset(
-            instances_key,
-            self.spec.instance_id,
+        instances.register(
+            record.id,
             InstanceRecord(
                 self.spec.instance_id,
                 self.spec.host_id,
                 os.getpid(),
                 time.time(),
                 self.spec.capacity,
-            ).to_json(),
+            ),
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         threading.Thread(
@@ -183,8 +185,7 @@ class ServiceInstance:
             self._serve(record, runner, marker)
         finally:
             with contextlib.suppress(redis.RedisError):
-                r.hdel(instances_key, self.spec.instance_id)
-                r.hdel(self.names.host_load_key(self.spec.host_id), self.spec.instance_id)
+                instances.forget(record.id, self.spec.host_id, self.spec.instance_id)
             log.info("instance_stopped", instance=self.spec.instance_id)
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
@@ -220,7 +221,7 @@ class ServiceInstance:
         ]
         for thread in calls:
             thread.start()
-        timeout = float(record.broker_settings.get("service_operation_timeout", 0))
+        timeout = record.broker_settings.service_operation_timeout
         monitor = QueueMonitor(self.settings, link, self.spec.instance_id)
         try:
             while not self.stopping.is_set():
@@ -250,18 +251,17 @@ class ServiceInstance:
     def _watch(self, session_id: int) -> None:
         """Each second: report busy time for the host's utilisation figure, and end the
         process if a publish waits for its confirm past PUBLISH_STALL_LIMIT."""
-        r = redis_client(self.settings)
-        key = self.names.host_load_key(self.spec.host_id)
+        hosts = HostStore(redis_client(self.settings), self.names)
         while not self.stopping.wait(1.0):
             loops = self.loops
-            load = {
-                "session": session_id,
-                "capacity": self.spec.capacity,
-                "busy": round(sum(loop.watch.busy_seconds() for loop in loops), 4),
-                "at": round(time.monotonic(), 4),
-            }
+            load = InstanceLoad(
+                session=session_id,
+                capacity=self.spec.capacity,
+                busy=round(sum(loop.watch.busy_seconds() for loop in loops), 4),
+                at=round(time.monotonic(), 4),
+            )
             with contextlib.suppress(redis.RedisError):
-                r.hset(key, self.spec.instance_id, json.dumps(load))
+                hosts.report_load(self.spec.host_id, self.spec.instance_id, load)
             stuck = max((loop.publish_watch.stuck_for() for loop in loops), default=0.0)
             if stuck > PUBLISH_STALL_LIMIT:
                 log.error("publish_stalled", instance=self.spec.instance_id, seconds=stuck)

@@ -10,11 +10,12 @@ every 10 s), so a crashed client stops beating on its own.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import redis
 import structlog
+
+from soafarm.state.sessions import SessionStore
 
 log = structlog.get_logger(__name__)
 
@@ -22,10 +23,12 @@ log = structlog.get_logger(__name__)
 class Heartbeat:
     """One handle's beating thread; `stop()` removes the handle at once."""
 
-    def __init__(self, client: redis.Redis, key: str, idle_timeout: float, kind: str) -> None:
-        """Register the handle now and start beating."""
-        self.r = client
-        self.key = key
+    def __init__(
+        self, sessions: SessionStore, session_id: int, idle_timeout: float, kind: str
+    ) -> None:
+        """Register the handle in session `session_id` now and start beating."""
+        self.sessions = sessions
+        self.session_id = session_id
         self.member = f"{kind}:{uuid.uuid4().hex[:12]}"
         self.interval = min(max(idle_timeout / 3, 0.1), 10.0)
         self.stopped = threading.Event()
@@ -34,7 +37,7 @@ class Heartbeat:
         self.thread.start()
 
     def _beat(self) -> None:
-        self.r.zadd(self.key, {self.member: time.time()})
+        self.sessions.beat(self.session_id, self.member)
 
     def _run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -50,6 +53,6 @@ class Heartbeat:
         self.stopped.set()
         self.thread.join(timeout=2)
         try:
-            self.r.zrem(self.key, self.member)
+            self.sessions.drop_handle(self.session_id, self.member)
         except redis.RedisError as e:  # the broker drops it after client_idle_timeout anyway
             log.warning("heartbeat_remove_failed", error=str(e))

@@ -14,7 +14,6 @@ from typing import Any
 from soafarm.errors import Throttled
 from soafarm.names import Names
 from soafarm.state.clients import ProgressStore
-from soafarm.state.records import as_text
 
 #: Seconds between checks of the other clients' load while this client is under the threshold.
 CHECK_INTERVAL = 0.5
@@ -44,16 +43,7 @@ class Throttle:
 
     def session_outstanding(self, own_sent: int) -> int:
         """Sent-but-unanswered requests of the session; this client's sends counted exactly."""
-        r = self.progress.r
-        others = [as_text(c) for c in r.smembers(self.names.session_clients_key(self.session_id))]
-        others = [c for c in others if c != self.progress.client_id]
-        pipe = r.pipeline()
-        pipe.hget(self.progress.key, "done")
-        for c in others:
-            pipe.hmget(self.names.client_key(self.session_id, c), "accepted", "done")
-        replies = pipe.execute()
-        self.done_seen = int(replies[0] or 0)
-        self.others = sum(max(int(a or 0) - int(d or 0), 0) for a, d in replies[1:])
+        self.done_seen, self.others = self.progress.session_counts()
         self.checked_at = time.monotonic()
         return max(own_sent - self.done_seen, 0) + self.others
 

@@ -20,7 +20,8 @@ from soafarm.config import Settings, child_environment
 from soafarm.errors import BrokerUnavailable, SoafarmError
 from soafarm.names import Names
 from soafarm.processes import stop_processes
-from soafarm.state.records import as_text
+from soafarm.state.namespace import delete_namespace_keys
+from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.transport.topology import control_queue, dead_letter_queue
 
@@ -35,13 +36,12 @@ def delete_namespace(settings: Settings) -> None:
     Only for namespaces nobody else uses: it removes the sessions' pending requests too.
     """
     names = Names(settings.namespace)
-    r = redis_client(settings)
+    client = redis_client(settings)
+    sessions = SessionStore(client, names)
     queues = [control_queue(names).name, dead_letter_queue(names).name]
-    for raw in r.smembers(names.sessions_key):
-        sid = int(raw)
+    for sid in sessions.open_ids():
         queues.append(names.request_queue(sid))
-        clients = r.smembers(names.session_clients_key(sid))
-        queues += [names.response_queue(sid, as_text(c)) for c in clients]
+        queues += [names.response_queue(sid, c) for c in sessions.clients(sid)]
     connection = pika_connection(settings, f"soafarm-cleanup {settings.namespace}")
     try:
         channel = connection.channel()
@@ -49,10 +49,8 @@ def delete_namespace(settings: Settings) -> None:
             channel.queue_delete(queue=queue)
     finally:
         connection.close()
-    keys = list(r.scan_iter(match=f"{settings.namespace}:*", count=1000))
-    if keys:
-        r.delete(*keys)
-    r.close()
+    delete_namespace_keys(client, names)
+    sessions.close()
 
 
 class LocalFarm:
