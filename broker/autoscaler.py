@@ -24,10 +24,13 @@ from soafarm.errors import SoafarmError
 from soafarm.names import Names
 from soafarm.provisioning import Provisioner
 from soafarm.resources import HostSize
-from soafarm.state.records import SessionRecord
+from soafarm.state.records import SessionRecord, SessionState
 from soafarm.transport.connections import redis_client
 
 log = structlog.get_logger(__name__)
+
+#: A closed durable session keeps its responses but runs nothing; a failed one cannot load.
+_NOT_RUNNABLE = (SessionState.CLOSED, SessionState.FAILED)
 
 
 class Autoscaler:
@@ -75,7 +78,7 @@ class Autoscaler:
     def sample(self) -> bool:
         """Record each session's outstanding requests; True when some session has work and
         no instance (adjust now rather than at the next interval)."""
-        sessions = [s for s in self.store.open_sessions() if s.state not in ("closed", "failed")]
+        sessions = [s for s in self.store.open_sessions() if s.state not in _NOT_RUNNABLE]
         self.sessions = sessions
         outstanding = self.store.outstanding([s.id for s in sessions])
         self.samples = {
@@ -102,8 +105,8 @@ class Autoscaler:
                     s.max_units,
                     s.resource_unit,
                     s.max_concurrent_calls,
-                    int(broker.get("allocation_grow_load_ratio_threshold", 125)),
-                    int(broker.get("allocation_shrink_load_ratio_threshold", 75)),
+                    broker.allocation_grow_load_ratio_threshold,
+                    broker.allocation_shrink_load_ratio_threshold,
                 )
             )
         return out

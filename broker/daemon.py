@@ -25,8 +25,11 @@ from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
 from soafarm.registration import Registry
+from soafarm.state.control import CloseArgs, decode_request
 from soafarm.state.records import SessionRecord
-from soafarm.transport.connections import amqp_error_types, pika_connection, redis_client
+from soafarm.transport.backoff import Backoff
+from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.transport.errors import AMQP_LOST
 from soafarm.transport.topology import control_queue, dead_letter_queue
 
 log = structlog.get_logger(__name__)
@@ -53,19 +56,21 @@ class BrokerDaemon:
 
     def run(self) -> None:
         """Serve until stopped, reconnecting to RabbitMQ after a lost connection."""
-        backoff = 0.5
+        backoff = Backoff()
         while not self.stopping.is_set():
             try:
                 self._serve()
-                backoff = 0.5
+                backoff.reset()
+                continue
             except ConnectionFailed as e:
                 if not self.ready.is_set():
                     raise  # never connected: a configuration problem, say so at once
-                log.warning("rabbitmq_unreachable", error=str(e), retry_in=backoff)
-            except amqp_error_types() as e:
-                log.warning("rabbitmq_connection_lost", error=repr(e), retry_in=backoff)
-            self.stopping.wait(backoff)
-            backoff = min(backoff * 2, 10.0)
+                delay = backoff.next()
+                log.warning("rabbitmq_unreachable", error=str(e), retry_in=round(delay, 2))
+            except AMQP_LOST as e:
+                delay = backoff.next()
+                log.warning("rabbitmq_connection_lost", error=repr(e), retry_in=round(delay, 2))
+            self.stopping.wait(delay)
 
     def _serve(self) -> None:
         connection = pika_connection(self.settings, f"soafarm-broker {self.settings.namespace}")
@@ -118,7 +123,7 @@ class BrokerDaemon:
             request = decode(body, self.settings.max_message_bytes)
             if not isinstance(request, ControlRequest):
                 raise DecodeError(f"expected a control request, got {type(request).__name__}")
-            return ControlReply(True, service.handle(request.op, request.params))
+            return ControlReply(True, service.handle(decode_request(request)).to_wire())
         except SoafarmError as e:
             return ControlReply(False, None, type(e).__name__, str(e))
         except redis.RedisError as e:
@@ -129,7 +134,7 @@ class BrokerDaemon:
                 "ConnectionFailed",
                 f"the broker daemon cannot reach Redis at {where}: {e}",
             )
-        except amqp_error_types():
+        except AMQP_LOST:
             raise
         except Exception as e:  # a bug must not kill the daemon; the caller gets its text
             log.exception("control_request_failed")
@@ -138,4 +143,4 @@ class BrokerDaemon:
 
 def _expire(service: SessionService, record: SessionRecord, reason: str) -> None:
     log.info("session_expired", session_id=record.id, reason=reason)
-    service.close({"session_id": record.id, "purge": True})
+    service.close(CloseArgs(record.id, purge=True))

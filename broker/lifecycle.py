@@ -18,15 +18,14 @@ from collections.abc import Callable
 import structlog
 
 from soafarm.broker.store import BrokerStore
-from soafarm.state.records import SessionRecord
+from soafarm.state.records import SessionActivity, SessionRecord
 
 log = structlog.get_logger(__name__)
 
 
 def idle_timeout(record: SessionRecord) -> float:
     """How long this session may stay without clients."""
-    name = "durable_session_idle_timeout" if record.durable else "session_idle_timeout"
-    return float(record.broker_settings.get(name, 0.0))
+    return record.broker_settings.idle_limit(record.durable)
 
 
 def expire_sessions(
@@ -35,21 +34,23 @@ def expire_sessions(
     """One pass of the life-cycle monitor over every open session."""
     for record in store.open_sessions():
         settings = record.broker_settings
-        connected = store.connected_handles(
-            record.id, now - float(settings.get("client_idle_timeout", 300.0))
-        )
+        connected = store.connected_handles(record.id, now - settings.client_idle_timeout)
         if not store.clients(record.id):  # created: waiting for its first client id
-            limit = float(settings.get("client_connection_timeout", 300.0))
+            limit = settings.client_connection_timeout
             if now - record.created > limit:
                 close(record, f"no client connected within client_connection_timeout ({limit:g}s)")
             continue
         if connected:
-            if (record.activity, record.idle_since) != ("active", 0.0):
-                store.save_session(dataclasses.replace(record, activity="active", idle_since=0.0))
+            if (record.activity, record.idle_since) != (SessionActivity.ACTIVE, 0.0):
+                store.save_session(
+                    dataclasses.replace(record, activity=SessionActivity.ACTIVE, idle_since=0.0)
+                )
             continue
         since = record.idle_since or now
-        if record.activity != "idle":
-            store.save_session(dataclasses.replace(record, activity="idle", idle_since=since))
+        if record.activity != SessionActivity.IDLE:
+            store.save_session(
+                dataclasses.replace(record, activity=SessionActivity.IDLE, idle_since=since)
+            )
         limit = idle_timeout(record)
         if now - since >= limit:
             close(record, f"idle for {now - since:.0f}s without clients (idle timeout {limit:g}s)")

@@ -1,37 +1,66 @@
 """The session service: create / get / close / list sessions and attach client ids.
 
-Each operation takes the params dict of a `ControlRequest` and returns plain data for the
-`ControlReply`; user errors are raised as `SoafarmError`s and travel back to the caller.
+Each operation takes the typed arguments record `decode_request` made of a `ControlRequest`
+and returns a typed reply record; user errors are raised as `SoafarmError`s and travel back
+to the caller.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, assert_never
 
 import pika
 import structlog
 
 from soafarm.broker.store import BrokerStore
-from soafarm.config import Settings, broker_settings_with
+from soafarm.config import BrokerSettings, Settings, broker_settings_with
 from soafarm.errors import ConfigError, SessionClosed, SessionNotFound
 from soafarm.names import Names, check_client_id
-from soafarm.registration import Registry
+from soafarm.plain import from_plain
+from soafarm.registration import Registration, Registry
 from soafarm.resources import check_unit
-from soafarm.state.clients import ProgressStore
-from soafarm.state.records import SessionRecord
+from soafarm.state.control import (
+    AddDataArgs,
+    AttachClientArgs,
+    Attached,
+    ClientPurged,
+    ClientStatus,
+    CloseArgs,
+    Closed,
+    ControlArgs,
+    CreateArgs,
+    DataAdded,
+    GetArgs,
+    HostInfo,
+    HostList,
+    HostsArgs,
+    ListArgs,
+    PingArgs,
+    Pong,
+    PurgeClientArgs,
+    Reply,
+    SessionInfo,
+    SessionList,
+)
+from soafarm.state.records import SessionRecord, SessionState
 from soafarm.transport.topology import request_queue, response_queue
 
 log = structlog.get_logger(__name__)
 
 
-def _int_param(params: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{key} must be an integer, not {value!r}")
-    return value
+def effective_broker_settings(
+    farm: BrokerSettings, registration: Registration, overrides: Mapping[str, Any]
+) -> BrokerSettings:
+    """A session's broker settings, layered once at creation: defaults < broker config <
+    registration [broker] table < SessionStartInfo.broker_settings."""
+    return broker_settings_with(
+        broker_settings_with(farm, registration.broker, str(registration.path)),
+        overrides,
+        "SessionStartInfo.broker_settings",
+    )
 
 
 class SessionService:
@@ -53,25 +82,31 @@ class SessionService:
         self.names = Names(settings.namespace)
         self.on_change = on_change
 
-    def handle(self, op: str, params: dict[str, Any]) -> Any:
-        """Run control operation `op`; unknown operations are a ConfigError."""
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "create": self.create,
-            "get": self.get,
-            "close": self.close,
-            "list": self.list_sessions,
-            "attach_client": self.attach_client,
-            "purge_client": self.purge_client,
-            "add_data": self.add_data,
-            "hosts": self.hosts,
-            "ping": lambda _p: {"namespace": self.settings.namespace},
-        }
-        if op not in handlers:
-            raise ConfigError(f"unknown control operation {op!r}; known: {', '.join(handlers)}")
-        return handlers[op](params)
+    def handle(self, args: ControlArgs) -> Reply:  # noqa: PLR0911 - one return per operation
+        """Run the control operation `args` stands for."""
+        match args:
+            case CreateArgs():
+                return self.create(args)
+            case GetArgs():
+                return self.get(args)
+            case CloseArgs():
+                return self.close(args)
+            case ListArgs():
+                return self.list_sessions(args)
+            case AttachClientArgs():
+                return self.attach_client(args)
+            case PurgeClientArgs():
+                return self.purge_client(args)
+            case AddDataArgs():
+                return self.add_data(args)
+            case HostsArgs():
+                return self.hosts(args)
+            case PingArgs():
+                return Pong(self.settings.namespace)
+            case _:
+                assert_never(args)
 
-    def _session(self, params: dict[str, Any]) -> SessionRecord:
-        sid = _int_param(params, "session_id")
+    def _session(self, sid: int) -> SessionRecord:
         record = self.store.get_session(sid)
         if record is None:
             if self.store.was_closed(sid):
@@ -82,53 +117,41 @@ class SessionService:
             )
         return record
 
-    def create(self, params: dict[str, Any]) -> dict[str, Any]:
+    def create(self, args: CreateArgs) -> SessionInfo:
         """Resolve the service, declare the session's queues, record it, allocate hosts."""
-        service = params.get("service")
-        if not isinstance(service, str) or not service:
-            raise ConfigError("service must be a non-empty string")
-        version = params.get("version")
-        if version is not None and not isinstance(version, str):
-            raise ConfigError(f"version must be a string like '1.0', not {version!r}")
-        registration = self.registry.resolve(service, version)
-        min_units = _int_param(params, "min_units", 1)
-        max_units = _int_param(params, "max_units", min_units)
+        registration = self.registry.resolve(args.service, args.version)
+        min_units = args.min_units
+        max_units = min_units if args.max_units is None else args.max_units
         if min_units < 0 or max_units < max(min_units, 1):
             raise ConfigError(
                 f"need 0 <= min_units <= max_units and max_units >= 1 "
                 f"(got {min_units}..{max_units})"
             )
-        unit = check_unit(str(params.get("resource_unit", "core")))
-        overrides = params.get("broker_settings") or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError("broker_settings must be a table of broker settings")
-        effective = broker_settings_with(
-            broker_settings_with(self.settings.broker, registration.broker, str(registration.path)),
-            overrides,
-            "SessionStartInfo.broker_settings",
+        unit = check_unit(args.resource_unit)
+        effective = effective_broker_settings(
+            self.settings.broker, registration, args.broker_settings
         )
-        durable = bool(params.get("durable", False))
-        data = self._adopt_data(params.get("data") or {})
+        data = self._adopt_data(args.data)
         sid = self.store.new_session_id()
         record = SessionRecord(
             id=sid,
             service=registration.name,
             version=registration.version,
-            state="queued",
+            state=SessionState.QUEUED,
             min_units=min_units,
             max_units=max_units,
-            priority=_int_param(params, "priority", 2000),
+            priority=args.priority,
             resource_unit=unit,
             created=time.time(),
-            owner=str(params.get("owner", "")),
-            broker_settings=dataclasses.asdict(effective),
+            owner=args.owner,
+            broker_settings=effective,
             include_exception_detail_in_faults=registration.include_exception_detail_in_faults,
             max_concurrent_calls=registration.max_concurrent_calls,
-            durable=durable,
-            shared=bool(params.get("shared", False)),
+            durable=args.durable,
+            shared=args.shared,
             data=data,
         )
-        self.channel.queue_declare(**request_queue(self.names, sid, durable).declare_kwargs())
+        self.channel.queue_declare(**request_queue(self.names, sid, args.durable).declare_kwargs())
         self.store.save_session(record)
         log.info(
             "session_created",
@@ -140,55 +163,60 @@ class SessionService:
         self.on_change()
         return self.describe(self.store.get_session(sid) or record)
 
-    def _adopt_data(self, keys: Any) -> dict[str, str]:
+    def _adopt_data(self, keys: dict[str, str]) -> dict[str, str]:
         """Keep uploaded common data for the session's lifetime (they expire otherwise)."""
         prefix = self.names.common_data_key("")
-        if not isinstance(keys, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v.startswith(prefix)
-            for k, v in keys.items()
-        ):
+        if not all(v.startswith(prefix) for v in keys.values()):
             raise ConfigError("data must map names to keys made by soafarm.state.commondata.upload")
         for key in keys.values():
-            if not self.store.r.persist(key) and not self.store.r.exists(key):
+            if not self.store.adopt_data(key):
                 raise ConfigError(f"common data key {key} expired before the session used it")
         return dict(keys)
 
-    def add_data(self, params: dict[str, Any]) -> dict[str, Any]:
+    def add_data(self, args: AddDataArgs) -> DataAdded:
         """Attach more common data to an open session."""
-        record = self._session(params)
-        data = {**record.data, **self._adopt_data(params.get("data") or {})}
+        record = self._session(args.session_id)
+        data = {**record.data, **self._adopt_data(args.data)}
         self.store.save_session(dataclasses.replace(record, data=data))
-        return {"session_id": record.id, "data": sorted(data)}
+        return DataAdded(record.id, tuple(sorted(data)))
 
-    def describe(self, record: SessionRecord) -> dict[str, Any]:
-        """The session record plus its live instances and clients, as plain data."""
-        out = dataclasses.asdict(record)
-        out["request_queue"] = self.names.request_queue(record.id)
-        out["instances"] = [dataclasses.asdict(i) for i in self.store.instances(record.id)]
-        out["clients"] = [
-            ProgressStore(self.store.r, self.names, record.id, c).load().as_dict()
+    def describe(self, record: SessionRecord) -> SessionInfo:
+        """The session record plus its live instances and clients."""
+        instances = tuple(self.store.instances(record.id))
+        clients = tuple(
+            from_plain(
+                ClientStatus,
+                self.store.progress(record.id, c).load().as_dict(),
+                "client progress",
+            )
             for c in self.store.clients(record.id)
-        ]
-        out["load_errors"] = self.store.load_errors(record.id)
-        out["allocated_units"] = len(out["instances"])
-        out["target_units"] = self.store.targets().get(record.id, 0)
-        out["outstanding"] = sum(c["outstanding"] for c in out["clients"])
-        return out
+        )
+        return SessionInfo(
+            record=record,
+            request_queue=self.names.request_queue(record.id),
+            instances=instances,
+            clients=clients,
+            load_errors=self.store.load_errors(record.id),
+            allocated_units=len(instances),
+            target_units=self.store.targets().get(record.id, 0),
+            outstanding=sum(c.outstanding for c in clients),
+        )
 
-    def get(self, params: dict[str, Any]) -> dict[str, Any]:
+    def get(self, args: GetArgs) -> SessionInfo:
         """One session's record, instances and clients."""
-        return self.describe(self._session(params))
+        return self.describe(self._session(args.session_id))
 
-    def list_sessions(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def list_sessions(self, args: ListArgs) -> SessionList:
         """Every open session, optionally only those of one service."""
-        service = params.get("service")
-        return [
-            self.describe(r)
-            for r in self.store.open_sessions()
-            if service is None or r.service == service
-        ]
+        return SessionList(
+            tuple(
+                self.describe(r)
+                for r in self.store.open_sessions()
+                if args.service is None or r.service == args.service
+            )
+        )
 
-    def hosts(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def hosts(self, _args: HostsArgs) -> HostList:
         """Every live worker host with its pool, size, assigned and running instances per
         session, utilisation and heartbeat age."""
         registered = self.store.hosts()
@@ -201,59 +229,61 @@ class SessionService:
                     per = running[instance.host_id]
                     per[str(session.id)] = per.get(str(session.id), 0) + 1
         now = time.time()
-        return [
-            {
-                **dataclasses.asdict(registered[h]),
-                "assignments": {str(k): v for k, v in assignments[h].items()},
-                "instances": running[h],
-                "uptime": round(now - registered[h].started, 1),
-                "heartbeat_age": round(max(0.0, now - registered[h].beat), 1),
-            }
-            for h in sorted(alive)
-        ]
+        return HostList(
+            tuple(
+                HostInfo(
+                    record=registered[h],
+                    assignments={str(k): v for k, v in assignments[h].items()},
+                    instances=running[h],
+                    uptime=round(now - registered[h].started, 1),
+                    heartbeat_age=round(max(0.0, now - registered[h].beat), 1),
+                )
+                for h in sorted(alive)
+            )
+        )
 
-    def attach_client(self, params: dict[str, Any]) -> dict[str, Any]:
+    def attach_client(self, args: AttachClientArgs) -> Attached:
         """Declare the response queue of a client id; returns its name."""
-        record = self._session(params)
-        client_id = check_client_id(str(params.get("client_id", "")))
+        record = self._session(args.session_id)
+        client_id = check_client_id(args.client_id)
         spec = response_queue(self.names, record.id, client_id, record.durable)
-        if record.state != "closed":  # a closed durable session only serves its responses
+        if record.state != SessionState.CLOSED:  # a closed durable session only serves reads
             self.channel.queue_declare(**spec.declare_kwargs())
-            ProgressStore(self.store.r, self.names, record.id, client_id).create()
+            self.store.progress(record.id, client_id).create()
             self.store.add_client(record.id, client_id)
         elif client_id not in self.store.clients(record.id):
             raise SessionClosed(f"session {record.id} is closed and has no client {client_id!r}")
-        return {
-            "response_queue": spec.name,
-            "request_queue": self.names.request_queue(record.id),
-            "durable": record.durable,
-            "state": record.state,
-        }
+        return Attached(
+            response_queue=spec.name,
+            request_queue=self.names.request_queue(record.id),
+            durable=record.durable,
+            state=record.state,
+        )
 
-    def close(self, params: dict[str, Any]) -> dict[str, Any]:
+    def close(self, args: CloseArgs) -> Closed:
         """End a session; its hosts are freed by the next allocation.
 
         With `purge` (always, for interactive sessions) every queue and key goes. Without it, a
         durable session keeps its responses, readable by attaching, until closed with purge.
         """
-        record = self._session(params)
-        purge = bool(params.get("purge", True)) or not record.durable
+        record = self._session(args.session_id)
+        purge = args.purge or not record.durable
         self.channel.queue_delete(queue=self.names.request_queue(record.id))
         if purge:
             for client_id in self.store.clients(record.id):
                 self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id))
             self.store.delete_session(record.id)
         else:
-            self.store.save_session(dataclasses.replace(record, state="closed"))
+            self.store.save_session(dataclasses.replace(record, state=SessionState.CLOSED))
         log.info("session_closed", session_id=record.id, service=record.service, purge=purge)
         self.on_change()
-        return {"session_id": record.id, "state": "closed", "purged": purge}
+        return Closed(record.id, SessionState.CLOSED, purge)
 
-    def purge_client(self, params: dict[str, Any]) -> dict[str, Any]:
+    def purge_client(self, args: PurgeClientArgs) -> ClientPurged:
         """Delete one client id's responses and counters; the session goes on."""
-        record = self._session(params)
-        client_id = check_client_id(str(params.get("client_id", "")))
+        record = self._session(args.session_id)
+        client_id = check_client_id(args.client_id)
         self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id))
         self.store.forget_client(record.id, client_id)
         log.info("client_purged", session_id=record.id, client_id=client_id)
-        return {"session_id": record.id, "client_id": client_id, "purged": True}
+        return ClientPurged(record.id, client_id, True)

@@ -53,6 +53,10 @@ class BrokerSettings:
     allocation_grow_load_ratio_threshold: int = 125
     allocation_shrink_load_ratio_threshold: int = 75
 
+    def idle_limit(self, durable: bool) -> float:
+        """Seconds a session may stay without clients: durable sessions wait longer."""
+        return self.durable_session_idle_timeout if durable else self.session_idle_timeout
+
 
 @dataclass(frozen=True)
 class ClientSettings:

@@ -86,6 +86,13 @@ class DecodeError(PayloadError):
     """Bytes from the wire are not a valid soafarm message."""
 
 
+class ControlRequestError(DecodeError):
+    """A control request names an unknown operation, or its arguments have the wrong shape or
+    types (checked where it arrives, before the broker daemon acts on it)."""
+
+    exit_code = EXIT_USAGE
+
+
 class MessageTooLarge(PayloadError):
     """A request or response is larger than `max_message_bytes`."""
 

@@ -14,6 +14,7 @@ from soafarm.config import Settings, with_section
 from soafarm.errors import SoafarmError
 from soafarm.local.embedded import EmbeddedServers
 from soafarm.logs import configure_logging
+from soafarm.state.control import HostsArgs
 
 
 def _stop_on_signals(stop: object) -> None:
@@ -188,7 +189,7 @@ def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
                 LocalFarm(effective, workers=workers),
                 Session.create(SessionStartInfo("echo"), effective) as session,
             ):
-                units = sum(h["cores"] for h in session.control.call("hosts"))
+                units = sum(h.record.cores for h in session.control.request(HostsArgs()).items)
                 session.wait_for_instances(units)
                 click.echo(
                     f"session {session.id}: {units} echo service instance(s) ready; "

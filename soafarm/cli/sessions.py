@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import click
 
@@ -12,12 +11,22 @@ from soafarm.cli.output import emit_json, emit_table
 from soafarm.client.control import ControlClient
 from soafarm.client.session import UNBOUNDED_UNITS
 from soafarm.config import Settings
+from soafarm.state.control import (
+    CloseArgs,
+    ControlCall,
+    GetArgs,
+    HostInfo,
+    HostsArgs,
+    ListArgs,
+    R,
+)
+from soafarm.state.records import SessionRecord
 
 
-def _call(settings: Settings, op: str, **params: Any) -> Any:
+def _request(settings: Settings, args: ControlCall[R]) -> R:
     control = ControlClient(settings)
     try:
-        return control.call(op, **params)
+        return control.request(args)
     finally:
         control.close()
 
@@ -27,9 +36,9 @@ def _age(created: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds}s"
 
 
-def _units(session: dict[str, Any]) -> str:
-    top = "all" if session["max_units"] >= UNBOUNDED_UNITS else session["max_units"]
-    return f"{session['min_units']}..{top}"
+def _units(session: SessionRecord) -> str:
+    top = "all" if session.max_units >= UNBOUNDED_UNITS else session.max_units
+    return f"{session.min_units}..{top}"
 
 
 @cli.group()
@@ -43,27 +52,27 @@ def sessions() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sessions_list(settings: Settings, service: str | None, as_json: bool) -> None:
     """List open sessions with state, units and age."""
-    rows = _call(settings, "list", service=service)
+    rows = _request(settings, ListArgs(service))
     if as_json:
-        emit_json(rows)
+        emit_json(rows.to_wire())
         return
     emit_table(
         f"Sessions in namespace {settings.namespace!r}",
         ["id", "service", "kind", "state", "activity", "units", "allocated/target", "age", "owner"],
         [
             (
-                s["id"],
-                s["service"] + (f" {s['version']}" if s["version"] else ""),
-                ("durable" if s["durable"] else "interactive")
-                + (", shared" if s.get("shared") else ""),
-                s["state"],
-                s["activity"],
-                f"{s['resource_unit']} {_units(s)}",
-                f"{s['allocated_units']}/{s['target_units']}",
-                _age(s["created"]),
-                s["owner"],
+                s.record.id,
+                s.record.service + (f" {s.record.version}" if s.record.version else ""),
+                ("durable" if s.record.durable else "interactive")
+                + (", shared" if s.record.shared else ""),
+                s.record.state,
+                s.record.activity,
+                f"{s.record.resource_unit} {_units(s.record)}",
+                f"{s.allocated_units}/{s.target_units}",
+                _age(s.record.created),
+                s.record.owner,
             )
-            for s in rows
+            for s in rows.items
         ],
     )
 
@@ -74,7 +83,7 @@ def sessions_list(settings: Settings, service: str | None, as_json: bool) -> Non
 def sessions_show(settings: Settings, session_id: int) -> None:
     """Print one session's record, instances and clients as JSON (with allocated_units, the
     instances running, against target_units, what the allocator gives it)."""
-    emit_json(_call(settings, "get", session_id=session_id))
+    emit_json(_request(settings, GetArgs(session_id)).to_wire())
 
 
 @sessions.command("close")
@@ -85,8 +94,8 @@ def sessions_show(settings: Settings, session_id: int) -> None:
 )
 def sessions_close(settings: Settings, session_id: int, purge: bool) -> None:
     """Close a session: no more requests, its hosts are freed and pending requests deleted."""
-    result = _call(settings, "close", session_id=session_id, purge=purge)
-    kept = "" if result["purged"] else "; its responses stay readable until closed with --purge"
+    result = _request(settings, CloseArgs(session_id, purge))
+    kept = "" if result.purged else "; its responses stay readable until closed with --purge"
     click.echo(f"session {session_id} closed{kept}")
 
 
@@ -96,30 +105,29 @@ def sessions_close(settings: Settings, session_id: int, purge: bool) -> None:
 def hosts(settings: Settings, as_json: bool) -> None:
     """List live worker hosts: pool, size, instances per session (running/assigned),
     utilisation over the last heartbeat, heartbeat age and uptime."""
-    rows = _call(settings, "hosts")
+    rows = _request(settings, HostsArgs())
     if as_json:
-        emit_json(rows)
+        emit_json(rows.to_wire())
         return
     emit_table(
         f"Worker hosts in namespace {settings.namespace!r}",
         ["id", "pool", "cores/sockets", "instances (session: run/assigned)", "busy", "beat", "up"],
         [
             (
-                h["id"] + (" (draining)" if h.get("draining") else ""),
-                h.get("pool", "default"),
-                f"{h['cores']}/{h.get('sockets', 1)}",
+                h.record.id + (" (draining)" if h.record.draining else ""),
+                h.record.pool,
+                f"{h.record.cores}/{h.record.sockets}",
                 _per_session(h),
-                "-" if h.get("utilisation") is None else f"{100 * h['utilisation']:.0f}%",
-                f"{h.get('heartbeat_age', 0.0):.1f}s ago",
-                f"{h['uptime']:.0f}s",
+                "-" if h.record.utilisation is None else f"{100 * h.record.utilisation:.0f}%",
+                f"{h.heartbeat_age:.1f}s ago",
+                f"{h.uptime:.0f}s",
             )
-            for h in rows
+            for h in rows.items
         ],
     )
 
 
-def _per_session(host: dict[str, Any]) -> str:
-    running: dict[str, int] = host.get("instances", {})
-    assigned: dict[str, int] = host["assignments"]
+def _per_session(host: HostInfo) -> str:
+    running, assigned = host.instances, host.assignments
     sids = sorted(set(running) | set(assigned), key=int)
     return ", ".join(f"{s}: {running.get(s, 0)}/{assigned.get(s, 0)}" for s in sids) or "-"

@@ -15,6 +15,7 @@ from soafarm.config import Settings, mask_url
 from soafarm.errors import BrokerUnavailable, ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
+from soafarm.state.control import ControlCall, R, decode_request
 from soafarm.transport.connections import close_quietly, kombu_connection, reporting_lost_connection
 from soafarm.transport.topology import control_queue
 
@@ -31,7 +32,8 @@ def _error_class(name: str) -> type[SoafarmError]:
 
 
 class ControlClient:
-    """A connection to the broker daemon: `call(op, **params)` returns its result or raises."""
+    """A connection to the broker daemon: `request(args)` returns its typed reply or raises
+    the broker's error (`call(op, **params)` the same as plain data)."""
 
     def __init__(self, settings: Settings) -> None:
         """Connect to RabbitMQ (ConnectionFailed if unreachable) and open a reply queue."""
@@ -70,21 +72,33 @@ class ControlClient:
         return int(consumers)
 
     def call(self, op: str, timeout: float | None = None, **params: Any) -> Any:
-        """Send a control request; wait for the broker's reply up to `timeout` seconds.
+        """Send control request `op` with `params`; return its reply as plain data.
+
+        The untyped form of `request` (the CLI prints replies as JSON): the arguments are
+        checked here as the broker daemon would check them, and the reply before it is
+        returned.
+        """
+        args: ControlCall[Any] = decode_request(ControlRequest(op, params))
+        return self.request(args, timeout).to_wire()
+
+    def request(self, args: ControlCall[R], timeout: float | None = None) -> R:
+        """Send a typed control request; wait for the broker's reply up to `timeout` seconds.
 
         Read-only requests are retried once on a fresh connection if RabbitMQ dropped this one
         (it restarted, say): a long-lived session keeps working.
         """
         try:
-            return self._call(op, timeout, params)
+            result = self._call(args.envelope(), timeout)
         except ConnectionFailed:
-            if op not in IDEMPOTENT_OPS:
+            if args.op not in IDEMPOTENT_OPS:
                 raise
             close_quietly(self.connection)
             self._open()
-            return self._call(op, timeout, params)
+            result = self._call(args.envelope(), timeout)
+        return args.decode_reply(result)
 
-    def _call(self, op: str, timeout: float | None, params: dict[str, Any]) -> Any:
+    def _call(self, request: ControlRequest, timeout: float | None) -> Any:
+        op = request.op
         timeout = self.settings.client.control_timeout if timeout is None else timeout
         where = f"on queue {self.names.control_queue} at {mask_url(self.settings.amqp_urls[0])}"
         hint = "start one with `soafarm broker` or `soafarm up`"
@@ -100,7 +114,7 @@ class ControlClient:
                 raise BrokerUnavailable(f"no broker daemon is running {where}; {hint}")
             corr = uuid.uuid4().hex
             self.producer.publish(
-                encode(ControlRequest(op, params)),
+                encode(request),
                 routing_key=self.names.control_queue,
                 exchange="",
                 content_type=CONTENT_TYPE,

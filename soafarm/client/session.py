@@ -13,7 +13,11 @@ from soafarm.client.heartbeat import Heartbeat
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
 from soafarm.errors import ConfigError, SessionClosed, SessionError, SessionNotFound
 from soafarm.names import Names
+from soafarm.plain import from_plain
 from soafarm.state.commondata import upload
+from soafarm.state.control import AddDataArgs, CloseArgs, CreateArgs, GetArgs, ListArgs, SessionInfo
+from soafarm.state.records import SessionState
+from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import redis_client
 
 #: Sent for "no upper bound" on units: the allocator never gives more than the farm has.
@@ -54,20 +58,28 @@ class SessionStartInfo:
             BrokerSettings(), self.broker_settings, "SessionStartInfo.broker_settings"
         )
 
+    def to_args(
+        self, owner: str, durable: bool = False, data: Mapping[str, str] | None = None
+    ) -> CreateArgs:
+        """The `create` control request (common data is uploaded first: `data` holds its
+        Redis keys)."""
+        return CreateArgs(
+            durable=durable,
+            shared=self.share_session,
+            service=self.service,
+            version=self.version,
+            min_units=self.min_units,
+            max_units=UNBOUNDED_UNITS if self.max_units is None else self.max_units,
+            resource_unit=self.resource_unit,
+            priority=self.priority,
+            broker_settings=dict(self.broker_settings),
+            owner=owner,
+            data=dict(data or {}),
+        )
+
     def to_params(self, owner: str, durable: bool = False) -> dict[str, Any]:
-        """The `create` control request's parameters (common data is uploaded separately)."""
-        return {
-            "durable": durable,
-            "shared": self.share_session,
-            "service": self.service,
-            "version": self.version,
-            "min_units": self.min_units,
-            "max_units": UNBOUNDED_UNITS if self.max_units is None else self.max_units,
-            "resource_unit": self.resource_unit,
-            "priority": self.priority,
-            "broker_settings": dict(self.broker_settings),
-            "owner": owner,
-        }
+        """The `create` control request's parameters as plain data."""
+        return self.to_args(owner, durable).params()
 
 
 @dataclass(frozen=True)
@@ -83,18 +95,20 @@ class Session:
 
     durable = False
 
-    def __init__(self, control: ControlClient, record: dict[str, Any], settings: Settings) -> None:
+    def __init__(
+        self, control: ControlClient, record: SessionInfo | Mapping[str, Any], settings: Settings
+    ) -> None:
         """Wrap a session the broker created; prefer `Session.create`. While this object is
         open it heartbeats, so the broker counts the session as in use."""
         self.control = control
-        self.record = record
+        self._set_record(record)
         self.settings = settings
         self.closed = False
-        self.redis = redis_client(settings)
+        self.sessions = SessionStore(redis_client(settings), Names(settings.namespace))
         self.heartbeat = Heartbeat(
-            self.redis,
-            Names(settings.namespace).session_handles_key(self.id),
-            float(record.get("broker_settings", {}).get("client_idle_timeout", 300.0)),
+            self.sessions,
+            self.id,
+            self.broker_settings.client_idle_timeout,
             "session",
         )
 
@@ -105,14 +119,12 @@ class Session:
         settings = settings or load_settings()
         control = ControlClient(settings)
         try:
-            params = info.to_params(control.owner, cls.durable)
-            if info.common_data:
-                params["data"] = _upload(settings, info.common_data)
-            record = control.call("create", **params)
+            data = _upload(settings, info.common_data) if info.common_data else None
+            described = control.request(info.to_args(control.owner, cls.durable, data))
         except BaseException:
             control.close()
             raise
-        return cls(control, record, settings)
+        return cls(control, described, settings)
 
     @classmethod
     def find(cls, service: str, settings: Settings | None = None) -> Self:
@@ -121,11 +133,11 @@ class Session:
         control = ControlClient(settings)
         try:
             shared = [
-                s
-                for s in control.call("list", service=service)
-                if s.get("shared")
-                and s["state"] in ("queued", "running")
-                and bool(s.get("durable")) == cls.durable
+                s.record
+                for s in control.request(ListArgs(service)).items
+                if s.record.shared
+                and s.record.state in (SessionState.QUEUED, SessionState.RUNNING)
+                and s.record.durable == cls.durable
             ]
         finally:
             control.close()
@@ -134,14 +146,14 @@ class Session:
                 f"no open shared session of service {service!r} "
                 "(create one with SessionStartInfo(share_session=True))"
             )
-        newest = max(shared, key=lambda s: s["created"])
-        return cls.attach(SessionAttachInfo(int(newest["id"])), settings)
+        newest = max(shared, key=lambda s: s.created)
+        return cls.attach(SessionAttachInfo(newest.id), settings)
 
     def set_common_data(self, name: str, value: Any) -> None:
         """Attach (or replace) common data `name`; instances read it with
         `context.common_data(name)`. Set it before sending requests that need it."""
         keys = _upload(self.settings, {name: value})
-        self.control.call("add_data", session_id=self.id, data=keys)
+        self.control.request(AddDataArgs(self.id, keys))
 
     @classmethod
     def attach(cls, info: SessionAttachInfo, settings: Settings | None = None) -> Self:
@@ -149,11 +161,11 @@ class Session:
         settings = settings or load_settings()
         control = ControlClient(settings)
         try:
-            record = control.call("get", session_id=info.session_id)
-            if bool(record.get("durable")) != cls.durable:
+            described = control.request(GetArgs(info.session_id))
+            if described.record.durable != cls.durable:
                 kind, other = (
                     ("durable", "DurableSession")
-                    if record.get("durable")
+                    if described.record.durable
                     else ("interactive", "Session")
                 )
                 raise SessionError(
@@ -162,7 +174,21 @@ class Session:
         except BaseException:
             control.close()
             raise
-        return cls(control, record, settings)
+        return cls(control, described, settings)
+
+    def _set_record(self, record: SessionInfo | Mapping[str, Any]) -> None:
+        if isinstance(record, SessionInfo):
+            #: The session as the broker last described it, as plain data.
+            self.record: dict[str, Any] = record.to_wire()
+            #: The session's effective broker settings (fixed when it was created).
+            self.broker_settings = record.record.broker_settings
+        else:
+            # a record made by hand (an id is enough to close a session) may leave the
+            # settings out: they take their defaults, as in an old Redis record
+            self.record = dict(record)
+            self.broker_settings = from_plain(
+                BrokerSettings, self.record.get("broker_settings", {}), "session broker_settings"
+            )
 
     @property
     def id(self) -> int:
@@ -174,16 +200,23 @@ class Session:
         """The service name."""
         return str(self.record["service"])
 
+    def refresh(self) -> SessionInfo:
+        """The session as the broker sees it now: record, instances, clients."""
+        info = self.control.request(GetArgs(self.id))
+        self._set_record(info)
+        return info
+
     def status(self) -> dict[str, Any]:
-        """The session's record as the broker sees it now: state, instances, clients."""
-        self.record = self.control.call("get", session_id=self.id)
+        """The session's record as the broker sees it now: state, instances, clients (as
+        plain data; `refresh()` returns it typed)."""
+        self.refresh()
         return self.record
 
     def wait_for_instances(self, count: int, timeout: float = 60.0) -> int:
         """Block until at least `count` service instances serve the session; return how many."""
         deadline = time.monotonic() + timeout
         while True:
-            n = len(self.status()["instances"])
+            n = len(self.refresh().instances)
             if n >= count:
                 return n
             if time.monotonic() >= deadline:
@@ -205,13 +238,13 @@ class Session:
         try:
             # the heartbeat stops after the close: without it the broker could see the
             # session idle and close it first
-            self.control.call("close", session_id=self.id, purge=purge)
+            self.control.request(CloseArgs(self.id, purge))
         except SessionClosed:
             pass  # closed already (idle timeout, another client): the goal is reached
         finally:
             self.heartbeat.stop()
             self.control.close()
-            self.redis.close()
+            self.sessions.close()
 
     def detach(self) -> None:
         """Disconnect, leaving the session running (reattach with its id)."""
@@ -219,7 +252,7 @@ class Session:
             self.closed = True
             self.heartbeat.stop()
             self.control.close()
-            self.redis.close()
+            self.sessions.close()
 
     def __enter__(self) -> Self:
         """Use as a context manager: the session closes on exit."""
@@ -258,12 +291,12 @@ def attach_session(session_id: int, settings: Settings | None = None) -> Session
     settings = settings or load_settings()
     control = ControlClient(settings)
     try:
-        record = control.call("get", session_id=session_id)
+        described = control.request(GetArgs(session_id))
     except BaseException:
         control.close()
         raise
-    kind = DurableSession if record.get("durable") else Session
-    return kind(control, record, settings)
+    kind = DurableSession if described.record.durable else Session
+    return kind(control, described, settings)
 
 
 def _upload(settings: Settings, values: Mapping[str, Any]) -> dict[str, str]:

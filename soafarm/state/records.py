@@ -6,12 +6,14 @@ operator; nothing here is the only copy of a request or a response.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Self
+from enum import StrEnum
+from typing import Self
 
+from soafarm.config import BrokerSettings
 from soafarm.errors import DecodeError
+from soafarm.plain import from_plain, to_plain
 
 
 def as_text(value: bytes | str) -> str:
@@ -19,22 +21,46 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class SessionState(StrEnum):
+    """Where a session is in its life (`soafarm sessions list` prints the value)."""
+
+    #: Waiting for hosts: the allocator gives it no unit yet.
+    QUEUED = "queued"
+    #: At least one unit is allocated to it.
+    RUNNING = "running"
+    #: No live host could load its service.
+    FAILED = "failed"
+    #: A durable session closed without purge: it runs nothing, its responses stay readable.
+    CLOSED = "closed"
+
+
+class SessionActivity(StrEnum):
+    """Whether clients use a session, as the life-cycle monitor last saw it."""
+
+    #: No client id attached yet (`client_connection_timeout` runs).
+    CREATED = "created"
+    #: Some client handle heartbeats.
+    ACTIVE = "active"
+    #: No client handle left (`session_idle_timeout` runs).
+    IDLE = "idle"
+
+
 class _JsonRecord:
-    """Mixin: (de)serialise a flat dataclass as JSON, ignoring unknown fields (newer writers)."""
+    """Mixin: (de)serialise a dataclass as JSON, ignoring unknown fields (newer writers)."""
 
     def to_json(self) -> str:
-        """JSON text of every field."""
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))  # type: ignore[call-overload]
+        """JSON text of every field (enums as their values)."""
+        return json.dumps(to_plain(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Self:
-        """Parse a record written by `to_json`."""
+        """Parse a record written by `to_json`; missing fields take their defaults."""
+        where = f"corrupt {cls.__name__} record in Redis"
         try:
             data = json.loads(raw)
-            known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError) as e:
-            raise DecodeError(f"corrupt {cls.__name__} record in Redis: {e}") from None
+        except ValueError as e:
+            raise DecodeError(f"{where}: {e}") from None
+        return from_plain(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -44,19 +70,21 @@ class SessionRecord(_JsonRecord):
     id: int
     service: str
     version: str | None
-    state: str
+    state: SessionState
     min_units: int
     max_units: int
     priority: int
     resource_unit: str
     created: float
     owner: str
-    broker_settings: dict[str, Any] = field(default_factory=dict)
+    #: The effective per-session settings, layered once at creation (records written before
+    #: they were typed hold a partial map: missing keys take BrokerSettings' defaults).
+    broker_settings: BrokerSettings = field(default_factory=BrokerSettings)
     include_exception_detail_in_faults: bool = False
     max_concurrent_calls: int = 0
     durable: bool = False
     error: str = ""
-    activity: str = "created"
+    activity: SessionActivity = SessionActivity.CREATED
     idle_since: float = 0.0
     shared: bool = False
     data: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,323 @@
+"""The control RPCs' contracts: one frozen record per operation's arguments and per reply.
+
+The wire is unchanged (a `ControlRequest` envelope with an op name and a msgpack map of
+arguments, a `ControlReply` with plain data); `decode_request` is the one edge where the
+broker daemon turns that map into a typed record, and `ControlCall.decode_reply` the edge
+where the client turns a reply into one. Anything else is a `ControlRequestError` (or a
+`DecodeError` for replies) that names the operation and the field. These live with the
+state records because replies carry them (a session description is its `SessionRecord`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+from soafarm.errors import ControlRequestError, DecodeError
+from soafarm.plain import FLAT, from_plain, to_plain
+from soafarm.protocol import ControlRequest
+from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord, SessionState
+
+
+class Reply:
+    """Base of every reply record: plain data out (`to_wire`), checked data in."""
+
+    def to_wire(self) -> Any:
+        """The reply as the plain data the control RPC carries."""
+        return to_plain(self)
+
+    @classmethod
+    def from_wire(cls, data: Any, where: str) -> Self:
+        """Check a reply from the wire (unknown keys are ignored: a newer broker's)."""
+        return from_plain(cls, data, where)
+
+
+class _ListReply(Reply):
+    """A reply that is a list on the wire; the record holds it as `items`."""
+
+    items: tuple[Any, ...]
+
+    def to_wire(self) -> Any:
+        """The items as a plain list."""
+        return to_plain(self.items)
+
+    @classmethod
+    def from_wire(cls, data: Any, where: str) -> Self:
+        """Check a list of items from the wire."""
+        return from_plain(cls, {"items": data}, where)
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """A client id's counters in a session description."""
+
+    client_id: str
+    accepted: int
+    done: int
+    faulted: int
+    outstanding: int
+    sealed: bool
+    total: int | None
+    finished: bool
+
+
+@dataclass(frozen=True)
+class SessionInfo(Reply):
+    """A session described (reply to create and get): its record beside live facts."""
+
+    record: SessionRecord = field(metadata={FLAT: True})
+    request_queue: str = ""
+    instances: tuple[InstanceRecord, ...] = ()
+    clients: tuple[ClientStatus, ...] = ()
+    #: Host id -> why the service did not load there.
+    load_errors: dict[str, str] = field(default_factory=dict)
+    #: Instances running now, against what the allocator gives the session.
+    allocated_units: int = 0
+    target_units: int = 0
+    #: Requests of every client id without a response yet.
+    outstanding: int = 0
+
+
+@dataclass(frozen=True)
+class SessionList(_ListReply):
+    """Reply to list: open sessions described."""
+
+    items: tuple[SessionInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """A live worker host as `soafarm hosts` shows it."""
+
+    record: HostRecord = field(metadata={FLAT: True})
+    #: Session id (as text) -> instances assigned, and running.
+    assignments: dict[str, int] = field(default_factory=dict)
+    instances: dict[str, int] = field(default_factory=dict)
+    uptime: float = 0.0
+    heartbeat_age: float = 0.0
+
+
+@dataclass(frozen=True)
+class HostList(_ListReply):
+    """Reply to hosts: every live worker host."""
+
+    items: tuple[HostInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class Closed(Reply):
+    """Reply to close."""
+
+    session_id: int
+    state: SessionState
+    purged: bool
+
+
+@dataclass(frozen=True)
+class Attached(Reply):
+    """Reply to attach_client: where the client id sends and reads."""
+
+    response_queue: str
+    request_queue: str
+    durable: bool
+    state: SessionState
+
+
+@dataclass(frozen=True)
+class ClientPurged(Reply):
+    """Reply to purge_client."""
+
+    session_id: int
+    client_id: str
+    purged: bool
+
+
+@dataclass(frozen=True)
+class DataAdded(Reply):
+    """Reply to add_data: the names of every common data item the session now has."""
+
+    session_id: int
+    data: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pong(Reply):
+    """Reply to ping: the namespace the answering broker daemon serves."""
+
+    namespace: str
+
+
+R = TypeVar("R", bound=Reply)
+
+
+class ControlCall(Generic[R]):
+    """Base of every operation's arguments record: its op name and reply type."""
+
+    op: ClassVar[str]
+    reply_type: type[R]
+
+    def params(self) -> dict[str, Any]:
+        """The arguments as the plain map a `ControlRequest` carries."""
+        params: dict[str, Any] = to_plain(self)
+        return params
+
+    def envelope(self) -> ControlRequest:
+        """The request to send."""
+        return ControlRequest(self.op, self.params())
+
+    def decode_reply(self, result: Any) -> R:
+        """Check the broker's result for this operation (DecodeError when malformed)."""
+        return self.reply_type.from_wire(result, f"control reply to {self.op!r}")
+
+
+@dataclass(frozen=True)
+class CreateArgs(ControlCall[SessionInfo]):
+    """Create a session of a registered service."""
+
+    op: ClassVar[str] = "create"
+    reply_type = SessionInfo
+
+    service: str
+    version: str | None = None
+    min_units: int = 1
+    #: None: as many as min_units.
+    max_units: int | None = None
+    resource_unit: str = "core"
+    priority: int = 2000
+    #: Per-session overrides (SessionStartInfo.broker_settings), layered by the broker.
+    broker_settings: dict[str, Any] = field(default_factory=dict)
+    owner: str = ""
+    durable: bool = False
+    shared: bool = False
+    #: Common data: name -> Redis key made by `soafarm.state.commondata.upload`.
+    data: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A session needs a service to resolve."""
+        if not self.service:
+            raise ValueError("service must be a non-empty string")
+
+
+@dataclass(frozen=True)
+class GetArgs(ControlCall[SessionInfo]):
+    """Describe one session."""
+
+    op: ClassVar[str] = "get"
+    reply_type = SessionInfo
+
+    session_id: int
+
+
+@dataclass(frozen=True)
+class ListArgs(ControlCall[SessionList]):
+    """Describe every open session, or those of one service."""
+
+    op: ClassVar[str] = "list"
+    reply_type = SessionList
+
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class CloseArgs(ControlCall[Closed]):
+    """Close a session (a durable one keeps its responses unless `purge`)."""
+
+    op: ClassVar[str] = "close"
+    reply_type = Closed
+
+    session_id: int
+    purge: bool = True
+
+
+@dataclass(frozen=True)
+class AttachClientArgs(ControlCall[Attached]):
+    """Declare a client id's response queue in a session."""
+
+    op: ClassVar[str] = "attach_client"
+    reply_type = Attached
+
+    session_id: int
+    client_id: str
+
+
+@dataclass(frozen=True)
+class PurgeClientArgs(ControlCall[ClientPurged]):
+    """Delete one client id's responses and counters."""
+
+    op: ClassVar[str] = "purge_client"
+    reply_type = ClientPurged
+
+    session_id: int
+    client_id: str
+
+
+@dataclass(frozen=True)
+class AddDataArgs(ControlCall[DataAdded]):
+    """Attach more common data to an open session."""
+
+    op: ClassVar[str] = "add_data"
+    reply_type = DataAdded
+
+    session_id: int
+    data: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HostsArgs(ControlCall[HostList]):
+    """List the live worker hosts."""
+
+    op: ClassVar[str] = "hosts"
+    reply_type = HostList
+
+
+@dataclass(frozen=True)
+class PingArgs(ControlCall[Pong]):
+    """Check a broker daemon answers."""
+
+    op: ClassVar[str] = "ping"
+    reply_type = Pong
+
+
+ControlArgs = (
+    CreateArgs
+    | GetArgs
+    | ListArgs
+    | CloseArgs
+    | AttachClientArgs
+    | PurgeClientArgs
+    | AddDataArgs
+    | HostsArgs
+    | PingArgs
+)
+
+_BY_OP: dict[str, type[ControlArgs]] = {
+    c.op: c
+    for c in (
+        CreateArgs,
+        GetArgs,
+        ListArgs,
+        CloseArgs,
+        AttachClientArgs,
+        PurgeClientArgs,
+        AddDataArgs,
+        HostsArgs,
+        PingArgs,
+    )
+}
+
+#: Every operation the broker daemon answers.
+OPS = tuple(_BY_OP)
+
+
+def decode_request(request: ControlRequest) -> ControlArgs:
+    """The typed arguments of a control request, or ControlRequestError saying what is wrong
+    (unknown operation, unknown or missing argument, wrong type)."""
+    cls = _BY_OP.get(request.op)
+    if cls is None:
+        raise ControlRequestError(
+            f"unknown control operation {request.op!r}; known: {', '.join(OPS)}"
+        )
+    try:
+        return from_plain(cls, request.params, f"control request {request.op!r}", strict=True)
+    except DecodeError as e:
+        raise ControlRequestError(str(e)) from None
