@@ -3,8 +3,9 @@
 Starts a local farm in a private namespace on the local RabbitMQ and Redis, measures each
 figure several times after a warm-up, then the peers (raw pika request/reply, Celery 5 default
 and acks_late, Dramatiq) doing the same echo work, and prints medians with min/max and the
-ratio of soafarm's median to each peer's, plus a CPU profile per component. Needs the peers:
-`pip install -e '.[bench]'`.
+ratio of soafarm's median to each peer's, plus a CPU profile per component. With `--dispatch`,
+then the figures of `python -m benchmarks.dispatch` (calls that take time, the LongRunning
+window) as a table of their own. Needs the peers: `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from contextlib import ExitStack
 from functools import partial
 
+from benchmarks import dispatch
 from benchmarks.common import Figure, add_percentiles, machine, render, repeat
 from benchmarks.figures import (
     SERVICES,
@@ -109,6 +111,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Smaller batches, one run each.")
     parser.add_argument("--json", dest="json_file", help="Also write the results here.")
     parser.add_argument("--no-peers", action="store_true", help="Only soafarm's figures.")
+    parser.add_argument(
+        "--dispatch",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Also the dispatch figures (benchmarks.dispatch), after the others: about "
+        "30 s with --quick, 10 minutes without.",
+    )
     args = parser.parse_args()
     quick = args.quick
     runs = 1 if quick else 3
@@ -143,13 +152,20 @@ def main() -> None:
     print(render(figures, title))
     print()
     print(render_profile(profile, n_echo))
+    results: dict[str, object] = {
+        "title": title,
+        "figures": [f.as_dict() for f in figures],
+        "profile": profile,
+    }
+    if args.dispatch:
+        # its own farm and namespace: measured after the farm above has stopped
+        report = dispatch.run(quick, with_peers=not args.no_peers)
+        print()
+        print(report.render())
+        results["dispatch"] = report.as_dict()
     if args.json_file:
         with open(args.json_file, "w") as fh:
-            json.dump(
-                {"title": title, "figures": [f.as_dict() for f in figures], "profile": profile},
-                fh,
-                indent=2,
-            )
+            json.dump(results, fh, indent=2)
 
 
 if __name__ == "__main__":

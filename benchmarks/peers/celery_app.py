@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
 
@@ -23,3 +24,11 @@ if os.environ.get("BENCH_ACKS_LATE") == "1":
 def echo(value: object) -> object:
     """Return the value."""
     return value
+
+
+@app.task
+def nap(seconds: float) -> list[float]:
+    """Sleep `seconds`; return [pid, wall start, wall end] (as soafarm's nap service)."""
+    began = time.time()
+    time.sleep(seconds)
+    return [os.getpid(), began, time.time()]

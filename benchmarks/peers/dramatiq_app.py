@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -20,3 +21,11 @@ dramatiq.set_broker(broker)
 def echo(value: object) -> object:
     """Return the value."""
     return value
+
+
+@dramatiq.actor(store_results=True, queue_name=os.environ.get("BENCH_QUEUE", "bench-dramatiq"))
+def nap(seconds: float) -> list[float]:
+    """Sleep `seconds`; return [pid, wall start, wall end] (as soafarm's nap service)."""
+    began = time.time()
+    time.sleep(seconds)
+    return [os.getpid(), began, time.time()]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 import pika
 
@@ -54,10 +55,14 @@ class RawPika:
         self.channel = self.connection.channel()
         self.reply = self.channel.queue_declare("", exclusive=True).method.queue
         self.got = 0
+        #: Called after each reply (the windowed mode sends the next request from it).
+        self._after_reply: Callable[[], None] | None = None
         self.channel.basic_consume(self.reply, self._on_reply, auto_ack=True)
 
     def _on_reply(self, *args: object) -> None:
         self.got += 1
+        if self._after_reply is not None:
+            self._after_reply()
 
     def _send(self, i: int) -> None:
         self.channel.basic_publish(
@@ -73,6 +78,33 @@ class RawPika:
         while self.got < n:
             self.connection.process_data_events(time_limit=1)
         return n / (time.perf_counter() - start)
+
+    def windowed(self, n: int, window: int, timeout: float = 30.0) -> float:
+        """Requests/s for `n` requests with at most `window` outstanding: each reply sends
+        the next request (the LongRunning pattern of a client with a bounded window)."""
+        self.got = 0
+        sent = 0
+
+        def top_up() -> None:
+            nonlocal sent
+            while sent < n and sent - self.got < window:
+                self._send(sent)
+                sent += 1
+
+        # topping up from the reply callback keeps the window full without waiting for
+        # process_data_events to return, as a response handler would
+        self._after_reply = top_up
+        try:
+            start = time.perf_counter()
+            top_up()
+            deadline = start + timeout
+            while self.got < n:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"{self.got} of {n} replies after {timeout:g}s")
+                self.connection.process_data_events(time_limit=1)
+            return n / (time.perf_counter() - start)
+        finally:
+            self._after_reply = None
 
     def latencies(self, n: int) -> list[float]:
         """Milliseconds per round trip, one request at a time."""

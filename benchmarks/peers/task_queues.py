@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pika
@@ -21,8 +22,9 @@ DRAMATIQ_SETUP = "RabbitMQ broker, Redis results, 2 processes (default threads)"
 class TaskQueuePeer:
     """A Celery or Dramatiq worker (2 processes) and its client."""
 
-    def __init__(self, kind: str, acks_late: bool = False) -> None:
-        """`kind` is 'celery' or 'dramatiq'."""
+    def __init__(self, kind: str, acks_late: bool = False, threads: int | None = None) -> None:
+        """`kind` is 'celery' or 'dramatiq'; `threads`, Dramatiq's threads per process (its
+        default, 8, when None)."""
         self.kind = kind
         self.queue = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
         env = {
@@ -55,6 +57,7 @@ class TaskQueuePeer:
 
             celery_app.app.conf.task_default_queue = self.queue
             self.task: Any = celery_app.echo
+            self.nap_task: Any = celery_app.nap
         else:
             cmd = [
                 sys.executable,
@@ -63,6 +66,7 @@ class TaskQueuePeer:
                 "benchmarks.peers.dramatiq_app",
                 "--processes",
                 "2",
+                *(["--threads", str(threads)] if threads is not None else []),
             ]
             import importlib
 
@@ -70,6 +74,7 @@ class TaskQueuePeer:
 
             importlib.reload(dramatiq_app)  # the actor's queue comes from BENCH_QUEUE
             self.task = dramatiq_app.echo
+            self.nap_task = dramatiq_app.nap
         self.worker = subprocess.Popen(
             cmd,
             env=env,
@@ -97,6 +102,19 @@ class TaskQueuePeer:
             for m in messages:
                 m.get_result(block=True, timeout=300_000)
         return n / (time.perf_counter() - start)
+
+    def nap_batch(self, seconds: Sequence[float]) -> tuple[float, list[list[float]]]:
+        """Enqueue one `nap` task per entry of `seconds`, all at once, then read every result:
+        (seconds from the first enqueue to the last result, each task's [pid, start, end])."""
+        start = time.perf_counter()
+        if self.kind == "celery":
+            pending = [self.nap_task.delay(s) for s in seconds]
+            spans = [p.get(timeout=300) for p in pending]
+        else:
+            messages = [self.nap_task.send(s) for s in seconds]
+            spans = [m.get_result(block=True, timeout=300_000) for m in messages]
+        # results are read in enqueue order, so the last read ends once every task is done
+        return time.perf_counter() - start, spans
 
     def latencies(self, n: int) -> list[float]:
         """Milliseconds per task, one at a time."""
