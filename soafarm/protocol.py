@@ -10,7 +10,7 @@ evaluated; `decode()` turns every malformed body into a single `DecodeError`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -293,3 +293,16 @@ def decode(body: bytes, limit: int) -> Message:
         raise DecodeError(f"malformed soafarm message: bad {e}") from None
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
         raise DecodeError(f"undecodable message: {type(e).__name__}: {e}") from None
+
+
+M = TypeVar("M")
+
+
+def decode_as(body: bytes, limit: int, kind: type[M]) -> M:
+    """Decode a body that must be a `kind` message: the decode-then-check every receiver
+    does, with one `DecodeError` for a body of the wrong kind too."""
+    message = decode(body, limit)
+    if not isinstance(message, kind):
+        wanted = "".join(f" {c.lower()}" if c.isupper() else c for c in kind.__name__).strip()
+        raise DecodeError(f"expected a {wanted}, got {type(message).__name__}")
+    return message

@@ -249,8 +249,8 @@ def test_a_durable_publish_no_queue_takes_is_sent_again_not_dropped(
     # then declared again while the client retries.
     import pika
 
-    from soafarm import connections
     from soafarm.names import Names
+    from soafarm.transport import connections
     from soafarm.transport.topology import request_queue
 
     with DurableSession.create(SessionStartInfo("echo"), settings) as session:
