@@ -71,6 +71,9 @@ class ClientSettings:
     #: Seconds send_request may block on a throttled session before raising Throttled (0: no
     #: limit).
     throttle_timeout: float = 0.0
+    #: Seconds a request may wait in the client's buffer for others to travel with it before
+    #: it is sent without flush() (0: every request is sent at once, in a message of its own).
+    linger: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("max_message_bytes must be at least 1024")
     if settings.client.request_batch_size < 1:
         raise ConfigError("client.request_batch_size must be at least 1")
+    if settings.client.linger < 0:
+        raise ConfigError(f"client.linger must be 0 or more seconds, not {settings.client.linger}")
     if settings.log_level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(
             f"log_level must be debug, info, warning or error, not {settings.log_level!r}"

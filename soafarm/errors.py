@@ -70,6 +70,11 @@ class ReaderTakenOver(SessionError):
     """Another reader took over this client id's responses (one reader at a time)."""
 
 
+class ResponseHandlerError(SessionError):
+    """A response handler set with `set_response_handler` raised; its exception is the cause.
+    The handler went on with the remaining responses."""
+
+
 class ResponseTimeout(SessionError):
     """Responses did not all arrive within the caller's timeout."""
 

@@ -310,10 +310,17 @@ def responses(  # noqa: PLR0917 - click passes every option by name
         if writer is not None:
             writer.writerow(["id", "user_data", "status", "result", "fault_type", "fault_message"])
         with BrokerClient(session, client_id) as client:
-            for response in client.get_responses(timeout, new_only, available_only=not follow):
+            # --new-only is exact even if this command is killed: each response is written
+            # out, then committed as read when the next one is asked for
+            responses = client.get_responses(
+                timeout, new_only, available_only=not follow, commit_each=new_only
+            )
+            for response in responses:
                 count += 1
                 faults += response.is_fault
                 _write(out, writer, response)
+                if new_only:
+                    out.flush()
     finally:
         session.detach()
         if output:

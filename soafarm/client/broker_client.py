@@ -15,22 +15,23 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
 import amqp.exceptions
-from kombu import Consumer, Producer, Queue
-from kombu.message import Message
+import structlog
+from kombu import Connection, Producer
 
 from soafarm.client.heartbeat import Heartbeat
-from soafarm.client.reader import Bitmap, StreamReader, StreamTarget
+from soafarm.client.inbox import QueueInbox, StreamInbox
+from soafarm.client.linger import Linger
+from soafarm.client.queue_reader import QueueReader
+from soafarm.client.reader import StreamReader, StreamTarget
 from soafarm.client.session import Session
 from soafarm.client.throttle import Throttle
 from soafarm.errors import (
-    DecodeError,
-    ResponseTimeout,
+    ResponseHandlerError,
     SessionClosed,
     SessionError,
     SessionFailed,
@@ -41,26 +42,32 @@ from soafarm.protocol import (
     CONTENT_TYPE,
     Request,
     Response,
-    ResponseBatch,
-    decode,
     encode_request,
     encode_request_batch,
 )
 from soafarm.state.clients import ClientProgress, ProgressStore
-from soafarm.state.records import SessionRecord
+from soafarm.state.control import AttachClientArgs
+from soafarm.state.records import SessionState
+from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import (
-    NO_ROUTE,
     UNROUTABLE_RETRY_SECONDS,
     close_quietly,
     kombu_connection,
+    publish_routed,
     redis_client,
     reporting_lost_connection,
-    unroutable_retries,
 )
+from soafarm.transport.errors import is_unroutable_return
 
-RESPONSE_PREFETCH = 64
-#: Seconds between writes of the confirmed-request count to Redis (and at seal and close).
-ACCEPTED_RECORD_INTERVAL = 0.2
+log = structlog.get_logger(__name__)
+
+#: Seconds between writes of the confirmed-request count to Redis (and at seal and close):
+#: the count others read (throttling, allocator, autoscaler) lags a flush by at most this.
+ACCEPTED_RECORD_INTERVAL = 0.05
+#: A buffer the caller has stopped adding to for this long is sent (a client that sends a
+#: few requests and waits gets them out at once; one sending in a loop fills its batches).
+#: `client.linger` bounds the wait of a buffer that keeps growing slowly.
+LINGER_QUIET = 0.0003
 #: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
 DURABLE_RETRY_POLICY = {
     "max_retries": 60,
@@ -82,31 +89,19 @@ class BrokerClient:
         self.session = session
         self.settings = session.settings
         self.client_id = check_client_id(client_id)
-        info = session.control.call(
-            "attach_client", session_id=session.id, client_id=self.client_id
-        )
-        self.request_queue: str = info["request_queue"]
-        self.response_queue: str = info["response_queue"]
-        self.durable: bool = bool(info.get("durable", False))
-        self.closed_session = info.get("state") == "closed"
+        attached = session.control.request(AttachClientArgs(session.id, self.client_id))
+        self.request_queue = attached.request_queue
+        self.response_queue = attached.response_queue
+        self.durable = attached.durable
+        self.closed_session = attached.state == SessionState.CLOSED
         self._names = Names(self.settings.namespace)
-        self.progress = ProgressStore(
-            redis_client(self.settings), self._names, session.id, client_id
-        )
+        state = redis_client(self.settings)
+        self.progress = ProgressStore(state, self._names, session.id, client_id)
+        self.sessions = SessionStore(state, self._names)
         start = self.progress.load()
-        self.heartbeat = Heartbeat(
-            self.progress.r,
-            self._names.session_handles_key(session.id),
-            float(session.record.get("broker_settings", {}).get("client_idle_timeout", 300.0)),
-            "client",
-        )
-        self.throttle = Throttle(
-            self.progress,
-            self._names,
-            session.id,
-            session.record.get("broker_settings", {}),
-            self.settings.client.throttle_timeout,
-        )
+        broker = session.broker_settings
+        self.heartbeat = Heartbeat(self.sessions, session.id, broker.client_idle_timeout, "client")
+        self.throttle = Throttle(self.progress, broker, self.settings.client.throttle_timeout)
         self.connection = kombu_connection(self.settings, confirm=self.durable)
         self.channel = self.connection.channel()
         self.producer = Producer(self.channel)
@@ -116,24 +111,30 @@ class BrokerClient:
         self._sent_here = 0
         self._recorded_at = 0.0
         self._recorded = -1  # the accepted count last recorded
-        # interactive: which of this client's requests have been answered (bit N = id N)
-        self._received = Bitmap()
-        self._lock = threading.Lock()
-        self._ready: deque[Response] = deque()
         self._sealed = start.sealed
-        self._consumer: Consumer | None = None
+        # the buffer and the publishing channel are shared by the caller's thread and the
+        # linger thread (client/linger.py), which sends what waits without flush()
+        self._lock = threading.RLock()
+        self._buffered_at = self._sent_at = 0.0
+        self._linger: Linger | None = None
+        self._failed: BaseException | None = None  # a background send's error, for the caller
+        self._handler_error: BaseException | None = None
+        self._read_connection: Connection | None = None
         self._handler_thread: threading.Thread | None = None
+        # the one receive path, chosen by the session's kind on first use
         self._reader: StreamReader | None = None
+        self._receiver: QueueReader | None = None
         self._stop = threading.Event()
-        self.duplicates = 0
 
     # --- sending --------------------------------------------------------------------------
     def send_request(self, op: str, *args: Any, user_data: Any = None, **kwargs: Any) -> int:
         """Queue a call of operation `op`; returns the request id.
 
-        Raises EncodeError / MessageTooLarge at once (nothing is sent) if the request cannot
-        be encoded or is over `max_message_bytes`.
+        The request leaves with others when the buffer fills, on flush(), or `client.linger`
+        seconds later at most. Raises EncodeError / MessageTooLarge at once (nothing is sent)
+        if the request cannot be encoded or is over `max_message_bytes`.
         """
+        self._raise_failed()
         if self.closed_session:
             raise SessionClosed(f"session {self.session.id} is closed: it takes no requests")
         if self._sealed:
@@ -141,20 +142,32 @@ class BrokerClient:
                 f"client id {self.client_id!r} is sealed (end_requests() was called)"
             )
         limit = self.settings.max_message_bytes
-        body = encode_request(Request(self._next_id, op, args, kwargs, user_data), limit)
-        if self._buffer and self._buffer_bytes + len(body) > limit - BATCH_HEADER_ALLOWANCE:
-            self.flush()
-        request_id = self._next_id
-        self._next_id += 1
-        self._buffer.append(body)
-        self._buffer_bytes += len(body)
-        if len(self._buffer) >= self.settings.client.request_batch_size:
-            self.flush()
+        with self._lock:
+            body = encode_request(Request(self._next_id, op, args, kwargs, user_data), limit)
+            if self._buffer and self._buffer_bytes + len(body) > limit - BATCH_HEADER_ALLOWANCE:
+                self._flush()
+            request_id = self._next_id
+            self._next_id += 1
+            self._buffer.append(body)
+            self._buffer_bytes += len(body)
+            linger = self.settings.client.linger
+            if len(self._buffer) >= self.settings.client.request_batch_size or linger <= 0:
+                self._flush()
+            else:
+                self._sent_at = time.monotonic()
+                if len(self._buffer) == 1:
+                    self._buffered_at = self._sent_at
+                    self._lingering().arm(self._sent_at + min(LINGER_QUIET, linger))
         return request_id
 
     def flush(self) -> None:
         """Send the buffered requests now, as one message; in a durable session, return once
         RabbitMQ has confirmed them."""
+        self._raise_failed()
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._buffer:
             return
         self.throttle.wait(self._next_id - len(self._buffer))  # what is already published
@@ -171,55 +184,92 @@ class BrokerClient:
         self._buffer_bytes = 0
         self._record_accepted()
 
+    def _lingering(self) -> Linger:
+        if self._linger is None:
+            self._linger = Linger(self._on_linger, f"linger-{self.client_id}")
+        return self._linger
+
+    def _on_linger(self) -> None:
+        """On the linger thread: send a buffer once the caller has stopped adding to it for
+        LINGER_QUIET, or its first request has waited `client.linger`; record the accepted
+        count a flush left unrecorded."""
+        with self._lock:
+            try:
+                if self._buffer:
+                    due = min(
+                        self._buffered_at + self.settings.client.linger,
+                        self._sent_at + LINGER_QUIET,
+                    )
+                    if time.monotonic() < due:
+                        self._lingering().arm(due)  # the caller is still adding requests
+                        return
+                    self._flush()
+                elif not self._sealed:
+                    self._record_accepted()
+            except Exception as e:  # raised to the caller at its next call
+                self._failed = e
+
+    def _raise_failed(self) -> None:
+        """Raise the error of a send the linger thread made for this caller, once."""
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
     def _publish(self, body: bytes, options: dict[str, Any]) -> None:
         """Publish one batch; a durable one is `mandatory` and sent again while RabbitMQ
-        returns it (see `unroutable_retries`)."""
-        retries = unroutable_retries(self.request_queue)
-        while True:
-            try:
-                with reporting_lost_connection(self.connection, self.settings.amqp_url):
-                    self.producer.publish(
-                        body,
-                        routing_key=self.request_queue,
-                        exchange="",
-                        content_type=CONTENT_TYPE,
-                        content_encoding="binary",
-                        mandatory=self.durable,
-                        **options,
-                    )
-                return
-            except amqp.exceptions.ChannelError as e:
-                if getattr(e, "reply_code", None) != NO_ROUTE:
-                    raise
-                # the return came before the publish's confirm, which is still on its way:
-                # a fresh channel, or that confirm would be taken for the next publish's
-                with contextlib.suppress(Exception):
-                    self.channel.close()
-                self.channel = self.connection.channel()
-                self.producer = Producer(self.channel)
-                delay = next(retries, None)
-                if delay is None:
-                    raise SessionError(
-                        f"RabbitMQ has no queue {self.request_queue} to take requests after "
-                        f"{UNROUTABLE_RETRY_SECONDS:g}s; was session {self.session.id} closed?"
-                    ) from None
-                time.sleep(delay)
+        returns it (see `publish_routed`)."""
+
+        def publish() -> None:
+            with reporting_lost_connection(self.connection, self.settings.amqp_url):
+                self.producer.publish(
+                    body,
+                    routing_key=self.request_queue,
+                    exchange="",
+                    content_type=CONTENT_TYPE,
+                    content_encoding="binary",
+                    mandatory=self.durable,
+                    **options,
+                )
+
+        try:
+            publish_routed(publish, self.request_queue, after_return=self._fresh_channel)
+        except amqp.exceptions.ChannelError as e:
+            if not is_unroutable_return(e):
+                raise
+            raise SessionError(
+                f"RabbitMQ has no queue {self.request_queue} to take requests after "
+                f"{UNROUTABLE_RETRY_SECONDS:g}s; was session {self.session.id} closed?"
+            ) from None
+
+    def _fresh_channel(self) -> None:
+        """Replace the channel after a returned publish: its confirm is still on its way, and
+        would be taken for the next publish's."""
+        with contextlib.suppress(Exception):
+            self.channel.close()
+        self.channel = self.connection.channel()
+        self.producer = Producer(self.channel)
 
     def _record_accepted(self) -> None:
-        """Record the accepted count in Redis, at most every ACCEPTED_RECORD_INTERVAL."""
+        """Record the accepted count in Redis, at most every ACCEPTED_RECORD_INTERVAL (the
+        linger thread records one left waiting)."""
+        if self._recorded == self._next_id:
+            return
         now = time.monotonic()
-        if self._recorded != self._next_id and now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
+        if now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
             # a Redis write per flush would cost more than the flush; a lagging count only
             # means a resumed client re-sends a few requests (which keep their ids) and the
-            # autoscaler sees the work up to 0.2 s late
+            # autoscaler sees the work a little late
             self.progress.record_accepted(self._next_id)
             self._recorded, self._recorded_at = self._next_id, now
+        else:
+            self._lingering().arm(self._recorded_at + ACCEPTED_RECORD_INTERVAL)
 
     def end_requests(self) -> None:
         """Send what is buffered and seal the batch: it has exactly `sent` requests."""
-        self.flush()
-        self.progress.seal(self._next_id)
-        self._sealed = True
+        with self._lock:
+            self.flush()
+            self.progress.seal(self._next_id)
+            self._sealed = True
 
     @property
     def sent(self) -> int:
@@ -229,8 +279,13 @@ class BrokerClient:
     @property
     def outstanding(self) -> int:
         """Requests sent whose response has not been received yet (this process's view)."""
-        with self._lock:
-            return self._next_id - self._received.count
+        reader = self._reader or self._receiver
+        return self._next_id - (reader.seen.count if reader is not None else 0)
+
+    @property
+    def duplicates(self) -> int:
+        """Responses received again and dropped (a request an instance ran twice)."""
+        return self._receiver.duplicates if self._receiver is not None else 0
 
     def status(self) -> ClientProgress:
         """Progress of this client id from the farm's counters: accepted, done, faulted..."""
@@ -244,7 +299,11 @@ class BrokerClient:
 
     # --- receiving ------------------------------------------------------------------------
     def get_responses(
-        self, timeout: float | None = None, new_only: bool = False, available_only: bool = False
+        self,
+        timeout: float | None = None,
+        new_only: bool = False,
+        available_only: bool = False,
+        commit_each: bool = False,
     ) -> Iterator[Response]:
         """Yield responses, each once, in arrival order; ends when the batch is complete.
 
@@ -254,83 +313,64 @@ class BrokerClient:
         `available_only` ends once the responses that exist now are read (`soafarm
         responses` without --follow). `timeout` is how many seconds to wait for the next
         response before raising ResponseTimeout (None waits forever). Sends anything still
-        buffered first.
+        buffered first. A durable read records what was handed out per batch, and exactly
+        where a caller stopped; with `commit_each`, each response is recorded as the caller
+        asks for the next one, so a later `new_only` read is exact even after this process
+        was killed (one Redis call per response).
         """
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
         self.flush()
-        until_done = self.progress.load().done if available_only else None
+        target = StreamTarget(
+            sent_here=self._next_id if self._sent_here else 0,
+            until_done=self.progress.load().done if available_only else None,
+        )
         if self.durable:
-            yield from self._stream_reader().responses(
-                timeout,
-                new_only,
-                StreamTarget(
-                    sent_here=self._next_id if self._sent_here else 0, until_done=until_done
-                ),
+            reader = self._stream_reader()
+            reader.commit_each = commit_each
+            yield from reader.responses(timeout, new_only, target)
+        else:
+            yield from self._queue_reader().responses(
+                timeout, target, before_wait=self._record_pending
             )
-            return
-        if not self._sent_here:  # reading another process's interactive batch (the CLI)
-            yield from self._read_others(timeout, until_done)
-            return
-        while True:
-            while self._ready:
-                yield self._ready.popleft()
-            if not self.outstanding:
-                return
-            if not self._sealed:  # the last flushes' count, for the autoscaler
-                self._record_accepted()
-            with reporting_lost_connection(self.connection, self.settings.amqp_url):
-                self._consume()
-                self._wait(timeout)
 
-    def _read_others(self, timeout: float | None, until_done: int | None) -> Iterator[Response]:
-        """Consume an interactive response queue this client did not send to: each id once,
-        until the sealed total (or `until_done` distinct responses) has been read."""
-        seen = Bitmap()
-        last = time.monotonic()
-        with reporting_lost_connection(self.connection, self.settings.amqp_url):
-            self._consume()
-            while True:
-                meta = self.progress.load()
-                goal = (
-                    until_done if until_done is not None else (meta.total if meta.sealed else None)
-                )
-                if goal is not None and seen.count >= goal:
-                    return
-                if timeout is not None and time.monotonic() - last > timeout:
-                    raise ResponseTimeout(
-                        f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
-                        f"requests answered; {self._describe()}"
-                    )
-                try:
-                    self.connection.drain_events(timeout=0.5)
-                except TimeoutError:
-                    self._check_session()
-                while self._ready:
-                    response = self._ready.popleft()
-                    if seen.add(response.id):
-                        last = time.monotonic()
-                        yield response
+    def _record_pending(self) -> None:
+        """While waiting: the last flushes' accepted count, for the autoscaler."""
+        if not self._sealed:
+            self._record_accepted()
 
     def _stream_reader(self) -> StreamReader:
-        """This client's cursor over its response stream (made on first use)."""
+        """This durable client's cursor over its response stream (made on first use)."""
         if self._reader is None:
             self._reader = StreamReader(
-                self.settings,
-                self.response_queue,
+                StreamInbox(self.settings, self.response_queue),
                 self.progress,
+                self.settings.max_message_bytes,
                 self._describe,
                 self._check_session,
             )
         return self._reader
 
+    def _queue_reader(self) -> QueueReader:
+        """This interactive client's reader of its response queue (made on first use), on a
+        connection of its own: the linger thread publishes on the client's meanwhile."""
+        if self._receiver is None:
+            self._read_connection = kombu_connection(self.settings)
+            self._receiver = QueueReader(
+                QueueInbox(self._read_connection, self.response_queue, self.settings.amqp_url),
+                max_bytes=self.settings.max_message_bytes,
+                progress=self.progress,
+                describe=self._describe,
+                check=self._check_session,
+            )
+        return self._receiver
+
     def _check_session(self) -> None:
         """Raise if the session failed or was closed while this client waits for it."""
-        raw = self.progress.r.get(self._names.session_key(self.session.id))
-        if raw is None:
+        record = self.sessions.get(self.session.id)
+        if record is None:
             raise SessionClosed(f"session {self.session.id} was closed while waiting")
-        record = SessionRecord.from_json(raw)
-        if record.state == "failed":
+        if record.state == SessionState.FAILED:
             raise SessionFailed(f"session {self.session.id} failed: {record.error}")
 
     def _describe(self) -> str:
@@ -343,110 +383,85 @@ class BrokerClient:
             where += f"; the service failed to load on {host}: {why}"
         return where + "; are worker hosts running (`soafarm hosts`)?"
 
-    def _accept(self, body: bytes) -> list[Response]:
-        """Decode a response batch and keep only first-seen responses of this client."""
-        batch = decode(body, self.settings.max_message_bytes)
-        if not isinstance(batch, ResponseBatch):
-            raise DecodeError(f"expected a response batch, got {type(batch).__name__}")
-        if not self._sent_here:
-            return list(batch.responses)  # not our requests: _read_others de-duplicates
-        fresh = []
-        with self._lock:
-            for response in batch.responses:
-                if response.id < self._next_id and self._received.add(response.id):
-                    fresh.append(response)
-                else:
-                    self.duplicates += 1
-        return fresh
-
-    def _on_message(self, message: Message) -> None:
-        self._ready.extend(self._accept(message.body))
-
-    def _consume(self) -> None:
-        if self._consumer is None:
-            # auto-ack: an interactive session's responses live only as long as its client
-            # anyway (DESIGN.md), and an ack frame per batch is on the latency path
-            self._consumer = Consumer(
-                self.channel,
-                queues=[Queue(self.response_queue, no_declare=True)],
-                on_message=self._on_message,
-                accept=[CONTENT_TYPE],
-                no_ack=True,
-            )
-            self._consumer.consume()
-
-    def _wait(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready:
-            left = 1.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                meta = self.progress.load()
-                raise ResponseTimeout(
-                    f"no response for {timeout:g}s; {meta.outstanding} of {meta.accepted} "
-                    f"requests still outstanding; {self._describe()}"
-                )
-            try:
-                self.connection.drain_events(timeout=min(left, 1.0))
-            except TimeoutError:
-                self._check_session()
-
-    def set_response_handler(self, callback: Callable[[Response], None]) -> None:
+    def set_response_handler(
+        self,
+        callback: Callable[[Response], None],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         """Call `callback(response)` for each response, on a background thread of its own.
 
-        Exceptions in the callback stop the handler; `close()` stops it too.
+        If `callback` raises, the handler goes on with the next responses (none is lost) and
+        the error is passed to `on_error(error)`; without `on_error`, `close()` raises the
+        first one as ResponseHandlerError. An error of the reading itself (the session
+        closed, another reader took over) ends the handler and reaches the caller the same
+        way. `close()` stops the handler.
         """
-        if self._handler_thread is not None or self._consumer is not None:
+        if self._handler_thread is not None or self._receiver is not None:
             raise SessionError("responses are already being received by this client")
         self.flush()
-        target = self._handle_stream if self.durable else self._handle_queue
         self._handler_thread = threading.Thread(
-            target=target, args=(callback,), name="responses", daemon=True
+            target=self._handle, args=(callback, on_error), name="responses", daemon=True
         )
         self._handler_thread.start()
 
-    def _handle_stream(self, callback: Callable[[Response], None]) -> None:
-        for response in self._stream_reader().responses(None, stop=self._stop):
-            callback(response)
+    def _handle(
+        self,
+        callback: Callable[[Response], None],
+        on_error: Callable[[BaseException], None] | None,
+    ) -> None:
+        def report(error: BaseException) -> None:
+            if on_error is None:
+                self._handler_error = self._handler_error or error
+                return
+            try:
+                on_error(error)
+            except Exception:
+                log.exception("response_error_callback_failed")
 
-    def _handle_queue(self, callback: Callable[[Response], None]) -> None:
-        def on_message(message: Message) -> None:
-            for response in self._accept(message.body):
-                callback(response)
-            message.ack()
-
-        with kombu_connection(self.settings) as connection:
-            consumer = Consumer(
-                connection.channel(),
-                queues=[Queue(self.response_queue, no_declare=True)],
-                on_message=on_message,
-                accept=[CONTENT_TYPE],
-                prefetch_count=RESPONSE_PREFETCH,
-            )
-            with consumer:
-                while not self._stop.is_set():
-                    try:
-                        connection.drain_events(timeout=0.2)
-                    except TimeoutError:
-                        continue
+        try:
+            if self.durable:
+                responses = self._stream_reader().responses(None, stop=self._stop)
+            else:
+                responses = self._queue_reader().responses(
+                    None, StreamTarget(), stop=self._stop.is_set
+                )
+            for response in responses:
+                try:
+                    callback(response)
+                except Exception as e:  # the caller's error: keep going, report it
+                    report(e)
+        except Exception as e:
+            report(e)
 
     def close(self, discard: bool = False) -> None:
-        """Send what is buffered (or with `discard`, drop it) and release the connection; the
-        session stays open."""
-        if discard:
-            self._buffer, self._buffer_bytes = [], 0
+        """Send what is buffered (or with `discard`, drop it) and release the connections;
+        the session stays open. Raises ResponseHandlerError if the response handler raised
+        and no `on_error` took the error."""
         try:
-            self.flush()
-            if self._sent_here and not self._sealed:
-                self.progress.record_accepted(self._next_id)
+            with self._lock:
+                if discard:
+                    self._buffer, self._buffer_bytes = [], 0
+                self._flush()
+                if self._sent_here and not self._sealed:
+                    self.progress.record_accepted(self._next_id)
         finally:
             self._stop.set()
+            if self._linger is not None:
+                self._linger.stop()
             self.heartbeat.stop()
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
             if self._reader is not None:
                 self._reader.close()
+            if self._read_connection is not None:
+                close_quietly(self._read_connection)
             close_quietly(self.connection)
-            self.progress.r.close()
+            self.sessions.close()
+        error, self._handler_error = self._handler_error, None
+        if error is not None:
+            raise ResponseHandlerError(
+                f"the response handler raised {type(error).__name__}: {error}"
+            ) from error
 
     def __enter__(self) -> Self:
         """Use as a context manager: the client closes on exit."""
@@ -458,5 +473,9 @@ class BrokerClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the client."""
-        self.close()
+        """Close the client (a handler's error is not raised over the block's own)."""
+        if exc is None:
+            self.close()
+            return
+        with contextlib.suppress(ResponseHandlerError):
+            self.close()

@@ -7,6 +7,7 @@ can hand the readers in-memory batches instead.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,15 +22,16 @@ from soafarm.transport.connections import (
     reporting_lost_connection,
 )
 
-#: Stream deliveries in flight per reader: enough to keep a reader busy between round trips.
+#: Deliveries in flight per reader: enough to keep a reader busy between round trips.
 STREAM_PREFETCH = 64
+QUEUE_PREFETCH = 64
 
 
 class QueueInbox:
-    """An interactive response queue, consumed with auto-ack on a given connection.
+    """An interactive response queue, consumed on a given connection.
 
-    Auto-ack: an interactive session's responses live only as long as its client anyway, and
-    an ack frame per batch is on the latency path.
+    Deliveries are acknowledged once handed out, so those a reader had not handed out when
+    another reader took over (or its process died) go back to the queue for the next one.
     """
 
     def __init__(self, connection: Connection, queue: str, url: str) -> None:
@@ -39,33 +41,51 @@ class QueueInbox:
         self.url = url
         self.consumer: Consumer | None = None
 
-    def start(self, on_body: Callable[[bytes], None]) -> None:
-        """Start delivering bodies to `on_body` (during `drain`); later calls do nothing."""
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        """Start delivering to `on_delivery` (during `drain`); later calls do nothing."""
         if self.consumer is not None:
             return
+
+        def on_message(message: Message) -> None:
+            redelivered = bool(message.delivery_info.get("redelivered"))
+            on_delivery(Delivery(None, message.body, message.ack, redelivered))
+
         with reporting_lost_connection(self.connection, self.url):
             self.consumer = Consumer(
                 self.connection.channel(),
                 queues=[Queue(self.queue, no_declare=True)],
-                on_message=lambda message: on_body(message.body),
+                on_message=on_message,
                 accept=[CONTENT_TYPE],
-                no_ack=True,
+                prefetch_count=QUEUE_PREFETCH,
             )
             self.consumer.consume()
 
-    def drain(self, timeout: float) -> None:
-        """Deliver what arrives within `timeout` seconds; TimeoutError if nothing did."""
+    def drain(self, timeout: float) -> bool:
+        """Deliver what arrives within `timeout` seconds; False if nothing did."""
         with reporting_lost_connection(self.connection, self.url):
-            self.connection.drain_events(timeout=timeout)
+            try:
+                self.connection.drain_events(timeout=timeout)
+            except TimeoutError:  # an OSError: kept from the lost-connection mapping
+                return False
+        return True
+
+    def close(self) -> None:
+        """Stop consuming; deliveries not acknowledged go back to the queue at once."""
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.channel.close()
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One response batch from a stream: its offset, its body, and how to acknowledge it."""
+    """One response batch: its stream offset (None from a queue), its body, how to
+    acknowledge it, and whether RabbitMQ delivered it before (to a reader that left)."""
 
     offset: int | None
     body: bytes
     ack: Callable[[], None]
+    redelivered: bool = False
 
 
 class StreamInbox:

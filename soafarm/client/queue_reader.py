@@ -1,35 +1,52 @@
 """Reading an interactive client id's responses from its RabbitMQ queue, each exactly once.
 
-An interactive response queue is consumed destructively (`client.inbox.QueueInbox`). A
-request an instance ran twice (it was killed mid-batch) is answered twice; the reader keeps
-a bitmap of the ids it handed out and drops the second answer.
+The rules are a durable reader's (`client.reader`), on a queue instead of a stream:
+
+- **Once each.** A request an instance ran twice (it was killed mid-batch) is answered
+  twice; the reader keeps a bitmap of the ids it handed out and drops the second answer.
+- **One reader per client id.** A reader takes the client id's reader lease; a second
+  reader takes it over. The first one learns it at its next commit (every COMMIT_INTERVAL
+  while reading, and on each idle tick), gives back what it has not handed out (its
+  unacknowledged deliveries return to the queue) and raises ReaderTakenOver, instead of the
+  two silently splitting the responses.
+- **Commits.** Handed-out ids go to the client id's read bitmap in Redis, coalesced every
+  COMMIT_INTERVAL (never on the latency path of one response). A reader that took over
+  merges that bitmap into its own when RabbitMQ redelivers a batch (it skips what its
+  predecessor handed out) and on idle ticks (to know when the batch is complete).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
-from soafarm.client.reader import Bitmap, StreamTarget
-from soafarm.errors import ResponseTimeout
+from soafarm.client.inbox import Delivery
+from soafarm.client.reader import Bitmap, ReadProgress, StreamTarget
+from soafarm.errors import ReaderTakenOver, ResponseTimeout
 from soafarm.protocol import Response, ResponseBatch, decode_as
 from soafarm.state.clients import ClientProgress
 
-#: Seconds between looks at the session (closed? failed?) while no response arrives.
+#: Seconds between looks at the session and the lease while no response arrives.
 IDLE_TICK = 0.5
+#: Seconds between commits of handed-out ids while responses flow.
+COMMIT_INTERVAL = 0.05
 
 
 class Inbox(Protocol):
     """A response queue (`client.inbox.QueueInbox`)."""
 
-    def start(self, on_body: Callable[[bytes], None]) -> None:
-        """Start delivering bodies to `on_body` during `drain`."""
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        """Start delivering to `on_delivery` during `drain`."""
         ...
 
-    def drain(self, timeout: float) -> None:
-        """Deliver what arrives within `timeout` seconds; TimeoutError if nothing did."""
+    def drain(self, timeout: float) -> bool:
+        """Deliver what arrives within `timeout` seconds; False if nothing did."""
+        ...
+
+    def close(self) -> None:
+        """Stop consuming; unacknowledged deliveries go back to the queue."""
         ...
 
 
@@ -41,12 +58,13 @@ class QueueReader:
         inbox: Inbox,
         *,
         max_bytes: int,
-        progress: Callable[[], ClientProgress],
+        progress: ReadProgress,
         describe: Callable[[], str],
         check: Callable[[], None],
     ) -> None:
-        """`progress()` reads the client id's counters, `describe()` gives the session status
-        line of timeout errors, and `check()` raises if the session failed or closed."""
+        """`progress` is the client id's counters, read bitmap and lease; `describe()` gives
+        the session status line of timeout errors; `check()` raises if the session failed or
+        closed."""
         self.inbox = inbox
         self.max_bytes = max_bytes
         self.progress = progress
@@ -54,7 +72,10 @@ class QueueReader:
         self.check = check
         self.seen = Bitmap()
         self.duplicates = 0
-        self.ready: deque[Response] = deque()
+        self.token: str | None = None
+        self.ready: deque[tuple[Delivery, list[Response]]] = deque()
+        self.uncommitted: list[int] = []
+        self.committed_at = 0.0
 
     def responses(
         self,
@@ -66,28 +87,83 @@ class QueueReader:
         """Yield each response once until `target` is met (the rule of StreamReader), or
         `stop()` says so; `timeout` bounds the wait for the next response (None: no bound).
         `before_wait()` runs before each wait (the client records its accepted count)."""
+        if self.token is None:
+            self.token = self.progress.take_reader()
+        self.inbox.start(self._on_delivery)
         last = time.monotonic()
-        self.inbox.start(self._on_body)
-        meta = self.progress() if target.sent_here == 0 else None
-        while not self._complete(meta, target) and not stop():
-            while self.ready:
-                last = time.monotonic()
-                yield self.ready.popleft()
-            if self._complete(meta, target):
-                return
-            if timeout is not None and time.monotonic() - last > timeout:
-                meta = self.progress()
-                raise ResponseTimeout(
-                    f"no response for {timeout:g}s; {meta.outstanding} of {meta.accepted} "
-                    f"requests still outstanding; {self.describe()}"
-                )
-            before_wait()
-            try:
-                self.inbox.drain(IDLE_TICK)
-            except TimeoutError:
-                self.check()
-            if target.sent_here == 0 and not self.ready:
-                meta = self.progress()  # reading another process's batch: is it sealed?
+        meta = self._merge() if target.sent_here == 0 else None
+        try:
+            while not self._complete(meta, target) and not stop():
+                while self.ready:
+                    yield from self._hand_out(*self.ready.popleft())
+                    last = time.monotonic()
+                    if last - self.committed_at >= COMMIT_INTERVAL:
+                        self._commit()
+                if self._complete(meta, target):
+                    return
+                now = time.monotonic()
+                if timeout is not None and now - last > timeout:
+                    meta = self.progress.load()
+                    raise ResponseTimeout(
+                        f"no response for {timeout:g}s; {meta.outstanding} of {meta.accepted} "
+                        f"requests still outstanding; {self.describe()}"
+                    )
+                before_wait()
+                if not self.inbox.drain(IDLE_TICK):
+                    self._commit()
+                    self.check()
+                    meta = self._merge()
+                    continue
+                if target.sent_here == 0 and not self.ready:
+                    meta = self.progress.load()  # reading another process's batch: sealed?
+        finally:
+            self._commit(check=False)  # a caller that stops early has what it was given
+
+    def _hand_out(
+        self, delivery: Delivery, responses: list[Response]
+    ) -> Generator[Response, None, None]:
+        """Yield one batch's responses not handed out before, then acknowledge it."""
+        if delivery.redelivered:
+            self._merge()  # a reader before this one may have handed some out
+        for response in responses:
+            if self.seen.add(response.id):
+                self.uncommitted.append(response.id)  # before the yield: the caller has it
+                yield response
+            else:
+                self.duplicates += 1
+        delivery.ack()
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
+        self.ready.append((delivery, list(batch.responses)))
+
+    def _commit(self, check: bool = True) -> None:
+        """Record the ids handed out. With `check`, if another reader holds the lease now,
+        give back what was not handed out and raise ReaderTakenOver."""
+        assert self.token is not None
+        ids, self.uncommitted = self.uncommitted, []
+        self.committed_at = time.monotonic()
+        if ids:
+            # recorded even past a takeover: the new reader must not wait for these
+            still_reader = self.progress.commit_read(self.token, 0, ids)
+        elif check:
+            still_reader = self.progress.is_reader(self.token)
+        else:
+            return
+        if still_reader or not check:
+            return
+        self.inbox.close()  # unacknowledged deliveries return to the queue, for the new reader
+        self.ready.clear()
+        raise ReaderTakenOver(
+            f"another reader took over client id {self.progress.client_id!r}; "
+            "only one reader per client id at a time"
+        )
+
+    def _merge(self) -> ClientProgress:
+        """Count what other readers of this client id handed out as seen; the counters."""
+        for index in _bits(self.progress.read_bitmap()):
+            self.seen.add(index)
+        return self.progress.load()
 
     def _complete(self, meta: ClientProgress | None, target: StreamTarget) -> bool:
         if self.ready:
@@ -97,10 +173,11 @@ class QueueReader:
         goal = target.sent_here or (meta.total if meta is not None and meta.sealed else None)
         return goal is not None and self.seen.count_below(goal) >= goal
 
-    def _on_body(self, body: bytes) -> None:
-        batch = decode_as(body, self.max_bytes, ResponseBatch)
-        for response in batch.responses:
-            if self.seen.add(response.id):
-                self.ready.append(response)
-            else:
-                self.duplicates += 1
+
+def _bits(bitmap: bytes) -> Iterator[int]:
+    """The indexes set in a Redis bitmap (bit 0 is the high bit of byte 0)."""
+    for byte_index, byte in enumerate(bitmap):
+        if byte:
+            for bit in range(8):
+                if byte & (0x80 >> bit):
+                    yield byte_index * 8 + bit

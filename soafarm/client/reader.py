@@ -10,6 +10,7 @@ and the first one's next commit fails with `ReaderTakenOver`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from soafarm.client.inbox import Delivery
 from soafarm.errors import ReaderTakenOver, ResponseTimeout
 from soafarm.protocol import Response, ResponseBatch, decode_as
 from soafarm.state.clients import ClientProgress
+from soafarm.transport.errors import REDIS_LOST
 
 log = structlog.get_logger(__name__)
 
@@ -145,6 +147,8 @@ class StreamReader:
         self.token: str | None = None
         self.seen = Bitmap()
         self.inbox: deque[Delivery] = deque()
+        #: Commit each response as the caller takes the next (`soafarm responses --new-only`).
+        self.commit_each = False
 
     def responses(
         self,
@@ -222,16 +226,40 @@ class StreamReader:
     def _hand_out(
         self, delivery: Delivery, seen: Bitmap, token: str
     ) -> Generator[Response, None, int]:
-        """Yield a batch's first-seen responses, then commit them; returns how many."""
+        """Yield a batch's first-seen responses, then commit them; returns how many.
+
+        A caller that stops in the middle of a batch has exactly the responses it was given
+        committed, and the batch goes back to the front of the cursor: `new_only` is exact
+        per response, not per batch. With `commit_each`, every response is committed as the
+        caller takes the next one (exact even when the caller is killed).
+        """
         offset = self.next_offset if delivery.offset is None else delivery.offset
         batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
-        fresh = [r for r in batch.responses if seen.add(r.id)]
-        yield from fresh
-        if not self.progress.commit_read(token, offset + 1, [r.id for r in fresh]):
+        given: list[int] = []
+        handed = 0
+        finished = False
+        try:
+            for response in batch.responses:
+                if not seen.add(response.id):
+                    continue
+                given.append(response.id)  # before the yield: the caller has it
+                handed += 1
+                yield response
+                if self.commit_each:
+                    committed, given = given, []
+                    if not self.progress.commit_read(token, offset, committed):
+                        raise self._taken_over()
+            finished = True
+        finally:
+            if not finished:
+                self.inbox.appendleft(delivery)  # its other responses are handed out next
+                with contextlib.suppress(*REDIS_LOST):
+                    self.progress.commit_read(token, offset, given)
+        if not self.progress.commit_read(token, offset + 1, given):
             raise self._taken_over()
         delivery.ack()
         self.next_offset = offset + 1
-        return len(fresh)
+        return handed
 
     def _complete(self, meta: ClientProgress, seen: Bitmap, target: StreamTarget) -> bool:
         if target.until_done is not None:

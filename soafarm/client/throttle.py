@@ -9,10 +9,9 @@ holds for the session, and the client's own memory, however many requests are se
 from __future__ import annotations
 
 import time
-from typing import Any
 
+from soafarm.config import BrokerSettings
 from soafarm.errors import Throttled
-from soafarm.names import Names
 from soafarm.state.clients import ProgressStore
 
 #: Seconds between checks of the other clients' load while this client is under the threshold.
@@ -25,17 +24,13 @@ class Throttle:
     def __init__(
         self,
         progress: ProgressStore,
-        names: Names,
-        session_id: int,
-        broker: dict[str, Any],
+        broker: BrokerSettings,
         timeout: float,
     ) -> None:
         """`broker` is the session's effective broker settings; `timeout` 0 waits forever."""
         self.progress = progress
-        self.names = names
-        self.session_id = session_id
-        self.start = int(broker.get("message_throttle_start_threshold", 5120))
-        self.stop = int(broker.get("message_throttle_stop_threshold", 3840))
+        self.start = broker.message_throttle_start_threshold
+        self.stop = broker.message_throttle_stop_threshold
         self.timeout = timeout
         self.done_seen = 0
         self.others = 0

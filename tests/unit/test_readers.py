@@ -53,10 +53,10 @@ class Counters:
         return self.reader == token
 
     def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
+        for i in ids:  # recorded even past a takeover, as the Lua script does
+            self.read.add(i)
         if token != self.reader:
             return False
-        for i in ids:
-            self.read.add(i)
         self.read_offset = max(self.read_offset or 0, next_offset)
         return True
 
@@ -65,20 +65,32 @@ class Counters:
 
 
 class MemoryQueue:
-    """An interactive response queue: bodies pushed by the test, delivered on drain."""
+    """An interactive response queue: bodies pushed by the test, delivered on drain, and
+    returned to the queue (redelivered) if not acknowledged when the reader closes it."""
 
     def __init__(self, bodies: list[bytes]) -> None:
-        self.bodies = list(bodies)
-        self.on_body: Callable[[bytes], None] | None = None
+        self.waiting: list[tuple[bytes, bool]] = [(b, False) for b in bodies]
+        self.unacked: dict[int, bytes] = {}
+        self.on_delivery: Callable[[Delivery], None] | None = None
+        self.tags = 0
 
-    def start(self, on_body: Callable[[bytes], None]) -> None:
-        self.on_body = on_body
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        self.on_delivery = on_delivery
 
-    def drain(self, timeout: float) -> None:
-        if not self.bodies:
-            raise TimeoutError
-        assert self.on_body is not None
-        self.on_body(self.bodies.pop(0))
+    def drain(self, timeout: float) -> bool:
+        if not self.waiting or self.on_delivery is None:
+            return False
+        body, redelivered = self.waiting.pop(0)
+        self.tags += 1
+        tag = self.tags
+        self.unacked[tag] = body
+        self.on_delivery(Delivery(None, body, lambda: self.unacked.pop(tag), redelivered))
+        return True
+
+    def close(self) -> None:
+        self.on_delivery = None
+        self.waiting[:0] = [(b, True) for b in self.unacked.values()]
+        self.unacked.clear()
 
 
 class MemoryStream:
@@ -121,11 +133,12 @@ def fine() -> None:
     """The session is open."""
 
 
-def queue_reader(bodies: list[bytes], counters: Counters) -> QueueReader:
+def queue_reader(source: list[bytes] | MemoryQueue, counters: Counters) -> QueueReader:
+    inbox = MemoryQueue(source) if isinstance(source, list) else source
     return QueueReader(
-        MemoryQueue(bodies),
+        inbox,
         max_bytes=LIMIT,
-        progress=counters.load,
+        progress=counters,
         describe=lambda: "described",
         check=fine,
     )
@@ -164,19 +177,29 @@ def test_stream_reader_hands_out_each_response_once_and_commits() -> None:
     assert stream.acked == [0, 1, 2]
 
 
-def test_stream_reader_new_only_starts_after_the_last_commit() -> None:
-    counters = Counters(accepted=4, done=4, sealed=True, total=4)
-    stream = MemoryStream([batch(0, 1), batch(2, 3)])
+def test_stream_reader_new_only_is_exact_per_response() -> None:
+    counters = Counters(accepted=5, done=5, sealed=True, total=5)
+    stream = MemoryStream([batch(0, 1), batch(2, 3, 4)])
     first = stream_reader(stream, counters)
     for response in first.responses(5):
-        if response.id == 1:
-            break  # the first batch was handed out whole
+        if response.id == 3:
+            break  # stopped in the middle of the second batch, with 0..3 in hand
     first.close()
-    counters.commit_read(counters.reader, 1, [0, 1])
     again = MemoryStream(stream.bodies)
     got = [r.id for r in stream_reader(again, counters).responses(5, new_only=True)]
-    assert got == [2, 3]
-    assert again.opens == [1]
+    assert got == [4]
+    assert again.opens == [1]  # the batch it stopped in is read again, its given ids skipped
+
+
+def test_commit_each_records_a_response_once_the_caller_takes_the_next() -> None:
+    counters = Counters(accepted=3, done=3, sealed=True, total=3)
+    reader = stream_reader(MemoryStream([batch(0, 1, 2)]), counters)
+    reader.commit_each = True
+    reading = reader.responses(5)
+    assert next(reading).id == 0
+    assert counters.read.count == 0  # the caller may not have stored it yet
+    assert next(reading).id == 1
+    assert counters.read.count == 1  # it asked for the next one: 0 is done with
 
 
 def test_stream_reader_resumes_after_a_lost_connection_without_repeats() -> None:
@@ -196,3 +219,30 @@ def test_second_stream_reader_takes_over_and_the_first_fails() -> None:
     assert [r.id for r in second.responses(5)] == [0, 1]
     with pytest.raises(ReaderTakenOver, match="another reader took over client id 'c'"):
         next(reading)
+
+
+def test_second_interactive_reader_takes_over_and_gets_the_rest() -> None:
+    counters = Counters(accepted=4, done=4, sealed=True, total=4)
+    queue = MemoryQueue([batch(0), batch(1), batch(2, 3)])
+    first = queue_reader(queue, counters)
+    reading = first.responses(5, StreamTarget())
+    assert next(reading).id == 0
+    queue.drain(0)  # batch 1 reaches the first reader's buffer before the takeover
+    counters.take_reader()  # a second reader (another process) takes the lease
+    # the first learns at its next commit, and gives back what it did not hand out
+    first.committed_at = 0.0
+    with pytest.raises(ReaderTakenOver, match="another reader took over client id 'c'"):
+        next(reading)
+    assert queue.waiting[0] == (batch(1), True)
+    second = queue_reader(queue, counters)
+    assert sorted(r.id for r in second.responses(5, StreamTarget())) == [1, 2, 3]
+    assert counters.read.count == 4  # every response once, across the two readers
+
+
+def test_interactive_reader_skips_what_a_predecessor_handed_out() -> None:
+    counters = Counters(accepted=2, done=2, sealed=True, total=2)
+    counters.read.add(0)  # handed out by a reader that died before acknowledging its batch
+    queue = MemoryQueue([])
+    queue.waiting.append((batch(0, 1), True))
+    reader = queue_reader(queue, counters)
+    assert [r.id for r in reader.responses(5, StreamTarget())] == [1]
