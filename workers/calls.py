@@ -35,6 +35,7 @@ from soafarm.service import CallRunner, Outcome
 from soafarm.transport.backoff import Backoff
 from soafarm.transport.connections import publish_routed
 from soafarm.transport.errors import LOST, REDIS_LOST, is_queue_gone
+from soafarm.workers.dispatch import KEEP_WORK, CallTimes
 from soafarm.workers.done import Counts, DoneCounter
 from soafarm.workers.retries import Retries
 
@@ -42,11 +43,9 @@ log = structlog.get_logger(__name__)
 
 #: Responses of a long batch are published at least this often (seconds), so progress flows.
 RESPONSE_LINGER = 0.05
-#: A batch still running after this many seconds, when the queue behind it is empty (other
-#: instances may be idle), hands its unstarted requests back to the queue, so slow work
-#: spreads over every instance instead of waiting while one instance holds it. A draining
-#: instance (being stopped) hands them back at once.
-RESPLIT_AFTER = 0.05
+#: A call running this long while requests of its batch wait has the main thread hand
+#: those back (the loop expected it to be short; see workers/dispatch.py).
+HAND_BACK_AFTER = KEEP_WORK
 #: Seconds an idle call loop waits for a delivery before looking at the instance's state.
 IDLE_POLL = 0.1
 #: A call running this many seconds has the main thread tend its loop's connection.
@@ -174,6 +173,11 @@ class CallLoop:
         self.connection: pika.BlockingConnection | None = None
         self.channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self.deliveries: deque[Delivery] = deque()
+        self.times = CallTimes()
+        # the batch being run and its requests not started yet; both belong to whoever
+        # holds `io` (the main thread may hand the requests back during a long call)
+        self.batch: RequestBatch | None = None
+        self.unstarted: deque[Request] = deque()
 
     def run(self) -> None:
         """Serve until the instance drains, reconnecting when the connection drops."""
@@ -238,16 +242,25 @@ class CallLoop:
                 connection.close()
 
     def keep_alive(self) -> None:
-        """Called by the instance's main thread: while a call has run KEEPALIVE_AFTER
-        seconds, process the connection's I/O (heartbeats) in the call thread's place."""
+        """Called by the instance's main thread about every 0.1 s: during a call that has run
+        HAND_BACK_AFTER seconds, hand back the requests of its batch that wait behind it, and
+        after KEEPALIVE_AFTER seconds, process the connection's I/O (heartbeats) in the call
+        thread's place."""
         started = self.watch.started
-        if started is None or time.monotonic() - started < KEEPALIVE_AFTER:
+        if started is None:
+            return
+        running = time.monotonic() - started
+        if running < HAND_BACK_AFTER or (running < KEEPALIVE_AFTER and not self.unstarted):
             return
         if not self.io.acquire(blocking=False):
             return  # the call just ended: the call thread has the connection again
         try:
             connection = self.connection
-            if connection is not None and connection.is_open:
+            if connection is None or not connection.is_open:
+                return
+            if self.unstarted and self.batch is not None:
+                self._hand_back(self.batch)
+            if running >= KEEPALIVE_AFTER:
                 connection.process_data_events(time_limit=0)
         except Exception as e:  # the call thread meets the failure at its next publish
             log.debug("keep_alive_failed", error=repr(e))
@@ -304,18 +317,7 @@ class CallLoop:
         if self._send_responses(batch, outcomes):
             self.done.now(batch.session_id, batch.client_id, _pairs(outcomes))
 
-    def _finish(
-        self, tag: int, batch: RequestBatch, outcomes: list[Outcome], rest: tuple[Request, ...] = ()
-    ) -> None:
-        if rest:  # before the ack: a crash now re-runs requests, never loses them
-            body = encode_request_batch(
-                batch.session_id,
-                batch.client_id,
-                batch.reply_to,
-                [encode_request(r, self.max_bytes) for r in rest],
-            )
-            wanted = partial(self.counts.session_exists, batch.session_id)
-            self._send(self.link.request_queue, body, wanted)
+    def _finish(self, tag: int, batch: RequestBatch, outcomes: list[Outcome]) -> None:
         if outcomes and not self.link.durable:
             # interactive: ack first and count later, so a capacity-1 instance gets its next
             # batch without waiting on Redis; dying before the count leaves only the
@@ -328,6 +330,24 @@ class CallLoop:
         elif outcomes:
             self._publish(batch, outcomes)
         self._ack(tag)
+
+    def _hand_back(self, batch: RequestBatch, keep: int = 0) -> None:
+        """Send the unstarted requests past the first `keep` back to the session's queue, as
+        a batch of their own, for any idle unit to take. Always before the batch's ack: a
+        crash now re-runs requests, never loses them."""
+        rest = list(self.unstarted)[keep:]
+        if not rest:
+            return
+        body = encode_request_batch(
+            batch.session_id,
+            batch.client_id,
+            batch.reply_to,
+            [encode_request(r, self.max_bytes) for r in rest],
+        )
+        wanted = partial(self.counts.session_exists, batch.session_id)
+        self._send(self.link.request_queue, body, wanted)
+        for _ in rest:  # only once sent: a failed publish leaves them to this loop
+            self.unstarted.pop()
 
     def _call(self, request_run: Callable[[], Outcome], request_id: int) -> Outcome:
         """Run one call with the connection left to `keep_alive`."""
@@ -342,26 +362,34 @@ class CallLoop:
     def _fast(self, tag: int, batch: RequestBatch) -> None:
         pending: list[Outcome] = []
         size = 0
-        began = last = time.monotonic()
-        for index, request in enumerate(batch.requests):
-            rest = batch.requests[index:]
-            if self.link.draining.is_set() or (
-                len(rest) > 1
-                and time.monotonic() - began > RESPLIT_AFTER
-                and self.link.queue_empty.is_set()
-            ):
-                self._finish(tag, batch, pending, rest)
-                return
-            outcome = self._call(partial(self.runner.run, request), request.id)
-            if pending and size + len(outcome.body) > self.max_bytes - BATCH_HEADER_ALLOWANCE:
-                self._publish(batch, pending)
-                pending, size = [], 0
-            pending.append(outcome)
-            size += len(outcome.body)
-            now = time.monotonic()
-            if now - last >= RESPONSE_LINGER:
-                self._publish(batch, pending)
-                pending, size, last = [], 0, now
+        last = time.monotonic()
+        self.batch, self.unstarted = batch, deque(batch.requests)
+        # what to keep is decided at the start, and again after any call that was not tiny,
+        # so an echo batch costs one pass over its requests
+        self._hand_back(batch, self.times.keep(self.unstarted))
+        try:
+            while self.unstarted:
+                if self.link.draining.is_set():
+                    self._hand_back(batch)  # being stopped: a drain takes one call
+                    break
+                request = self.unstarted.popleft()
+                began = time.monotonic()
+                outcome = self._call(partial(self.runner.run, request), request.id)
+                now = time.monotonic()
+                self.times.record(request.op, now - began)
+                if now - began > KEEP_WORK / 4 and self.unstarted:
+                    self._hand_back(batch, self.times.keep(self.unstarted))
+                if pending and size + len(outcome.body) > self.max_bytes - BATCH_HEADER_ALLOWANCE:
+                    self._publish(batch, pending)
+                    pending, size = [], 0
+                pending.append(outcome)
+                size += len(outcome.body)
+                if now - last >= RESPONSE_LINGER:
+                    self._publish(batch, pending)
+                    pending, size, last = [], 0, now
+        finally:
+            self.batch = None
+            self.unstarted.clear()
         self._finish(tag, batch, pending)
 
     def _careful(self, tag: int, batch: RequestBatch) -> None:

@@ -23,6 +23,7 @@ from soafarm.protocol import (
 )
 from soafarm.service import CallRunner
 from soafarm.workers.calls import CallLoop, CallWatch, Link
+from soafarm.workers.dispatch import CallTimes
 from tests.unit.memory_amqp import MemoryBroker
 from tests.waiting import wait_until
 
@@ -224,3 +225,71 @@ def test_lost_connection_reconnects_and_the_batch_comes_back(running: Any) -> No
     h.service.release.set()
     wait_until("answered after the reconnect", lambda: h.responses().get(0) == "w", timeout=10)
     assert h.loop.connection is not first
+
+
+def test_call_times_keep_what_fits_the_budget() -> None:
+    times = CallTimes()
+    requests = [Request(i, "op") for i in range(10)]
+    assert times.keep(requests) == 1  # never seen: may be long
+    times.record("op", 0.000_01)
+    assert times.keep(requests) == 10  # echo-sized: the whole batch
+    times.record("op", 0.05)
+    times.record("op", 0.05)
+    assert times.keep(requests, budget=0.02) == 1  # long calls: one at a time
+    times = CallTimes()
+    times.record("op", 0.004)
+    assert times.keep(requests, budget=0.02) == 5
+
+
+def test_a_batch_of_long_calls_is_shared_with_the_queue_at_once(running: Any) -> None:
+    h = running(make())
+    h.broker.put(QUEUE, batch(*(Request(i, "wait", (i,)) for i in range(4))))
+    wait_until("the first call running", lambda: h.service.calls == [0], timeout=5)
+    # while call 0 still runs, the rest is back in the queue for any idle unit
+    rest = wait_until("the rest handed back", lambda: h.broker.bodies(QUEUE), timeout=5)
+    assert [r.id for r in decode_as(rest[0], LIMIT, RequestBatch).requests] == [1, 2, 3]
+
+
+def test_echo_sized_calls_keep_their_batch_whole(running: Any) -> None:
+    h = make()
+    h.loop.times.record("echo", 0.000_01)
+    running(h)
+    h.broker.put(QUEUE, batch(*(Request(i, "echo", (i,)) for i in range(50))))
+    wait_until("50 responses", lambda: len(h.responses()) == 50, timeout=5)
+    assert h.broker.bodies(QUEUE) == []
+    assert h.service.calls == list(range(50))
+
+
+def test_main_thread_hands_back_what_waits_behind_a_surprisingly_long_call(
+    running: Any,
+) -> None:
+    h = make()
+    h.loop.times.record("wait", 0.000_01)  # expected tiny: the loop keeps the whole batch
+    running(h)
+    h.broker.put(QUEUE, batch(*(Request(i, "wait", (i,)) for i in range(3))))
+    wait_until("the first call running", lambda: h.service.calls == [0], timeout=5)
+    assert h.broker.bodies(QUEUE) == []
+
+    def handed_back() -> list[bytes]:
+        h.loop.keep_alive()  # what the instance's main thread does every 0.1 s
+        return h.broker.bodies(QUEUE)
+
+    rest = wait_until("the waiting requests handed back", handed_back, timeout=5)
+    assert [r.id for r in decode_as(rest[0], LIMIT, RequestBatch).requests] == [1, 2]
+    h.service.release.set()
+    wait_until("all answered", lambda: h.responses() == {0: 0, 1: 1, 2: 2}, timeout=5)
+
+
+def test_two_loops_run_the_calls_of_one_batch_at_once(running: Any) -> None:
+    first = make()
+    second = make()
+    # the second loop serves the same queue of the same broker, with the same service
+    second.broker, second.service = first.broker, first.service
+    second.loop.connect = first.broker.connect  # type: ignore[method-assign]
+    second.loop.runner = first.loop.runner
+    running(first)
+    running(second)
+    first.broker.put(QUEUE, batch(*(Request(i, "wait", (i,)) for i in range(4))))
+    wait_until("two calls running at once", lambda: len(first.service.calls) == 2, timeout=5)
+    first.service.release.set()
+    wait_until("all answered", lambda: len(first.responses()) == 4, timeout=5)
