@@ -26,7 +26,7 @@ from kombu import Connection, Producer
 from soafarm.client.heartbeat import Heartbeat
 from soafarm.client.inbox import QueueInbox, StreamInbox
 from soafarm.client.linger import Linger
-from soafarm.client.queue_reader import QueueReader
+from soafarm.client.queue_reader import COMMIT_INTERVAL, QueueReader
 from soafarm.client.reader import StreamReader, StreamTarget
 from soafarm.client.session import Session
 from soafarm.client.throttle import Throttle
@@ -65,8 +65,9 @@ log = structlog.get_logger(__name__)
 #: the count others read (throttling, allocator, autoscaler) lags a flush by at most this.
 ACCEPTED_RECORD_INTERVAL = 0.05
 #: A buffer the caller has stopped adding to for this long is sent (a client that sends a
-#: few requests and waits gets them out at once; one sending in a loop fills its batches).
-#: `client.linger` bounds the wait of a buffer that keeps growing slowly.
+#: few requests and waits gets them out at once; one sending in a loop fills its batches),
+#: and a request sent this long after the previous one leaves at once. `client.linger`
+#: bounds the wait of a buffer that keeps growing slowly.
 LINGER_QUIET = 0.0003
 #: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
 DURABLE_RETRY_POLICY = {
@@ -151,13 +152,19 @@ class BrokerClient:
             self._buffer.append(body)
             self._buffer_bytes += len(body)
             linger = self.settings.client.linger
-            if len(self._buffer) >= self.settings.client.request_batch_size or linger <= 0:
+            now = time.monotonic()
+            quiet, self._sent_at = now - self._sent_at > LINGER_QUIET, now
+            if (
+                len(self._buffer) >= self.settings.client.request_batch_size
+                or linger <= 0
+                or (quiet and len(self._buffer) == 1)
+            ):
+                # a request after a pause goes at once: a caller that sends one request and
+                # waits for it pays no linger (nor a wake-up of the linger thread)
                 self._flush()
-            else:
-                self._sent_at = time.monotonic()
-                if len(self._buffer) == 1:
-                    self._buffered_at = self._sent_at
-                    self._lingering().arm(self._sent_at + min(LINGER_QUIET, linger))
+            elif len(self._buffer) == 1:
+                self._buffered_at = now
+                self._lingering().arm(now + min(LINGER_QUIET, linger))
         return request_id
 
     def flush(self) -> None:
@@ -208,6 +215,16 @@ class BrokerClient:
                     self._record_accepted()
             except Exception as e:  # raised to the caller at its next call
                 self._failed = e
+        reader = self._receiver
+        if reader is not None and reader.token is not None and reader.uncommitted:
+            due = reader.committed_at + COMMIT_INTERVAL
+            if time.monotonic() < due:
+                self._lingering().arm(due)  # one commit per COMMIT_INTERVAL at most
+                return
+            try:
+                reader.commit_pending()
+            except Exception as e:  # the reader commits again at its next read or close
+                log.warning("response_commit_failed", error=repr(e))
 
     def _raise_failed(self) -> None:
         """Raise the error of a send the linger thread made for this caller, once."""
@@ -331,8 +348,12 @@ class BrokerClient:
             yield from reader.responses(timeout, new_only, target)
         else:
             yield from self._queue_reader().responses(
-                timeout, target, before_wait=self._record_pending
+                timeout, target, before_wait=self._record_pending, after=self._commit_soon
             )
+
+    def _commit_soon(self) -> None:
+        """What the interactive reader handed out is committed by the linger thread."""
+        self._lingering().arm(time.monotonic() + COMMIT_INTERVAL)
 
     def _record_pending(self) -> None:
         """While waiting: the last flushes' accepted count, for the autoscaler."""
@@ -453,6 +474,9 @@ class BrokerClient:
                 self._handler_thread.join(timeout=5)
             if self._reader is not None:
                 self._reader.close()
+            if self._receiver is not None and self._receiver.token is not None:
+                with contextlib.suppress(Exception):  # best effort: the lease ends here
+                    self._receiver.commit_pending()
             if self._read_connection is not None:
                 close_quietly(self._read_connection)
             close_quietly(self.connection)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
@@ -24,14 +25,16 @@ from soafarm.transport.connections import (
 
 #: Deliveries in flight per reader: enough to keep a reader busy between round trips.
 STREAM_PREFETCH = 64
-QUEUE_PREFETCH = 64
+#: A queue reader acknowledges every QUEUE_ACK_EVERY deliveries (or COMMIT_INTERVAL) at once.
+QUEUE_PREFETCH = 128
 
 
 class QueueInbox:
     """An interactive response queue, consumed on a given connection.
 
-    Deliveries are acknowledged once handed out, so those a reader had not handed out when
-    another reader took over (or its process died) go back to the queue for the next one.
+    Deliveries are acknowledged once handed out (many at a time: an ack acknowledges every
+    earlier delivery too), so those a reader had not handed out when another reader took over
+    (or its process died) go back to the queue for the next one.
     """
 
     def __init__(self, connection: Connection, queue: str, url: str) -> None:
@@ -48,7 +51,9 @@ class QueueInbox:
 
         def on_message(message: Message) -> None:
             redelivered = bool(message.delivery_info.get("redelivered"))
-            on_delivery(Delivery(None, message.body, message.ack, redelivered))
+            # acknowledging one acknowledges every earlier one: readers hand out in order
+            ack = partial(message.ack, multiple=True)
+            on_delivery(Delivery(None, message.body, ack, redelivered))
 
         with reporting_lost_connection(self.connection, self.url):
             self.consumer = Consumer(

@@ -10,13 +10,16 @@ The rules are a durable reader's (`client.reader`), on a queue instead of a stre
   unacknowledged deliveries return to the queue) and raises ReaderTakenOver, instead of the
   two silently splitting the responses.
 - **Commits.** Handed-out ids go to the client id's read bitmap in Redis, coalesced every
-  COMMIT_INTERVAL (never on the latency path of one response). A reader that took over
+  COMMIT_INTERVAL while reading; what is left when a read returns is committed within
+  COMMIT_INTERVAL by the client's linger thread (`commit_pending`), never on the latency
+  path of one request and its response. A reader that took over
   merges that bitmap into its own when RabbitMQ redelivers a batch (it skips what its
   predecessor handed out) and on idle ticks (to know when the batch is complete).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -30,8 +33,10 @@ from soafarm.state.clients import ClientProgress
 
 #: Seconds between looks at the session and the lease while no response arrives.
 IDLE_TICK = 0.5
-#: Seconds between commits of handed-out ids while responses flow.
+#: Seconds between commits of handed-out ids (and acks of their deliveries) while responses
+#: flow; deliveries are acknowledged at least every ACK_EVERY (a quarter of the prefetch).
 COMMIT_INTERVAL = 0.05
+ACK_EVERY = 32
 
 
 class Inbox(Protocol):
@@ -76,6 +81,11 @@ class QueueReader:
         self.ready: deque[tuple[Delivery, list[Response]]] = deque()
         self.uncommitted: list[int] = []
         self.committed_at = 0.0
+        # the linger thread commits what a finished read left (`commit_pending`)
+        self.commit_lock = threading.Lock()
+        self.taken_over = False
+        self.unacked: Delivery | None = None
+        self.unacked_count = 0
 
     def responses(
         self,
@@ -83,10 +93,13 @@ class QueueReader:
         target: StreamTarget,
         before_wait: Callable[[], None] = lambda: None,
         stop: Callable[[], bool] = lambda: False,
+        after: Callable[[], None] = lambda: None,
     ) -> Iterator[Response]:
         """Yield each response once until `target` is met (the rule of StreamReader), or
         `stop()` says so; `timeout` bounds the wait for the next response (None: no bound).
-        `before_wait()` runs before each wait (the client records its accepted count)."""
+        `before_wait()` runs before each wait (the client records its accepted count);
+        `after()` when the read returns, if ids wait to be committed (the client has its
+        linger thread call `commit_pending` soon)."""
         if self.token is None:
             self.token = self.progress.take_reader()
         self.inbox.start(self._on_delivery)
@@ -117,7 +130,8 @@ class QueueReader:
                 if target.sent_here == 0 and not self.ready:
                     meta = self.progress.load()  # reading another process's batch: sealed?
         finally:
-            self._commit(check=False)  # a caller that stops early has what it was given
+            if self.uncommitted:
+                after()  # committed soon, off this thread: a caller that stops early has them
 
     def _hand_out(
         self, delivery: Delivery, responses: list[Response]
@@ -127,30 +141,50 @@ class QueueReader:
             self._merge()  # a reader before this one may have handed some out
         for response in responses:
             if self.seen.add(response.id):
-                self.uncommitted.append(response.id)  # before the yield: the caller has it
+                with self.commit_lock:
+                    self.uncommitted.append(response.id)  # before the yield: it is given out
                 yield response
             else:
                 self.duplicates += 1
-        delivery.ack()
+        # acknowledged in groups (an ack frame per response batch is on the latency path);
+        # what is handed out and not acknowledged yet is committed, so a reader that gets it
+        # again after a takeover skips it
+        self.unacked = delivery
+        self.unacked_count += 1
+        if self.unacked_count >= ACK_EVERY:
+            self._ack()
 
     def _on_delivery(self, delivery: Delivery) -> None:
         batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
         self.ready.append((delivery, list(batch.responses)))
 
-    def _commit(self, check: bool = True) -> None:
-        """Record the ids handed out. With `check`, if another reader holds the lease now,
-        give back what was not handed out and raise ReaderTakenOver."""
+    def commit_pending(self) -> None:
+        """Record the ids handed out and not committed yet (safe from another thread; a
+        takeover it finds is raised on the reading thread at its next commit)."""
         assert self.token is not None
-        ids, self.uncommitted = self.uncommitted, []
-        self.committed_at = time.monotonic()
-        if ids:
-            # recorded even past a takeover: the new reader must not wait for these
-            still_reader = self.progress.commit_read(self.token, 0, ids)
-        elif check:
-            still_reader = self.progress.is_reader(self.token)
-        else:
-            return
-        if still_reader or not check:
+        with self.commit_lock:
+            ids, self.uncommitted = self.uncommitted, []
+            self.committed_at = time.monotonic()
+            if ids and not self.progress.commit_read(self.token, 0, ids):
+                # recorded even past a takeover: the new reader must not wait for these
+                self.taken_over = True
+
+    def _ack(self) -> None:
+        """Acknowledge every delivery handed out so far."""
+        delivery, self.unacked, self.unacked_count = self.unacked, None, 0
+        if delivery is not None:
+            delivery.ack()
+
+    def _commit(self) -> None:
+        """Record the ids handed out and acknowledge their deliveries; if another reader holds
+        the lease now, give back what was not handed out and raise ReaderTakenOver."""
+        assert self.token is not None
+        self._ack()
+        had = bool(self.uncommitted)
+        self.commit_pending()
+        if not had and not self.taken_over:
+            self.taken_over = not self.progress.is_reader(self.token)
+        if not self.taken_over:
             return
         self.inbox.close()  # unacknowledged deliveries return to the queue, for the new reader
         self.ready.clear()

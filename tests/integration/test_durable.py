@@ -262,9 +262,10 @@ def test_a_durable_publish_no_queue_takes_is_sent_again_not_dropped(
             channel = admin.channel()
             channel.queue_delete(spec.name)
             monkeypatch.setattr(connections, "UNROUTABLE_RETRY_SECONDS", 1.0)
-            client.send_request("echo", "lost?")
             with pytest.raises(SessionError, match="has no queue"):
-                client.flush()  # gone for good: one clear error, not a silent drop
+                # a request after a pause is sent at once: gone for good, one clear error
+                # and not a silent drop; it stays buffered for the next flush
+                client.send_request("echo", "lost?")
             monkeypatch.setattr(connections, "UNROUTABLE_RETRY_SECONDS", 60.0)
             admin.call_later(0.3, lambda: channel.queue_declare(**spec.declare_kwargs()))
             sender = threading.Thread(target=client.flush)

@@ -84,8 +84,13 @@ class MemoryQueue:
         self.tags += 1
         tag = self.tags
         self.unacked[tag] = body
-        self.on_delivery(Delivery(None, body, lambda: self.unacked.pop(tag), redelivered))
+        self.on_delivery(Delivery(None, body, lambda: self.ack_through(tag), redelivered))
         return True
+
+    def ack_through(self, tag: int) -> None:
+        """An ack acknowledges every earlier delivery too (AMQP's `multiple`)."""
+        for t in [t for t in self.unacked if t <= tag]:
+            del self.unacked[t]
 
     def close(self) -> None:
         self.on_delivery = None
@@ -235,7 +240,13 @@ def test_second_interactive_reader_takes_over_and_gets_the_rest() -> None:
         next(reading)
     assert queue.waiting[0] == (batch(1), True)
     second = queue_reader(queue, counters)
-    assert sorted(r.id for r in second.responses(5, StreamTarget())) == [1, 2, 3]
+    pending: list[bool] = []
+    got = sorted(
+        r.id for r in second.responses(5, StreamTarget(), after=lambda: pending.append(True))
+    )
+    assert got == [1, 2, 3]
+    assert pending == [True]  # the read left ids to commit: the client's linger thread does
+    second.commit_pending()
     assert counters.read.count == 4  # every response once, across the two readers
 
 
