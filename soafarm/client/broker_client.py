@@ -153,7 +153,9 @@ class BrokerClient:
             self._buffer_bytes += len(body)
             linger = self.settings.client.linger
             now = time.monotonic()
-            quiet, self._sent_at = now - self._sent_at > LINGER_QUIET, now
+            # the caller's own pause since its last send_request returned (not the time this
+            # client spent flushing, or a durable sender would send one request at a time)
+            quiet = now - self._sent_at > LINGER_QUIET
             if (
                 len(self._buffer) >= self.settings.client.request_batch_size
                 or linger <= 0
@@ -165,6 +167,7 @@ class BrokerClient:
             elif len(self._buffer) == 1:
                 self._buffered_at = now
                 self._lingering().arm(now + min(LINGER_QUIET, linger))
+            self._sent_at = time.monotonic()
         return request_id
 
     def flush(self) -> None:
