@@ -99,6 +99,8 @@ class EmbeddedServers:
         self.startup_timeout = startup_timeout
         #: One human line per private server started.
         self.started: list[str] = []
+        #: How to run rabbitmqctl against the private RabbitMQ (None: none was started).
+        self._rabbitmqctl: tuple[list[str], dict[str, str]] | None = None
         self.temp_dir: Path | None = None
         self._servers: list[_Server] = []
 
@@ -127,6 +129,24 @@ class EmbeddedServers:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+
+    def rabbitmqctl(self, *args: str, timeout: float = 120.0) -> str:
+        """Run `rabbitmqctl ARGS` against the private RabbitMQ this started (the fault tests
+        stop and restart it: never the machine's own) and return its output."""
+        if self._rabbitmqctl is None:
+            raise ConnectionFailed("no private RabbitMQ was started (or rabbitmqctl is missing)")
+        command, env = self._rabbitmqctl
+        done = subprocess.run(
+            [*command, "-q", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ConnectionFailed(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def _dir(self, name: str) -> Path:
         if self.temp_dir is None:
@@ -246,6 +266,8 @@ class EmbeddedServers:
             if not done:
                 proc.terminate()
 
+        if ctl is not None:
+            self._rabbitmqctl = ([ctl, "-n", node], env)
         url = f"amqp://guest:guest@127.0.0.1:{port}/"
         server = _Server("RabbitMQ", proc, port, log_path, url, lambda: _open_amqp(url), stop)
         self._servers.append(server)

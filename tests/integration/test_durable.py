@@ -16,6 +16,7 @@ import pytest
 from soafarm import BrokerClient, DurableSession, SessionAttachInfo, SessionStartInfo
 from soafarm.config import Settings
 from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed, SessionError
+from soafarm.local.embedded import EmbeddedServers, free_port
 from soafarm.local.farm import LocalFarm
 from tests.conftest import cli_env
 from tests.waiting import wait_until
@@ -167,18 +168,8 @@ def test_broker_daemon_restarted_mid_batch(settings: Settings, farm: LocalFarm) 
         session.close()
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, stdout=subprocess.DEVNULL)
-
-
-def queues_running(namespace: str) -> bool:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name", "state"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    ).stdout
+def queues_running(servers: EmbeddedServers, namespace: str) -> bool:
+    out = servers.rabbitmqctl("list_queues", "name", "state", timeout=60)
     states = [
         line.split()[-1]
         for line in out.splitlines()[1:]
@@ -187,28 +178,34 @@ def queues_running(namespace: str) -> bool:
     return bool(states) and all(state == "running" for state in states)
 
 
-def test_rabbitmq_restarted_mid_batch(settings: Settings, farm: LocalFarm) -> None:
-    s = small_batches(settings)
-    with DurableSession.create(SessionStartInfo("faulty"), s) as session:
-        client = BrokerClient(session, "r")
-        for i in range(N // 2):
-            client.send_request("sleep", 0.0003, user_data=i)
-        client.flush()
-        wait_until("1,000 responses", lambda: client.status().done >= 1000)
-        assert client.status().done < N // 2, "the first half finished before the restart"
-        try:
-            rabbitmqctl("stop_app")
-        finally:
-            rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-        # await_startup returns before quorum queues and streams have recovered
-        wait_until("the session's queues to recover", lambda: queues_running(s.namespace))
-        for i in range(N // 2, N):  # the client reconnects by itself
-            client.send_request("sleep", 0.0003, user_data=i)
-        client.end_requests()
-        assert_each_once(list(client.get_responses(timeout=60)))
-        client.close()
-        session.close()
+def test_rabbitmq_restarted_mid_batch(settings: Settings) -> None:
+    # a private RabbitMQ of this test's own: the machine's is never stopped
+    nothing_there = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    private = EmbeddedServers(settings.replace(amqp_url=nothing_there))
+    with private as effective, LocalFarm(effective, workers=1, cores=2):
+        s = small_batches(effective)
+        with DurableSession.create(SessionStartInfo("faulty"), s) as session:
+            client = BrokerClient(session, "r")
+            for i in range(N // 2):
+                client.send_request("sleep", 0.0003, user_data=i)
+            client.flush()
+            wait_until("1,000 responses", lambda: client.status().done >= 1000)
+            assert client.status().done < N // 2, "the first half finished before the restart"
+            try:
+                private.rabbitmqctl("stop_app")
+            finally:
+                private.rabbitmqctl("start_app")
+            private.rabbitmqctl("await_startup")
+            # await_startup returns before quorum queues and streams have recovered
+            wait_until(
+                "the session's queues to recover", lambda: queues_running(private, s.namespace)
+            )
+            for i in range(N // 2, N):  # the client reconnects by itself
+                client.send_request("sleep", 0.0003, user_data=i)
+            client.end_requests()
+            assert_each_once(list(client.get_responses(timeout=60)))
+            client.close()
+            session.close()
 
 
 def test_second_reader_takes_over_and_closed_sessions_keep_responses(
