@@ -21,13 +21,13 @@ from typing import Any, Self
 
 import amqp.exceptions
 import structlog
-from kombu import Connection, Producer
+from kombu import Producer
 
 from soafarm.client.heartbeat import Heartbeat
 from soafarm.client.inbox import QueueInbox, StreamInbox
 from soafarm.client.linger import Linger
 from soafarm.client.queue_reader import COMMIT_INTERVAL, QueueReader
-from soafarm.client.reader import StreamReader, StreamTarget
+from soafarm.client.reader import Receiver, StreamReader, StreamTarget
 from soafarm.client.session import Session
 from soafarm.client.throttle import Throttle
 from soafarm.errors import (
@@ -120,11 +120,26 @@ class BrokerClient:
         self._linger: Linger | None = None
         self._failed: BaseException | None = None  # a background send's error, for the caller
         self._handler_error: BaseException | None = None
-        self._read_connection: Connection | None = None
         self._handler_thread: threading.Thread | None = None
-        # the one receive path, chosen by the session's kind on first use
-        self._reader: StreamReader | None = None
-        self._receiver: QueueReader | None = None
+        # the one receive path, chosen by the session's kind (it connects on first use)
+        self.receiver: Receiver
+        if self.durable:
+            self.receiver = StreamReader(
+                StreamInbox(self.settings, self.response_queue),
+                self.progress,
+                self.settings.max_message_bytes,
+                self._describe,
+                self._check_session,
+            )
+        else:
+            self.receiver = QueueReader(
+                QueueInbox(self.settings, self.response_queue),
+                max_bytes=self.settings.max_message_bytes,
+                progress=self.progress,
+                describe=self._describe,
+                check=self._check_session,
+            )
+        self._receiving = False  # get_responses or a handler has started
         self._stop = threading.Event()
 
     # --- sending --------------------------------------------------------------------------
@@ -200,9 +215,14 @@ class BrokerClient:
         return self._linger
 
     def _on_linger(self) -> None:
-        """On the linger thread: send a buffer once the caller has stopped adding to it for
-        LINGER_QUIET, or its first request has waited `client.linger`; record the accepted
-        count a flush left unrecorded."""
+        """On the linger thread: what is due of the sends and of the reader's commits."""
+        self._linger_send()
+        self._linger_commit()
+
+    def _linger_send(self) -> None:
+        """Send a buffer once the caller has stopped adding to it for LINGER_QUIET, or its
+        first request has waited `client.linger`; record the accepted count a flush left
+        unrecorded. An error is kept for the caller's next call."""
         with self._lock:
             try:
                 if self._buffer:
@@ -218,16 +238,19 @@ class BrokerClient:
                     self._record_accepted()
             except Exception as e:  # raised to the caller at its next call
                 self._failed = e
-        reader = self._receiver
-        if reader is not None and reader.token is not None and reader.uncommitted:
-            due = reader.committed_at + COMMIT_INTERVAL
-            if time.monotonic() < due:
-                self._lingering().arm(due)  # one commit per COMMIT_INTERVAL at most
-                return
-            try:
-                reader.commit_pending()
-            except Exception as e:  # the reader commits again at its next read or close
-                log.warning("response_commit_failed", error=repr(e))
+
+    def _linger_commit(self) -> None:
+        """Commit what the reader's finished reads handed out, at most every COMMIT_INTERVAL."""
+        commit_at = self.receiver.commit_due()
+        if commit_at is None:
+            return
+        if time.monotonic() < commit_at:
+            self._lingering().arm(commit_at)
+            return
+        try:
+            self.receiver.commit_pending()
+        except Exception as e:  # the reader commits again at its next read or close
+            log.warning("response_commit_failed", error=repr(e))
 
     def _raise_failed(self) -> None:
         """Raise the error of a send the linger thread made for this caller, once."""
@@ -299,13 +322,12 @@ class BrokerClient:
     @property
     def outstanding(self) -> int:
         """Requests sent whose response has not been received yet (this process's view)."""
-        reader = self._reader or self._receiver
-        return self._next_id - (reader.seen.count if reader is not None else 0)
+        return self._next_id - self.receiver.seen.count
 
     @property
     def duplicates(self) -> int:
         """Responses received again and dropped (a request an instance ran twice)."""
-        return self._receiver.duplicates if self._receiver is not None else 0
+        return self.receiver.duplicates
 
     def status(self) -> ClientProgress:
         """Progress of this client id from the farm's counters: accepted, done, faulted..."""
@@ -345,14 +367,16 @@ class BrokerClient:
             sent_here=self._next_id if self._sent_here else 0,
             until_done=self.progress.load().done if available_only else None,
         )
-        if self.durable:
-            reader = self._stream_reader()
-            reader.commit_each = commit_each
-            yield from reader.responses(timeout, new_only, target)
-        else:
-            yield from self._queue_reader().responses(
-                timeout, target, before_wait=self._record_pending, after=self._commit_soon
-            )
+        if isinstance(self.receiver, StreamReader):
+            self.receiver.commit_each = commit_each
+        self._receiving = True
+        yield from self.receiver.responses(
+            timeout,
+            target,
+            new_only=new_only,
+            before_wait=self._record_pending,
+            after=self._commit_soon,
+        )
 
     def _commit_soon(self) -> None:
         """What the interactive reader handed out is committed by the linger thread."""
@@ -362,32 +386,6 @@ class BrokerClient:
         """While waiting: the last flushes' accepted count, for the autoscaler."""
         if not self._sealed:
             self._record_accepted()
-
-    def _stream_reader(self) -> StreamReader:
-        """This durable client's cursor over its response stream (made on first use)."""
-        if self._reader is None:
-            self._reader = StreamReader(
-                StreamInbox(self.settings, self.response_queue),
-                self.progress,
-                self.settings.max_message_bytes,
-                self._describe,
-                self._check_session,
-            )
-        return self._reader
-
-    def _queue_reader(self) -> QueueReader:
-        """This interactive client's reader of its response queue (made on first use), on a
-        connection of its own: the linger thread publishes on the client's meanwhile."""
-        if self._receiver is None:
-            self._read_connection = kombu_connection(self.settings)
-            self._receiver = QueueReader(
-                QueueInbox(self._read_connection, self.response_queue, self.settings.amqp_url),
-                max_bytes=self.settings.max_message_bytes,
-                progress=self.progress,
-                describe=self._describe,
-                check=self._check_session,
-            )
-        return self._receiver
 
     def _check_session(self) -> None:
         """Raise if the session failed or was closed while this client waits for it."""
@@ -420,8 +418,9 @@ class BrokerClient:
         closed, another reader took over) ends the handler and reaches the caller the same
         way. `close()` stops the handler.
         """
-        if self._handler_thread is not None or self._receiver is not None:
+        if self._handler_thread is not None or self._receiving:
             raise SessionError("responses are already being received by this client")
+        self._receiving = True
         self.flush()
         self._handler_thread = threading.Thread(
             target=self._handle, args=(callback, on_error), name="responses", daemon=True
@@ -443,12 +442,9 @@ class BrokerClient:
                 log.exception("response_error_callback_failed")
 
         try:
-            if self.durable:
-                responses = self._stream_reader().responses(None, stop=self._stop)
-            else:
-                responses = self._queue_reader().responses(
-                    None, StreamTarget(), stop=self._stop.is_set
-                )
+            responses = self.receiver.responses(
+                None, StreamTarget(), stop=self._stop.is_set, after=self._commit_soon
+            )
             for response in responses:
                 try:
                     callback(response)
@@ -475,13 +471,7 @@ class BrokerClient:
             self.heartbeat.stop()
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
-            if self._reader is not None:
-                self._reader.close()
-            if self._receiver is not None and self._receiver.token is not None:
-                with contextlib.suppress(Exception):  # best effort: the lease ends here
-                    self._receiver.commit_pending()
-            if self._read_connection is not None:
-                close_quietly(self._read_connection)
+            self.receiver.close()
             close_quietly(self.connection)
             self.sessions.close()
         error, self._handler_error = self._handler_error, None

@@ -7,7 +7,6 @@ can hand the readers in-memory batches instead.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,17 +36,21 @@ class QueueInbox:
     (or its process died) go back to the queue for the next one.
     """
 
-    def __init__(self, connection: Connection, queue: str, url: str) -> None:
-        """Consume `queue` on `connection` (whose URL `url` names errors) once started."""
-        self.connection = connection
+    def __init__(self, settings: Settings, queue: str) -> None:
+        """Consume `queue` once started, on a connection of its own: the client publishes on
+        its own from another thread (the linger thread)."""
+        self.settings = settings
+        self.url = settings.amqp_url
         self.queue = queue
-        self.url = url
+        self.connection: Connection | None = None
         self.consumer: Consumer | None = None
 
     def start(self, on_delivery: Callable[[Delivery], None]) -> None:
         """Start delivering to `on_delivery` (during `drain`); later calls do nothing."""
         if self.consumer is not None:
             return
+        if self.connection is None:
+            self.connection = kombu_connection(self.settings)
 
         def on_message(message: Message) -> None:
             redelivered = bool(message.delivery_info.get("redelivered"))
@@ -67,6 +70,7 @@ class QueueInbox:
 
     def drain(self, timeout: float) -> bool:
         """Deliver what arrives within `timeout` seconds; False if nothing did."""
+        assert self.connection is not None
         with reporting_lost_connection(self.connection, self.url):
             try:
                 self.connection.drain_events(timeout=timeout)
@@ -75,11 +79,11 @@ class QueueInbox:
         return True
 
     def close(self) -> None:
-        """Stop consuming; deliveries not acknowledged go back to the queue at once."""
-        consumer, self.consumer = self.consumer, None
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                consumer.channel.close()
+        """Stop consuming and close the connection; deliveries not acknowledged go back to
+        the queue at once."""
+        connection, self.connection, self.consumer = self.connection, None, None
+        if connection is not None:
+            close_quietly(connection)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ The rules are a durable reader's (`client.reader`), on a queue instead of a stre
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from soafarm.client.reader import Bitmap, ReadProgress, StreamTarget
 from soafarm.errors import ReaderTakenOver, ResponseTimeout
 from soafarm.protocol import Response, ResponseBatch, decode_as
 from soafarm.state.clients import ClientProgress
+from soafarm.transport.errors import REDIS_LOST
 
 #: Seconds between looks at the session and the lease while no response arrives.
 IDLE_TICK = 0.5
@@ -91,15 +93,18 @@ class QueueReader:
         self,
         timeout: float | None,
         target: StreamTarget,
-        before_wait: Callable[[], None] = lambda: None,
+        *,
+        new_only: bool = False,
         stop: Callable[[], bool] = lambda: False,
+        before_wait: Callable[[], None] = lambda: None,
         after: Callable[[], None] = lambda: None,
     ) -> Iterator[Response]:
         """Yield each response once until `target` is met (the rule of StreamReader), or
         `stop()` says so; `timeout` bounds the wait for the next response (None: no bound).
         `before_wait()` runs before each wait (the client records its accepted count);
         `after()` when the read returns, if ids wait to be committed (the client has its
-        linger thread call `commit_pending` soon)."""
+        linger thread call `commit_pending` soon). `new_only` means nothing here: an
+        interactive queue holds only what no reader has taken."""
         if self.token is None:
             self.token = self.progress.take_reader()
         self.inbox.start(self._on_delivery)
@@ -157,6 +162,17 @@ class QueueReader:
     def _on_delivery(self, delivery: Delivery) -> None:
         batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
         self.ready.append((delivery, list(batch.responses)))
+
+    def commit_due(self) -> float | None:
+        """When the ids a finished read left should be committed, or None if there are none."""
+        return self.committed_at + COMMIT_INTERVAL if self.uncommitted else None
+
+    def close(self) -> None:
+        """Commit what is pending and release the queue (undelivered responses stay in it)."""
+        if self.token is not None:
+            with contextlib.suppress(*REDIS_LOST):  # best effort: the lease ends here
+                self.commit_pending()
+        self.inbox.close()
 
     def commit_pending(self) -> None:
         """Record the ids handed out and not committed yet (safe from another thread; a

@@ -11,7 +11,6 @@ and the first one's next commit fails with `ReaderTakenOver`.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -124,6 +123,40 @@ class ReadProgress(Protocol):
         ...
 
 
+class Receiver(Protocol):
+    """A client id's receive path, chosen when the client is built: `QueueReader` for an
+    interactive session (client/queue_reader.py), `StreamReader` for a durable one."""
+
+    seen: Bitmap
+    duplicates: int
+
+    def responses(
+        self,
+        timeout: float | None,
+        target: StreamTarget,
+        *,
+        new_only: bool = False,
+        stop: Callable[[], bool] = lambda: False,
+        before_wait: Callable[[], None] = lambda: None,
+        after: Callable[[], None] = lambda: None,
+    ) -> Iterator[Response]:
+        """Each response once, until `target` is met or `stop()`; `after()` when the read
+        returns with handed-out ids still to commit (then `commit_due`/`commit_pending`)."""
+        ...
+
+    def commit_due(self) -> float | None:
+        """When what earlier reads handed out should be committed (monotonic time), or None."""
+        ...
+
+    def commit_pending(self) -> None:
+        """Commit what earlier reads handed out (safe from another thread)."""
+        ...
+
+    def close(self) -> None:
+        """Commit what is pending and release the connection."""
+        ...
+
+
 class StreamReader:
     """One pass over a durable client id's responses."""
 
@@ -149,22 +182,27 @@ class StreamReader:
         self.inbox: deque[Delivery] = deque()
         #: Commit each response as the caller takes the next (`soafarm responses --new-only`).
         self.commit_each = False
+        self.duplicates = 0
 
     def responses(
         self,
         timeout: float | None,
+        target: StreamTarget,
+        *,
         new_only: bool = False,
-        target: StreamTarget | None = None,
-        stop: threading.Event | None = None,
+        stop: Callable[[], bool] = lambda: False,
+        before_wait: Callable[[], None] = lambda: None,
+        after: Callable[[], None] = lambda: None,
     ) -> Iterator[Response]:
         """Yield each response once; see the module docstring. `timeout` bounds the wait for
-        the next response (None: no bound); `stop` ends the read early (response handlers).
+        the next response (None: no bound); `stop()` ends the read early (response handlers);
+        `before_wait()` runs before each wait for deliveries. `after` is the Receiver
+        interface's: a durable read commits as it goes and leaves nothing behind.
 
         The reader is a cursor: a second call continues where the first stopped (a client
         that sends and reads in turns never re-reads the stream). `new_only` matters on the
         first call, which decides where the cursor starts.
         """
-        target = target or StreamTarget()
         if self.token is None:
             self.token = self.progress.take_reader()
             meta = self.progress.load()
@@ -175,10 +213,11 @@ class StreamReader:
         meta = self.progress.load()
         last_progress = last_meta = last_delivery = time.monotonic()
         while not self._complete(meta, self.seen, target):
-            if stop is not None and stop.is_set():
+            if stop():
                 return
             if not self.source.is_open:
                 self.source.open(self.next_offset, self.inbox.append)
+            before_wait()
             if not self.source.drain(IDLE_TICK):
                 # RabbitMQ restarted or the link dropped: resume after the last batch read
                 self.close()
@@ -218,6 +257,13 @@ class StreamReader:
         self.close()
         return True
 
+    def commit_due(self) -> float | None:
+        """Never: a durable read commits as it hands out."""
+        return None
+
+    def commit_pending(self) -> None:
+        """Nothing is left to commit (see `commit_due`)."""
+
     def close(self) -> None:
         """Release the consumer; deliveries not handed out are redelivered to the next one."""
         self.source.close()
@@ -241,6 +287,7 @@ class StreamReader:
         try:
             for response in batch.responses:
                 if not seen.add(response.id):
+                    self.duplicates += 1
                     continue
                 given.append(response.id)  # before the yield: the caller has it
                 handed += 1

@@ -176,7 +176,7 @@ def test_interactive_reader_times_out_naming_what_is_outstanding() -> None:
 def test_stream_reader_hands_out_each_response_once_and_commits() -> None:
     counters = Counters(accepted=3, done=3, sealed=True, total=3)
     stream = MemoryStream([batch(0, 1), batch(1), batch(2)])
-    got = [r.id for r in stream_reader(stream, counters).responses(5)]
+    got = [r.id for r in stream_reader(stream, counters).responses(5, StreamTarget())]
     assert got == [0, 1, 2]
     assert counters.read_offset == 3 and counters.read.count == 3
     assert stream.acked == [0, 1, 2]
@@ -186,12 +186,12 @@ def test_stream_reader_new_only_is_exact_per_response() -> None:
     counters = Counters(accepted=5, done=5, sealed=True, total=5)
     stream = MemoryStream([batch(0, 1), batch(2, 3, 4)])
     first = stream_reader(stream, counters)
-    for response in first.responses(5):
+    for response in first.responses(5, StreamTarget()):
         if response.id == 3:
             break  # stopped in the middle of the second batch, with 0..3 in hand
     first.close()
     again = MemoryStream(stream.bodies)
-    got = [r.id for r in stream_reader(again, counters).responses(5, new_only=True)]
+    got = [r.id for r in stream_reader(again, counters).responses(5, StreamTarget(), new_only=True)]
     assert got == [4]
     assert again.opens == [1]  # the batch it stopped in is read again, its given ids skipped
 
@@ -200,7 +200,7 @@ def test_commit_each_records_a_response_once_the_caller_takes_the_next() -> None
     counters = Counters(accepted=3, done=3, sealed=True, total=3)
     reader = stream_reader(MemoryStream([batch(0, 1, 2)]), counters)
     reader.commit_each = True
-    reading = reader.responses(5)
+    reading = reader.responses(5, StreamTarget())
     assert next(reading).id == 0
     assert counters.read.count == 0  # the caller may not have stored it yet
     assert next(reading).id == 1
@@ -210,7 +210,7 @@ def test_commit_each_records_a_response_once_the_caller_takes_the_next() -> None
 def test_stream_reader_resumes_after_a_lost_connection_without_repeats() -> None:
     counters = Counters(accepted=3, done=3, sealed=True, total=3)
     stream = MemoryStream([batch(0), batch(1), batch(2)], drop_after=1)
-    got = [r.id for r in stream_reader(stream, counters).responses(5)]
+    got = [r.id for r in stream_reader(stream, counters).responses(5, StreamTarget())]
     assert got == [0, 1, 2]
     assert stream.opens == [0, 1]  # reopened after the batch it had committed
 
@@ -218,10 +218,10 @@ def test_stream_reader_resumes_after_a_lost_connection_without_repeats() -> None
 def test_second_stream_reader_takes_over_and_the_first_fails() -> None:
     counters = Counters(accepted=2, done=2, sealed=True, total=2)
     first = stream_reader(MemoryStream([batch(0), batch(1)]), counters)
-    reading = first.responses(5)
+    reading = first.responses(5, StreamTarget())
     assert next(reading).id == 0
     second = stream_reader(MemoryStream([batch(0), batch(1)]), counters)
-    assert [r.id for r in second.responses(5)] == [0, 1]
+    assert [r.id for r in second.responses(5, StreamTarget())] == [0, 1]
     with pytest.raises(ReaderTakenOver, match="another reader took over client id 'c'"):
         next(reading)
 
