@@ -332,22 +332,29 @@ class CallLoop:
         self._ack(tag)
 
     def _hand_back(self, batch: RequestBatch, keep: int = 0) -> None:
-        """Send the unstarted requests past the first `keep` back to the session's queue, as
-        a batch of their own, for any idle unit to take. Always before the batch's ack: a
-        crash now re-runs requests, never loses them."""
-        rest = list(self.unstarted)[keep:]
-        if not rest:
+        """Send the unstarted requests past the first `keep` back to the session's queue for
+        idle units to take, in pieces that each fit KEEP_WORK (a unit that takes one starts
+        all of it, rather than handing most of it back again). Always before the batch's
+        ack: a crash now re-runs requests, never loses them."""
+        if len(self.unstarted) <= keep:
             return
-        body = encode_request_batch(
-            batch.session_id,
-            batch.client_id,
-            batch.reply_to,
-            [encode_request(r, self.max_bytes) for r in rest],
-        )
+        rest = list(self.unstarted)[keep:]
+        pieces: list[list[Request]] = []
+        while rest:
+            size = self.times.piece(rest)
+            pieces.append(rest[:size])
+            rest = rest[size:]
         wanted = partial(self.counts.session_exists, batch.session_id)
-        self._send(self.link.request_queue, body, wanted)
-        for _ in rest:  # only once sent: a failed publish leaves them to this loop
-            self.unstarted.pop()
+        for piece in reversed(pieces):  # from the end: a failed publish leaves the rest here
+            body = encode_request_batch(
+                batch.session_id,
+                batch.client_id,
+                batch.reply_to,
+                [encode_request(r, self.max_bytes) for r in piece],
+            )
+            self._send(self.link.request_queue, body, wanted)
+            for _ in piece:
+                self.unstarted.pop()
 
     def _call(self, request_run: Callable[[], Outcome], request_id: int) -> Outcome:
         """Run one call with the connection left to `keep_alive`."""

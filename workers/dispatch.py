@@ -9,7 +9,9 @@ hands the rest back to the session's queue at once, where every idle unit (anoth
 loop, another instance, another host) takes it. Expected durations are a moving average per
 operation of this loop's own calls; an operation never seen counts as long, so a loop's
 first batch keeps one request. Echo-sized calls fit a whole batch in KEEP_WORK and are never
-split; calls of 50 ms or more are kept one at a time.
+split; calls of 50 ms or more are kept one at a time. What is handed back goes in pieces that
+each fit KEEP_WORK, so the unit that takes a piece starts all of it instead of handing most of
+it back again.
 
 A call that turns out long while requests of its batch wait (the estimate was wrong: one slow
 call among fast ones) is covered by the instance's main thread, which hands those back
@@ -54,3 +56,11 @@ class CallTimes:
                 return max(kept, 1)
             kept += 1
         return kept
+
+    def piece(self, requests: list[Request], budget: float = KEEP_WORK) -> int:
+        """How many of `requests` to hand back together: what another unit can start at once
+        (`keep`), or all of them when the first one's operation was never seen here (its
+        taker learns how long it takes)."""
+        if requests and requests[0].op not in self.mean:
+            return len(requests)
+        return self.keep(requests, budget)

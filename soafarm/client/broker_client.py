@@ -67,7 +67,8 @@ ACCEPTED_RECORD_INTERVAL = 0.05
 #: A buffer the caller has stopped adding to for this long is sent (a client that sends a
 #: few requests and waits gets them out at once; one sending in a loop fills its batches),
 #: and a request sent this long after the previous one leaves at once. `client.linger`
-#: bounds the wait of a buffer that keeps growing slowly.
+#: bounds the wait of a buffer that keeps growing slowly, and is the only wait of a caller
+#: whose last batch left full (a bulk sender).
 LINGER_QUIET = 0.0003
 #: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
 DURABLE_RETRY_POLICY = {
@@ -117,6 +118,7 @@ class BrokerClient:
         # linger thread (client/linger.py), which sends what waits without flush()
         self._lock = threading.RLock()
         self._buffered_at = self._sent_at = 0.0
+        self._filling = False  # the last batch left full: the caller sends in bulk
         self._linger: Linger | None = None
         self._failed: BaseException | None = None  # a background send's error, for the caller
         self._handler_error: BaseException | None = None
@@ -171,17 +173,17 @@ class BrokerClient:
             # the caller's own pause since its last send_request returned (not the time this
             # client spent flushing, or a durable sender would send one request at a time)
             quiet = now - self._sent_at > LINGER_QUIET
-            if (
-                len(self._buffer) >= self.settings.client.request_batch_size
-                or linger <= 0
-                or (quiet and len(self._buffer) == 1)
-            ):
+            full = len(self._buffer) >= self.settings.client.request_batch_size
+            if full or linger <= 0 or (quiet and len(self._buffer) == 1):
                 # a request after a pause goes at once: a caller that sends one request and
                 # waits for it pays no linger (nor a wake-up of the linger thread)
                 self._flush()
+                self._filling = full
             elif len(self._buffer) == 1:
                 self._buffered_at = now
-                self._lingering().arm(now + min(LINGER_QUIET, linger))
+                # a caller that fills whole batches is not woken for every one of them
+                wait = linger if self._filling else min(LINGER_QUIET, linger)
+                self._lingering().arm(now + wait)
             self._sent_at = time.monotonic()
         return request_id
 
@@ -234,6 +236,7 @@ class BrokerClient:
                         self._lingering().arm(due)  # the caller is still adding requests
                         return
                     self._flush()
+                    self._filling = False
                 elif not self._sealed:
                     self._record_accepted()
             except Exception as e:  # raised to the caller at its next call
