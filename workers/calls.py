@@ -121,7 +121,6 @@ class Link:
 
     durable: bool
     request_queue: str
-    queue_empty: threading.Event  # set by the main thread when no batch waits in the queue
     draining: threading.Event  # set when the instance stops: hand back what has not started
     stop: Callable[[], None]  # stops the whole instance (its queue is gone)
 

@@ -1,11 +1,12 @@
 """A service instance: one process that loads a service and serves one session's requests.
 
 Each call thread (`capacity` of them) consumes, calls, publishes and acknowledges on a
-connection of its own (`workers.calls.CallLoop`). The main thread supervises: it looks at the
-request queue's depth on a connection of its own (`workers.monitor.QueueMonitor`), enforces
-service_operation_timeout, keeps the call threads' connections alive during long calls, and
-drains the instance when it is stopped or its host dies. A batch is acknowledged only after
-all its responses are published, so a killed instance loses nothing: RabbitMQ redelivers it.
+connection of its own (`workers.calls.CallLoop`). The main thread supervises: it enforces
+service_operation_timeout, hands back what waits behind a call that turned out long, keeps the
+call threads' connections alive during long calls, and drains the instance when it is stopped
+or its host dies (a deleted session queue cancels the call loops' consumers, which stop it).
+A batch is acknowledged only after all its responses are published, so a killed instance
+loses nothing: RabbitMQ redelivers it.
 
 Run as `python -m soafarm.workers.instance '<spec json>'` by the worker host, with the farm's
 settings in `SOAFARM_*` variables.
@@ -46,12 +47,12 @@ from soafarm.state.records import InstanceRecord, SessionRecord
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.workers.calls import CallLoop, CallWatch, Link
-from soafarm.workers.monitor import QueueMonitor
 
 log = structlog.get_logger(__name__)
 
-#: Seconds between looks at the request queue's depth (for handing back slow batches).
-QUEUE_CHECK_INTERVAL = 0.1
+#: Seconds between the main thread's rounds: timeouts, hand-backs during long calls,
+#: heartbeats of busy call threads, a dead host.
+TEND_INTERVAL = 0.1
 #: Seconds a publish may wait for RabbitMQ's confirm before the instance restarts itself.
 PUBLISH_STALL_LIMIT = 30.0
 EXIT_LOAD_FAILED = 4
@@ -190,13 +191,7 @@ class ServiceInstance:
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
         """Start the call loops and supervise them until they have drained."""
-        link = Link(
-            record.durable,
-            self.names.request_queue(record.id),
-            threading.Event(),
-            self.draining,
-            self.stop,
-        )
+        link = Link(record.durable, self.names.request_queue(record.id), self.draining, self.stop)
         # one call loop per unit of capacity; with capacity 1 the service is never called
         # from two threads at once
         self.loops = [
@@ -222,10 +217,8 @@ class ServiceInstance:
         for thread in calls:
             thread.start()
         timeout = record.broker_settings.service_operation_timeout
-        monitor = QueueMonitor(self.settings, link, self.spec.instance_id)
         try:
-            while not self.stopping.is_set():
-                monitor.look(QUEUE_CHECK_INTERVAL)
+            while not self.stopping.wait(TEND_INTERVAL):
                 self._tend(timeout)
                 if os.getppid() != self.parent:
                     # our worker host died: the broker reassigns its work; drain and leave
@@ -235,15 +228,14 @@ class ServiceInstance:
                 if not all(t.is_alive() for t in calls) and not self.stopping.is_set():
                     raise SoafarmError("a call thread ended unexpectedly; see its log")
         finally:
-            monitor.close()
             self.stop()
             for thread in calls:  # drain: running calls finish, unstarted work goes back
                 while thread.is_alive():
-                    thread.join(timeout=QUEUE_CHECK_INTERVAL)
+                    thread.join(timeout=TEND_INTERVAL)
                     self._tend(timeout)
 
     def _tend(self, timeout: float) -> None:
-        """What the main thread does for the call loops every QUEUE_CHECK_INTERVAL."""
+        """What the main thread does for the call loops every TEND_INTERVAL."""
         self._enforce_timeout(timeout)
         for loop in self.loops:
             loop.keep_alive()

@@ -108,7 +108,7 @@ def make(durable: bool = False, resend_limit: int = 3) -> Harness:
     service = Service()
     counts = MemoryCounts()
     stopped = threading.Event()
-    link = Link(durable, QUEUE, threading.Event(), threading.Event(), stopped.set)
+    link = Link(durable, QUEUE, threading.Event(), stopped.set)
     runner = CallRunner(service, frozenset({"echo", "fail", "wait"}), False, LIMIT, resend_limit)
     loop = CallLoop(
         runner,
