@@ -1,13 +1,11 @@
 """BrokerClient: send requests to a session and get their responses back.
 
-Requests are buffered and sent together as one AMQP message (a batch) when the buffer holds
-`client.request_batch_size` requests, would pass `max_message_bytes`, or on `flush()`,
-`end_requests()` and `get_responses()`. Each request keeps its own id and user data, and each
-response is delivered to the caller exactly once, even if an instance ran it twice.
-
-In a durable session a request id is its position in the client id's batch: `flush()`
-returns only once RabbitMQ has confirmed the requests, and a client that reattaches continues
-from `accepted`, so a request sent again after a crash keeps its id and is answered once.
+The client is two halves and a thread: the send side (`client.sender`: the buffer, batches,
+linger, throttling, `accepted`), the one receive path its session's kind calls for
+(`client.queue_reader` or `client.reader`, each response handed out once), and the linger
+thread (`client.linger`) that runs what either half left due. Each request keeps its own id
+and user data, and each response is delivered to the caller exactly once, even if an
+instance ran it twice.
 """
 
 from __future__ import annotations
@@ -19,15 +17,14 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
-import amqp.exceptions
 import structlog
-from kombu import Producer
 
 from soafarm.client.heartbeat import Heartbeat
 from soafarm.client.inbox import QueueInbox, StreamInbox
 from soafarm.client.linger import Linger
 from soafarm.client.queue_reader import COMMIT_INTERVAL, QueueReader
 from soafarm.client.reader import Receiver, StreamReader, StreamTarget
+from soafarm.client.sender import RequestSender
 from soafarm.client.session import Session
 from soafarm.client.throttle import Throttle
 from soafarm.errors import (
@@ -38,26 +35,15 @@ from soafarm.errors import (
 )
 from soafarm.names import Names, check_client_id
 from soafarm.protocol import (
-    BATCH_HEADER_ALLOWANCE,
-    CONTENT_TYPE,
-    Request,
     Response,
-    encode_request,
-    encode_request_batch,
 )
 from soafarm.state.clients import ClientProgress, ProgressStore
 from soafarm.state.control import AttachClientArgs
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import (
-    UNROUTABLE_RETRY_SECONDS,
-    close_quietly,
-    kombu_connection,
-    publish_routed,
     redis_client,
-    reporting_lost_connection,
 )
-from soafarm.transport.errors import is_unroutable_return
 
 log = structlog.get_logger(__name__)
 
@@ -103,24 +89,18 @@ class BrokerClient:
         start = self.progress.load()
         broker = session.broker_settings
         self.heartbeat = Heartbeat(self.sessions, session.id, broker.client_idle_timeout, "client")
-        self.throttle = Throttle(self.progress, broker, self.settings.client.throttle_timeout)
-        self.connection = kombu_connection(self.settings, confirm=self.durable)
-        self.channel = self.connection.channel()
-        self.producer = Producer(self.channel)
-        self._buffer: list[bytes] = []
-        self._buffer_bytes = 0
-        self._next_id = start.accepted if self.durable else 0
-        self._sent_here = 0
-        self._recorded_at = 0.0
-        self._recorded = -1  # the accepted count last recorded
-        self._sealed = start.sealed
-        # the buffer and the publishing channel are shared by the caller's thread and the
-        # linger thread (client/linger.py), which sends what waits without flush()
-        self._lock = threading.RLock()
-        self._buffered_at = self._sent_at = 0.0
-        self._filling = False  # the last batch left full: the caller sends in bulk
+        self.sender = RequestSender(
+            self.settings,
+            session_id=session.id,
+            client_id=self.client_id,
+            queues=(self.request_queue, self.response_queue),
+            durable=self.durable,
+            progress=self.progress,
+            throttle=Throttle(self.progress, broker, self.settings.client.throttle_timeout),
+            start=start,
+            wake=self._wake,
+        )
         self._linger: Linger | None = None
-        self._failed: BaseException | None = None  # a background send's error, for the caller
         self._handler_error: BaseException | None = None
         self._handler_thread: threading.Thread | None = None
         # the one receive path, chosen by the session's kind (it connects on first use)
@@ -152,180 +132,48 @@ class BrokerClient:
         seconds later at most. Raises EncodeError / MessageTooLarge at once (nothing is sent)
         if the request cannot be encoded or is over `max_message_bytes`.
         """
-        self._raise_failed()
         if self.closed_session:
             raise SessionClosed(f"session {self.session.id} is closed: it takes no requests")
-        if self._sealed:
-            raise SessionError(
-                f"client id {self.client_id!r} is sealed (end_requests() was called)"
-            )
-        limit = self.settings.max_message_bytes
-        with self._lock:
-            body = encode_request(Request(self._next_id, op, args, kwargs, user_data), limit)
-            if self._buffer and self._buffer_bytes + len(body) > limit - BATCH_HEADER_ALLOWANCE:
-                self._flush()
-            request_id = self._next_id
-            self._next_id += 1
-            self._buffer.append(body)
-            self._buffer_bytes += len(body)
-            linger = self.settings.client.linger
-            now = time.monotonic()
-            # the caller's own pause since its last send_request returned (not the time this
-            # client spent flushing, or a durable sender would send one request at a time)
-            quiet = now - self._sent_at > LINGER_QUIET
-            full = len(self._buffer) >= self.settings.client.request_batch_size
-            if full or linger <= 0 or (quiet and len(self._buffer) == 1):
-                # a request after a pause goes at once: a caller that sends one request and
-                # waits for it pays no linger (nor a wake-up of the linger thread)
-                self._flush()
-                self._filling = full
-            elif len(self._buffer) == 1:
-                self._buffered_at = now
-                # a caller that fills whole batches is not woken for every one of them
-                wait = linger if self._filling else min(LINGER_QUIET, linger)
-                self._lingering().arm(now + wait)
-            self._sent_at = time.monotonic()
-        return request_id
+        return self.sender.send(op, args, kwargs, user_data)
 
     def flush(self) -> None:
         """Send the buffered requests now, as one message; in a durable session, return once
         RabbitMQ has confirmed them."""
-        self._raise_failed()
-        with self._lock:
-            self._flush()
+        self.sender.flush()
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        self.throttle.wait(self._next_id - len(self._buffer))  # what is already published
-        body = encode_request_batch(
-            self.session.id, self.client_id, self.response_queue, self._buffer
-        )
-        options: dict[str, Any] = {"delivery_mode": 1}
-        if self.durable:
-            # a retried publish may duplicate the batch: same ids, answered once
-            options = {"delivery_mode": 2, "retry": True, "retry_policy": DURABLE_RETRY_POLICY}
-        self._publish(body, options)
-        self._sent_here += len(self._buffer)
-        self._buffer = []
-        self._buffer_bytes = 0
-        self._record_accepted()
+    def end_requests(self) -> None:
+        """Send what is buffered and seal the batch: it has exactly `sent` requests."""
+        self.sender.seal()
 
-    def _lingering(self) -> Linger:
+    @property
+    def sent(self) -> int:
+        """Requests of this client id sent so far (in a durable session, across reattaches)."""
+        return self.sender.next_id
+
+    def _wake(self, at: float) -> None:
+        """Have the linger thread (started on first use) run what is due at `at`."""
         if self._linger is None:
             self._linger = Linger(self._on_linger, f"linger-{self.client_id}")
-        return self._linger
+        self._linger.arm(at)
 
     def _on_linger(self) -> None:
         """On the linger thread: what is due of the sends and of the reader's commits."""
-        self._linger_send()
-        self._linger_commit()
-
-    def _linger_send(self) -> None:
-        """Send a buffer once the caller has stopped adding to it for LINGER_QUIET, or its
-        first request has waited `client.linger`; record the accepted count a flush left
-        unrecorded. An error is kept for the caller's next call."""
-        with self._lock:
-            try:
-                if self._buffer:
-                    due = min(
-                        self._buffered_at + self.settings.client.linger,
-                        self._sent_at + LINGER_QUIET,
-                    )
-                    if time.monotonic() < due:
-                        self._lingering().arm(due)  # the caller is still adding requests
-                        return
-                    self._flush()
-                    self._filling = False
-                elif not self._sealed:
-                    self._record_accepted()
-            except Exception as e:  # raised to the caller at its next call
-                self._failed = e
-
-    def _linger_commit(self) -> None:
-        """Commit what the reader's finished reads handed out, at most every COMMIT_INTERVAL."""
+        self.sender.on_linger()
         commit_at = self.receiver.commit_due()
         if commit_at is None:
             return
         if time.monotonic() < commit_at:
-            self._lingering().arm(commit_at)
+            self._wake(commit_at)  # one commit per COMMIT_INTERVAL at most
             return
         try:
             self.receiver.commit_pending()
         except Exception as e:  # the reader commits again at its next read or close
             log.warning("response_commit_failed", error=repr(e))
 
-    def _raise_failed(self) -> None:
-        """Raise the error of a send the linger thread made for this caller, once."""
-        failed, self._failed = self._failed, None
-        if failed is not None:
-            raise failed
-
-    def _publish(self, body: bytes, options: dict[str, Any]) -> None:
-        """Publish one batch; a durable one is `mandatory` and sent again while RabbitMQ
-        returns it (see `publish_routed`)."""
-
-        def publish() -> None:
-            with reporting_lost_connection(self.connection, self.settings.amqp_url):
-                self.producer.publish(
-                    body,
-                    routing_key=self.request_queue,
-                    exchange="",
-                    content_type=CONTENT_TYPE,
-                    content_encoding="binary",
-                    mandatory=self.durable,
-                    **options,
-                )
-
-        try:
-            publish_routed(publish, self.request_queue, after_return=self._fresh_channel)
-        except amqp.exceptions.ChannelError as e:
-            if not is_unroutable_return(e):
-                raise
-            raise SessionError(
-                f"RabbitMQ has no queue {self.request_queue} to take requests after "
-                f"{UNROUTABLE_RETRY_SECONDS:g}s; was session {self.session.id} closed?"
-            ) from None
-
-    def _fresh_channel(self) -> None:
-        """Replace the channel after a returned publish: its confirm is still on its way, and
-        would be taken for the next publish's."""
-        with contextlib.suppress(Exception):
-            self.channel.close()
-        self.channel = self.connection.channel()
-        self.producer = Producer(self.channel)
-
-    def _record_accepted(self) -> None:
-        """Record the accepted count in Redis, at most every ACCEPTED_RECORD_INTERVAL (the
-        linger thread records one left waiting)."""
-        if self._recorded == self._next_id:
-            return
-        now = time.monotonic()
-        if now - self._recorded_at >= ACCEPTED_RECORD_INTERVAL:
-            # a Redis write per flush would cost more than the flush; a lagging count only
-            # means a resumed client re-sends a few requests (which keep their ids) and the
-            # autoscaler sees the work a little late
-            self.progress.record_accepted(self._next_id)
-            self._recorded, self._recorded_at = self._next_id, now
-        else:
-            self._lingering().arm(self._recorded_at + ACCEPTED_RECORD_INTERVAL)
-
-    def end_requests(self) -> None:
-        """Send what is buffered and seal the batch: it has exactly `sent` requests."""
-        with self._lock:
-            self.flush()
-            self.progress.seal(self._next_id)
-            self._sealed = True
-
-    @property
-    def sent(self) -> int:
-        """Requests of this client id sent so far (in a durable session, across reattaches)."""
-        return self._next_id
-
     @property
     def outstanding(self) -> int:
         """Requests sent whose response has not been received yet (this process's view)."""
-        return self._next_id - self.receiver.seen.count
+        return self.sender.next_id - self.receiver.seen.count
 
     @property
     def duplicates(self) -> int:
@@ -367,7 +215,7 @@ class BrokerClient:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
         self.flush()
         target = StreamTarget(
-            sent_here=self._next_id if self._sent_here else 0,
+            sent_here=self.sender.next_id if self.sender.sent_here else 0,
             until_done=self.progress.load().done if available_only else None,
         )
         if isinstance(self.receiver, StreamReader):
@@ -377,18 +225,13 @@ class BrokerClient:
             timeout,
             target,
             new_only=new_only,
-            before_wait=self._record_pending,
+            before_wait=self.sender.record_pending,
             after=self._commit_soon,
         )
 
     def _commit_soon(self) -> None:
         """What the interactive reader handed out is committed by the linger thread."""
-        self._lingering().arm(time.monotonic() + COMMIT_INTERVAL)
-
-    def _record_pending(self) -> None:
-        """While waiting: the last flushes' accepted count, for the autoscaler."""
-        if not self._sealed:
-            self._record_accepted()
+        self._wake(time.monotonic() + COMMIT_INTERVAL)
 
     def _check_session(self) -> None:
         """Raise if the session failed or was closed while this client waits for it."""
@@ -461,12 +304,7 @@ class BrokerClient:
         the session stays open. Raises ResponseHandlerError if the response handler raised
         and no `on_error` took the error."""
         try:
-            with self._lock:
-                if discard:
-                    self._buffer, self._buffer_bytes = [], 0
-                self._flush()
-                if self._sent_here and not self._sealed:
-                    self.progress.record_accepted(self._next_id)
+            self.sender.close(discard)
         finally:
             self._stop.set()
             if self._linger is not None:
@@ -475,7 +313,6 @@ class BrokerClient:
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
             self.receiver.close()
-            close_quietly(self.connection)
             self.sessions.close()
         error, self._handler_error = self._handler_error, None
         if error is not None:
