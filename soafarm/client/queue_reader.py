@@ -144,13 +144,17 @@ class QueueReader:
         """Yield one batch's responses not handed out before, then acknowledge it."""
         if delivery.redelivered:
             self._merge()  # a reader before this one may have handed some out
-        for response in responses:
-            if self.seen.add(response.id):
-                with self.commit_lock:
-                    self.uncommitted.append(response.id)  # before the yield: it is given out
-                yield response
-            else:
-                self.duplicates += 1
+        given: list[int] = []
+        try:
+            for response in responses:
+                if self.seen.add(response.id):
+                    given.append(response.id)  # before the yield: it is given out
+                    yield response
+                else:
+                    self.duplicates += 1
+        finally:  # one lock per batch, also when the caller stops in its middle
+            with self.commit_lock:
+                self.uncommitted += given
         # acknowledged in groups (an ack frame per response batch is on the latency path);
         # what is handed out and not acknowledged yet is committed, so a reader that gets it
         # again after a takeover skips it

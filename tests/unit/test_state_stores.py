@@ -117,6 +117,9 @@ def test_done_marker_counts_each_response_once_and_readers_take_over() -> None:
     assert progress.is_reader(second)
     assert progress.read_bitmap() == b"\xe0"
     assert progress.load().read_offset == 5
+    # ids travel as runs of consecutive ones: out of order and scattered ids land too
+    assert progress.commit_read(second, 7, [9, 10, 11, 4, 15])
+    assert progress.read_bitmap() == b"\xe8\x71"
 
 
 def test_hosts_beat_expire_assign_and_wake() -> None:
