@@ -37,7 +37,10 @@ def serve(units: int) -> None:
     requests and prints their latencies (ms) as one JSON line; `0` ends."""
     from soafarm import BrokerClient, Session, SessionStartInfo
     from soafarm.config import load_settings
-    from soafarm.local.farm import LocalFarm, delete_namespace
+    try:
+        from soafarm.local.farm import LocalFarm, delete_namespace
+    except ImportError:  # a checkout from before the one-namespace layout (issue 12)
+        from soafarm.farm import LocalFarm, delete_namespace  # type: ignore[import-not-found,no-redef]
 
     settings = load_settings().replace(
         namespace=f"bench-ab-{os.getpid()}",
