@@ -47,22 +47,6 @@ from soafarm.transport.connections import (
 
 log = structlog.get_logger(__name__)
 
-#: Seconds between writes of the confirmed-request count to Redis (and at seal and close):
-#: the count others read (throttling, allocator, autoscaler) lags a flush by at most this.
-ACCEPTED_RECORD_INTERVAL = 0.05
-#: A buffer the caller has stopped adding to for this long is sent (a client that sends a
-#: few requests and waits gets them out at once; one sending in a loop fills its batches),
-#: and a request sent this long after the previous one leaves at once. `client.linger`
-#: bounds the wait of a buffer that keeps growing slowly, and is the only wait of a caller
-#: whose last batch left full (a bulk sender).
-LINGER_QUIET = 0.0003
-#: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
-DURABLE_RETRY_POLICY = {
-    "max_retries": 60,
-    "interval_start": 0.2,
-    "interval_step": 0.5,
-    "interval_max": 2.0,
-}
 
 
 class BrokerClient:
