@@ -106,3 +106,52 @@ def test_durable_response_handler_and_status(settings: Settings, farm: LocalFarm
         clients = session.status()["clients"]
         assert [(c["client_id"], c["done"]) for c in clients] == [("h", 1000)]
         session.close()
+
+
+def test_responses_new_only_resumes_exactly_after_a_kill(
+    settings: Settings, farm: LocalFarm, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+    from tests.waiting import wait_until
+
+    submitted = soafarm(
+        settings, "submit", "echo", "--durable", "--sweep", "echo", "1:20000", "--json"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    sid = str(json.loads(submitted.stdout)["session_id"])
+    assert soafarm(settings, "attach", sid, "--follow", timeout=120).returncode == 0
+
+    def ids(path: Path) -> list[int]:
+        return [json.loads(x)["id"] for x in path.read_text().splitlines() if x.endswith("}")]
+
+    parts: list[Path] = []
+    for kill in range(3):  # SIGKILLed three times while reading, like the run
+        part = tmp_path / f"part{kill}.jsonl"
+        parts.append(part)
+        command = ["responses", sid, "--new-only", "--output", str(part)]
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "soafarm", *command],
+            env=cli_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def written(part: Path = part) -> bool:
+            return part.exists() and len(ids(part)) > 2000
+
+        wait_until("a few thousand responses written", written)
+        reader.send_signal(signal.SIGKILL)
+        reader.wait(10)
+    last = tmp_path / "last.jsonl"
+    parts.append(last)
+    done = soafarm(settings, "responses", sid, "--new-only", "--output", str(last), timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = [i for part in parts for i in ids(part)]
+    assert set(got) == set(range(20000))
+    # each kill can land between writing a response and recording it: at most one again
+    assert len(got) - 20000 <= 3, len(got) - 20000
+    assert soafarm(settings, "sessions", "close", sid, "--purge").returncode == 0
