@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
-from kombu import Connection, Consumer, Queue
+from kombu import Connection, Consumer, Producer, Queue
 from kombu.message import Message
 
 from soafarm.config import Settings
@@ -24,16 +23,15 @@ from soafarm.transport.connections import (
 
 #: Deliveries in flight per reader: enough to keep a reader busy between round trips.
 STREAM_PREFETCH = 64
-#: A queue reader acknowledges every QUEUE_ACK_EVERY deliveries (or COMMIT_INTERVAL) at once.
-QUEUE_PREFETCH = 128
 
 
 class QueueInbox:
-    """An interactive response queue, consumed on a given connection.
+    """An interactive response queue, consumed with auto-ack on a connection of its own.
 
-    Deliveries are acknowledged once handed out (many at a time: an ack acknowledges every
-    earlier delivery too), so those a reader had not handed out when another reader took over
-    (or its process died) go back to the queue for the next one.
+    Auto-ack: an ack frame per batch was on the latency path, and interactive responses live
+    only as long as their client anyway. A reader that another reader took over stops
+    consuming (whatever was on its way arrives first) and gives back, by publishing them to
+    the queue again, the batches it had received but not handed out.
     """
 
     def __init__(self, settings: Settings, queue: str) -> None:
@@ -51,20 +49,13 @@ class QueueInbox:
             return
         if self.connection is None:
             self.connection = kombu_connection(self.settings)
-
-        def on_message(message: Message) -> None:
-            redelivered = bool(message.delivery_info.get("redelivered"))
-            # acknowledging one acknowledges every earlier one: readers hand out in order
-            ack = partial(message.ack, multiple=True)
-            on_delivery(Delivery(None, message.body, ack, redelivered))
-
         with reporting_lost_connection(self.connection, self.url):
             self.consumer = Consumer(
                 self.connection.channel(),
                 queues=[Queue(self.queue, no_declare=True)],
-                on_message=on_message,
+                on_message=lambda message: on_delivery(Delivery(None, message.body, _acked)),
                 accept=[CONTENT_TYPE],
-                prefetch_count=QUEUE_PREFETCH,
+                no_ack=True,
             )
             self.consumer.consume()
 
@@ -78,23 +69,49 @@ class QueueInbox:
                 return False
         return True
 
+    def stop(self) -> None:
+        """Stop consuming; deliveries RabbitMQ sent before it stopped reach `on_delivery`
+        first (the cancel waits for RabbitMQ's answer, which comes after them)."""
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None and self.connection is not None:
+            with reporting_lost_connection(self.connection, self.url):
+                consumer.cancel()
+
+    def give_back(self, bodies: list[bytes]) -> None:
+        """Publish response batches to the queue again, for the reader that took over."""
+        if not bodies or self.connection is None:
+            return
+        with reporting_lost_connection(self.connection, self.url):
+            producer = Producer(self.connection.channel())
+            for body in bodies:
+                producer.publish(
+                    body,
+                    routing_key=self.queue,
+                    exchange="",
+                    content_type=CONTENT_TYPE,
+                    content_encoding="binary",
+                    delivery_mode=1,
+                )
+
     def close(self) -> None:
-        """Stop consuming and close the connection; deliveries not acknowledged go back to
-        the queue at once."""
+        """Stop consuming and close the connection."""
         connection, self.connection, self.consumer = self.connection, None, None
         if connection is not None:
             close_quietly(connection)
 
 
+def _acked() -> None:
+    """An auto-acked delivery needs no acknowledgement."""
+
+
 @dataclass(frozen=True)
 class Delivery:
-    """One response batch: its stream offset (None from a queue), its body, how to
-    acknowledge it, and whether RabbitMQ delivered it before (to a reader that left)."""
+    """One response batch: its stream offset (None from a queue), its body, and how to
+    acknowledge it."""
 
     offset: int | None
     body: bytes
     ack: Callable[[], None]
-    redelivered: bool = False
 
 
 class StreamInbox:

@@ -6,15 +6,14 @@ The rules are a durable reader's (`client.reader`), on a queue instead of a stre
   twice; the reader keeps a bitmap of the ids it handed out and drops the second answer.
 - **One reader per client id.** A reader takes the client id's reader lease; a second
   reader takes it over. The first one learns it at its next commit (every COMMIT_INTERVAL
-  while reading, and on each idle tick), gives back what it has not handed out (its
-  unacknowledged deliveries return to the queue) and raises ReaderTakenOver, instead of the
-  two silently splitting the responses.
+  while reading, and on each idle tick), stops consuming, gives back what it received and
+  did not hand out (publishes it to the queue again) and raises ReaderTakenOver, instead of
+  the two silently splitting the responses.
 - **Commits.** Handed-out ids go to the client id's read bitmap in Redis, coalesced every
   COMMIT_INTERVAL while reading; what is left when a read returns is committed within
   COMMIT_INTERVAL by the client's linger thread (`commit_pending`), never on the latency
-  path of one request and its response. A reader that took over
-  merges that bitmap into its own when RabbitMQ redelivers a batch (it skips what its
-  predecessor handed out) and on idle ticks (to know when the batch is complete).
+  path of one request and its response. A reader that took over merges that bitmap into its
+  own on idle ticks, to know when the batch is complete.
 """
 
 from __future__ import annotations
@@ -35,10 +34,8 @@ from soafarm.transport.errors import REDIS_LOST
 
 #: Seconds between looks at the session and the lease while no response arrives.
 IDLE_TICK = 0.5
-#: Seconds between commits of handed-out ids (and acks of their deliveries) while responses
-#: flow; deliveries are acknowledged at least every ACK_EVERY (a quarter of the prefetch).
+#: Seconds between commits of handed-out ids while responses flow.
 COMMIT_INTERVAL = 0.05
-ACK_EVERY = 32
 
 
 class Inbox(Protocol):
@@ -52,8 +49,16 @@ class Inbox(Protocol):
         """Deliver what arrives within `timeout` seconds; False if nothing did."""
         ...
 
+    def stop(self) -> None:
+        """Stop consuming; what was on its way is delivered first."""
+        ...
+
+    def give_back(self, bodies: list[bytes]) -> None:
+        """Put response batches back in the queue for another reader."""
+        ...
+
     def close(self) -> None:
-        """Stop consuming; unacknowledged deliveries go back to the queue."""
+        """Stop consuming and release the connection."""
         ...
 
 
@@ -86,8 +91,6 @@ class QueueReader:
         # the linger thread commits what a finished read left (`commit_pending`)
         self.commit_lock = threading.Lock()
         self.taken_over = False
-        self.unacked: Delivery | None = None
-        self.unacked_count = 0
 
     def responses(
         self,
@@ -141,9 +144,7 @@ class QueueReader:
     def _hand_out(
         self, delivery: Delivery, responses: list[Response]
     ) -> Generator[Response, None, None]:
-        """Yield one batch's responses not handed out before, then acknowledge it."""
-        if delivery.redelivered:
-            self._merge()  # a reader before this one may have handed some out
+        """Yield one batch's responses not handed out before."""
         given: list[int] = []
         try:
             for response in responses:
@@ -155,13 +156,6 @@ class QueueReader:
         finally:  # one lock per batch, also when the caller stops in its middle
             with self.commit_lock:
                 self.uncommitted += given
-        # acknowledged in groups (an ack frame per response batch is on the latency path);
-        # what is handed out and not acknowledged yet is committed, so a reader that gets it
-        # again after a takeover skips it
-        self.unacked = delivery
-        self.unacked_count += 1
-        if self.unacked_count >= ACK_EVERY:
-            self._ack()
 
     def _on_delivery(self, delivery: Delivery) -> None:
         batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
@@ -189,25 +183,20 @@ class QueueReader:
                 # recorded even past a takeover: the new reader must not wait for these
                 self.taken_over = True
 
-    def _ack(self) -> None:
-        """Acknowledge every delivery handed out so far."""
-        delivery, self.unacked, self.unacked_count = self.unacked, None, 0
-        if delivery is not None:
-            delivery.ack()
-
     def _commit(self) -> None:
-        """Record the ids handed out and acknowledge their deliveries; if another reader holds
-        the lease now, give back what was not handed out and raise ReaderTakenOver."""
+        """Record the ids handed out; if another reader holds the lease now, give back what
+        was received and not handed out and raise ReaderTakenOver."""
         assert self.token is not None
-        self._ack()
         had = bool(self.uncommitted)
         self.commit_pending()
         if not had and not self.taken_over:
             self.taken_over = not self.progress.is_reader(self.token)
         if not self.taken_over:
             return
-        self.inbox.close()  # unacknowledged deliveries return to the queue, for the new reader
+        self.inbox.stop()  # what was on its way lands in `ready` first
+        self.inbox.give_back([delivery.body for delivery, _ in self.ready])
         self.ready.clear()
+        self.inbox.close()
         raise ReaderTakenOver(
             f"another reader took over client id {self.progress.client_id!r}; "
             "only one reader per client id at a time"

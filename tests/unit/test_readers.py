@@ -65,14 +65,14 @@ class Counters:
 
 
 class MemoryQueue:
-    """An interactive response queue: bodies pushed by the test, delivered on drain, and
-    returned to the queue (redelivered) if not acknowledged when the reader closes it."""
+    """An interactive response queue (auto-ack): bodies pushed by the test, delivered on
+    drain; `stop` delivers what was `in_flight` first, `give_back` puts bodies in front."""
 
     def __init__(self, bodies: list[bytes]) -> None:
-        self.waiting: list[tuple[bytes, bool]] = [(b, False) for b in bodies]
-        self.unacked: dict[int, bytes] = {}
+        self.waiting: list[bytes] = list(bodies)
+        self.in_flight: list[bytes] = []  # sent to the consumer, not read by it yet
         self.on_delivery: Callable[[Delivery], None] | None = None
-        self.tags = 0
+        self.given_back: list[bytes] = []
 
     def start(self, on_delivery: Callable[[Delivery], None]) -> None:
         self.on_delivery = on_delivery
@@ -80,22 +80,22 @@ class MemoryQueue:
     def drain(self, timeout: float) -> bool:
         if not self.waiting or self.on_delivery is None:
             return False
-        body, redelivered = self.waiting.pop(0)
-        self.tags += 1
-        tag = self.tags
-        self.unacked[tag] = body
-        self.on_delivery(Delivery(None, body, lambda: self.ack_through(tag), redelivered))
+        self.on_delivery(Delivery(None, self.waiting.pop(0), lambda: None))
         return True
 
-    def ack_through(self, tag: int) -> None:
-        """An ack acknowledges every earlier delivery too (AMQP's `multiple`)."""
-        for t in [t for t in self.unacked if t <= tag]:
-            del self.unacked[t]
+    def stop(self) -> None:
+        assert self.on_delivery is not None
+        for body in self.in_flight:  # RabbitMQ's deliveries come before its cancel-ok
+            self.on_delivery(Delivery(None, body, lambda: None))
+        self.in_flight = []
+        self.on_delivery = None
+
+    def give_back(self, bodies: list[bytes]) -> None:
+        self.given_back += bodies
+        self.waiting[:0] = bodies
 
     def close(self) -> None:
         self.on_delivery = None
-        self.waiting[:0] = [(b, True) for b in self.unacked.values()]
-        self.unacked.clear()
 
 
 class MemoryStream:
@@ -227,33 +227,32 @@ def test_second_stream_reader_takes_over_and_the_first_fails() -> None:
 
 
 def test_second_interactive_reader_takes_over_and_gets_the_rest() -> None:
-    counters = Counters(accepted=4, done=4, sealed=True, total=4)
+    counters = Counters(accepted=5, done=5, sealed=True, total=5)
     queue = MemoryQueue([batch(0), batch(1), batch(2, 3)])
     first = queue_reader(queue, counters)
     reading = first.responses(5, StreamTarget())
     assert next(reading).id == 0
-    queue.drain(0)  # batch 1 reaches the first reader's buffer before the takeover
+    queue.drain(0)  # batch 1 reaches the first reader before the takeover
+    queue.in_flight.append(batch(4))  # and batch 4 is on its way to it
     counters.take_reader()  # a second reader (another process) takes the lease
     # the first learns at its next commit, and gives back what it did not hand out
     first.committed_at = 0.0
     with pytest.raises(ReaderTakenOver, match="another reader took over client id 'c'"):
         next(reading)
-    assert queue.waiting[0] == (batch(1), True)
+    assert queue.given_back == [batch(1), batch(4)]
     second = queue_reader(queue, counters)
     pending: list[bool] = []
     got = sorted(
         r.id for r in second.responses(5, StreamTarget(), after=lambda: pending.append(True))
     )
-    assert got == [1, 2, 3]
+    assert got == [1, 2, 3, 4]
     assert pending == [True]  # the read left ids to commit: the client's linger thread does
     second.commit_pending()
-    assert counters.read.count == 4  # every response once, across the two readers
+    assert counters.read.count == 5  # every response once, across the two readers
 
 
-def test_interactive_reader_skips_what_a_predecessor_handed_out() -> None:
-    counters = Counters(accepted=2, done=2, sealed=True, total=2)
-    counters.read.add(0)  # handed out by a reader that died before acknowledging its batch
-    queue = MemoryQueue([])
-    queue.waiting.append((batch(0, 1), True))
-    reader = queue_reader(queue, counters)
-    assert [r.id for r in reader.responses(5, StreamTarget())] == [1]
+def test_interactive_reader_counts_what_a_predecessor_handed_out() -> None:
+    counters = Counters(accepted=3, done=3, sealed=True, total=3)
+    counters.read.add(0)  # handed out by a reader that was taken over (its commit landed)
+    reader = queue_reader([batch(1), batch(2)], counters)
+    assert [r.id for r in reader.responses(5, StreamTarget())] == [1, 2]  # then complete
