@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,36 +60,72 @@ def parse_sweep(spec: str) -> range:
     return range(start, end + 1, step)
 
 
+Request = tuple[str, list[Any], dict[str, Any], Any]
+
+
 def _requests(
-    input_file: str | None, sweep: tuple[str, str] | None
-) -> tuple[Iterator[tuple[str, list[Any], dict[str, Any], Any]], int | None]:
-    """The requests to send, and how many there are when that is known up front."""
+    input_file: str | None, sweep: tuple[str, str] | None, files: contextlib.ExitStack
+) -> tuple[Iterator[Request], int]:
+    """The requests to send and how many there are, every one checked before any is sent:
+    a bad line or an empty sweep is reported before a session exists."""
     if sweep is not None:
         op, spec = sweep
         indexes = parse_sweep(spec)
+        if not indexes:
+            raise ConfigError(f"--sweep {op} {spec} has no index: END is below START")
         return ((op, [i], {}, i) for i in indexes), len(indexes)
     if input_file is None:
         raise ConfigError(
             "give the requests with --input FILE (JSON lines, '-' for stdin) or --sweep"
         )
     if input_file == "-":
-        stream: IO[str] = sys.stdin
-        total = None
-    else:
-        path = Path(input_file)
-        if not path.is_file():
-            raise ConfigError(f"--input {input_file}: file not found")
-        with path.open("rb") as fh:
-            total = sum(1 for line in fh if line.strip())
-        stream = path.open(encoding="utf-8")
+        # spooled to a temporary file (closed with `files`) while checked: stdin can be read once
+        spool = files.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
+        total = _check_lines(sys.stdin, "stdin", spool)
+        spool.seek(0)
+        return _parsed(spool, "stdin"), total
+    path = Path(input_file)
+    if not path.is_file():
+        raise ConfigError(f"--input {input_file}: file not found")
+    with path.open(encoding="utf-8") as fh:
+        total = _check_lines(fh, input_file)
+    return _parsed(files.enter_context(path.open(encoding="utf-8")), input_file), total
 
-    def lines() -> Iterator[tuple[str, list[Any], dict[str, Any], Any]]:
-        with stream:
-            for number, text in enumerate(stream, start=1):
-                if text.strip():
-                    yield parse_request_line(text, f"{input_file}:{number}")
 
-    return lines(), total
+def _check_lines(stream: IO[str], name: str, copy: IO[str] | None = None) -> int:
+    """Parse every request line of `stream` (ConfigError naming the first bad one), copying
+    them to `copy`; returns how many there are."""
+    count = 0
+    try:
+        for number, text in enumerate(stream, start=1):
+            if text.strip():
+                parse_request_line(text, f"{name}:{number}")
+                count += 1
+                if copy is not None:
+                    copy.write(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text ({e.reason})") from None
+    if not count:
+        raise ConfigError(f"{name}: no requests (one JSON object a line)")
+    return count
+
+
+def _parsed(stream: IO[str], name: str) -> Iterator[Request]:
+    for number, text in enumerate(stream, start=1):
+        if text.strip():
+            yield parse_request_line(text, f"{name}:{number}")
+
+
+def _resume_command(
+    service: str,
+    session_id: int,
+    client_id: str,
+    input_file: str | None,
+    sweep: tuple[str, str] | None,
+) -> str:
+    """The command that continues an interrupted submit where RabbitMQ's confirms stopped."""
+    what = f"--sweep {sweep[0]} {sweep[1]}" if sweep else f"--input {input_file}"
+    return f"soafarm submit {service} --session {session_id} --client-id {client_id} {what}"
 
 
 def _progress() -> Progress:
@@ -149,36 +187,51 @@ def submit(  # noqa: PLR0917 - click passes every option by name
             "an interactive session closes when its last client leaves, so its responses could "
             "not be collected later: use --durable"
         )
-    requests, total = _requests(input_file, sweep)
-    if session_id is not None:
-        session = attach_session(session_id, settings)
-        if not session.durable:
+    with contextlib.ExitStack() as files:  # the input file (or stdin's spool)
+        requests, total = _requests(input_file, sweep, files)
+        if session_id is not None:
+            session = attach_session(session_id, settings)
+            if not session.durable:
+                session.detach()
+                raise ConfigError(
+                    f"session {session_id} is interactive: submit to a durable session"
+                )
+        else:
+            kind = DurableSession if durable else Session
+            info = SessionStartInfo(
+                service, version=version, min_units=min_units, max_units=max_units
+            )
+            session = kind.create(info, settings)
+        resume = _resume_command(service, session.id, client_id, input_file, sweep)
+        try:
+            with BrokerClient(session, client_id) as client:
+                skip = client.sent  # resuming: these were accepted before
+                with _progress() as bar:
+                    sending = f"sending to session {session.id}"
+                    task = bar.add_task(sending, total=total)
+
+                    def throttled(outstanding: int) -> None:
+                        waiting = f"throttled: {outstanding:,} outstanding, waiting"
+                        bar.update(task, description=waiting if outstanding else sending)
+
+                    client.on_throttled(throttled)
+                    for index, (op, args, kwargs, user_data) in enumerate(requests):
+                        if index >= skip:
+                            client.send_request(op, *args, user_data=user_data, **kwargs)
+                        bar.advance(task)
+                    client.end_requests()
+                sent = client.sent
+        except SoafarmError as e:
+            hint = f" (session {session.id}: the batch is not sealed; resume with: {resume})"
+            e.args = (f"{e}{hint}",)  # same class, so the same exit code
+            raise
+        except KeyboardInterrupt:
+            click.echo(
+                f"soafarm: interrupted; the batch is not sealed; resume with: {resume}", err=True
+            )
+            raise
+        finally:
             session.detach()
-            raise ConfigError(f"session {session_id} is interactive: submit to a durable session")
-    else:
-        kind = DurableSession if durable else Session
-        info = SessionStartInfo(service, version=version, min_units=min_units, max_units=max_units)
-        session = kind.create(info, settings)
-    try:
-        with BrokerClient(session, client_id) as client:
-            skip = client.sent  # resuming: these were accepted before
-            with _progress() as bar:
-                task = bar.add_task(f"sending to session {session.id}", total=total)
-                for index, (op, args, kwargs, user_data) in enumerate(requests):
-                    if index >= skip:
-                        client.send_request(op, *args, user_data=user_data, **kwargs)
-                    bar.advance(task)
-                client.end_requests()
-            sent = client.sent
-    except SoafarmError as e:
-        hint = (
-            f" (session {session.id}, client id {client_id!r}: the batch is not sealed; "
-            f"resume with --session {session.id} --client-id {client_id})"
-        )
-        e.args = (f"{e}{hint}",)  # same class, so the same exit code
-        raise
-    finally:
-        session.detach()
     if as_json:
         emit_json(
             {

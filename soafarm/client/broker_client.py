@@ -129,6 +129,12 @@ class BrokerClient:
         """Send what is buffered and seal the batch: it has exactly `sent` requests."""
         self.sender.seal()
 
+    def on_throttled(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(outstanding)` while a send waits for the session's outstanding
+        requests to fall below `message_throttle_stop_threshold`, and `callback(0)` when it
+        goes on (for progress displays)."""
+        self.sender.throttle.on_wait = callback
+
     @property
     def sent(self) -> int:
         """Requests of this client id sent so far (in a durable session, across reattaches)."""

@@ -9,6 +9,7 @@ holds for the session, and the client's own memory, however many requests are se
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from soafarm.config import BrokerSettings
 from soafarm.errors import Throttled
@@ -35,6 +36,9 @@ class Throttle:
         self.done_seen = 0
         self.others = 0
         self.checked_at = 0.0
+        #: Called with the session's outstanding count while a send waits (and with 0 when it
+        #: may go on), so a progress display can say why it stopped.
+        self.on_wait: Callable[[int], None] = lambda outstanding: None
 
     def session_outstanding(self, own_sent: int) -> int:
         """Sent-but-unanswered requests of the session; this client's sends counted exactly."""
@@ -53,6 +57,7 @@ class Throttle:
         began = time.monotonic()
         pause = 0.01
         while outstanding >= self.stop:
+            self.on_wait(outstanding)
             waited = time.monotonic() - began
             if self.timeout and waited >= self.timeout:
                 raise Throttled(
@@ -63,3 +68,4 @@ class Throttle:
             time.sleep(pause)  # waiting for workers, whose progress is only visible in Redis
             pause = min(pause * 2, 0.2)
             outstanding = self.session_outstanding(own_sent)
+        self.on_wait(0)

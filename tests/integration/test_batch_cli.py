@@ -51,18 +51,25 @@ def test_submit_sweep_then_collect_as_jsonl_and_csv(settings: Settings, farm: Lo
     assert_one_line_error(gone, 1, f"session {sid} is closed")
 
 
-def test_bad_input_line_stops_unsealed_and_the_batch_resumes(
+def test_bad_input_is_refused_before_any_session_and_an_interrupted_batch_resumes(
     settings: Settings, farm: LocalFarm, tmp_path: Path
 ) -> None:
     good = [{"op": "ok", "args": [i], "user_data": i} for i in range(50)]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("\n".join([*map(json.dumps, good[:30]), "{not json", ""]))
-    failed = soafarm(
-        settings, "submit", "faulty", "--durable", "--client-id", "b", "--input", str(broken)
-    )
-    assert_one_line_error(failed, 2, "broken.jsonl:31: not valid JSON", "--session")
-    sid = failed.stderr.split("resume with --session ")[1].split()[0]
+    failed = soafarm(settings, "submit", "faulty", "--durable", "--input", str(broken))
+    assert_one_line_error(failed, 2, "broken.jsonl:31: not valid JSON")
+    empty = soafarm(settings, "submit", "faulty", "--durable", "--sweep", "ok", "10:1")
+    assert_one_line_error(empty, 2, "--sweep ok 10:1 has no index")
+    listed = soafarm(settings, "sessions", "list", "--json")
+    assert json.loads(listed.stdout) == []  # nothing was created, nothing holds a unit
 
+    # a submit stopped after 30 requests (the client was killed): resume with its command
+    with DurableSession.create(SessionStartInfo("faulty"), settings) as session:
+        with BrokerClient(session, "b") as client:
+            for item in good[:30]:
+                client.send_request(item["op"], *item["args"], user_data=item["user_data"])
+        sid = str(session.id)
     fixed = tmp_path / "fixed.jsonl"
     fixed.write_text(
         "\n".join(json.dumps(x) for x in [*good, {"op": "fail", "args": ["no"], "user_data": "f"}])
@@ -76,6 +83,33 @@ def test_bad_input_line_stops_unsealed_and_the_batch_resumes(
     assert sorted(r["id"] for r in records) == list(range(51))
     assert [r["fault"]["type"] for r in records if "fault" in r] == ["ValueError"]
     assert "50 response(s)" not in out.stderr and "51 response(s), 1 fault(s)" in out.stderr
+
+
+def test_submit_from_stdin_is_checked_whole_first(settings: Settings, farm: LocalFarm) -> None:
+    lines = [json.dumps({"op": "ok", "args": [i]}) for i in range(20)]
+    bad = soafarm(
+        settings,
+        "submit",
+        "faulty",
+        "--durable",
+        "--input",
+        "-",
+        input_text="\n".join([*lines, "[1, 2]"]),
+    )
+    assert_one_line_error(bad, 2, "stdin:21: expected a JSON object")
+    assert json.loads(soafarm(settings, "sessions", "list", "--json").stdout) == []
+    ok = soafarm(
+        settings,
+        "submit",
+        "faulty",
+        "--durable",
+        "--input",
+        "-",
+        "--json",
+        input_text="\n".join(lines),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["requests"] == 20
 
 
 def test_unknown_session_is_named(settings: Settings, farm: LocalFarm) -> None:

@@ -19,11 +19,17 @@ pytestmark = pytest.mark.integration
 
 
 def soafarm(
-    settings: Settings, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    settings: Settings,
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    input_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "soafarm", *args],
         env={**cli_env(settings), **(env or {})},
+        input=input_text,
+        stdin=None if input_text is not None else subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -102,3 +102,14 @@ def test_settings_env_rebuilds_the_same_settings(tmp_path: Path) -> None:
 def test_bad_namespace_is_rejected() -> None:
     with pytest.raises(ConfigError, match="namespace"):
         load_settings(environ={"SOAFARM_NAMESPACE": "a b"})
+
+
+def test_submit_prints_the_exact_resume_command() -> None:
+    from soafarm.cli.batch import _resume_command
+
+    assert _resume_command("pricer", 7, "nightly", "in.jsonl", None) == (
+        "soafarm submit pricer --session 7 --client-id nightly --input in.jsonl"
+    )
+    assert _resume_command("echo", 3, "default", None, ("echo", "1:100")) == (
+        "soafarm submit echo --session 3 --client-id default --sweep echo 1:100"
+    )

@@ -180,3 +180,21 @@ def test_delete_namespace_keys_leaves_other_namespaces() -> None:
     SessionStore(r, NAMES).save(session_record(1))
     assert delete_namespace_keys(r, NAMES) == 2
     assert r.keys("*") == [b"other:key"]
+
+
+def test_a_throttled_send_says_how_many_are_outstanding() -> None:
+    from soafarm.client.throttle import Throttle
+    from soafarm.errors import Throttled
+
+    r = fake_redis()
+    progress = ProgressStore(r, NAMES, 1, "c")
+    progress.create()
+    broker = BrokerSettings(message_throttle_start_threshold=3, message_throttle_stop_threshold=2)
+    throttle = Throttle(progress, broker, timeout=0.05)
+    told: list[int] = []
+    throttle.on_wait = told.append
+    throttle.wait(2)  # under the threshold: nothing to say
+    assert told == []
+    with pytest.raises(Throttled, match="5 outstanding requests"):
+        throttle.wait(5)  # nothing answered: it waits, says why, then gives up
+    assert told and set(told) == {5}
