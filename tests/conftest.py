@@ -3,6 +3,7 @@ namespace (queue and key prefix), which it deletes afterwards; nothing shared is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 import redis
 
 from soafarm.config import Settings, load_settings
+from soafarm.local.embedded import EmbeddedServers, free_port
 from soafarm.local.farm import LocalFarm, delete_namespace
 
 START_HINT = (
@@ -55,6 +57,60 @@ def farm(settings: Settings) -> Iterator[LocalFarm]:
     """A broker and one 2-core worker host in the test's namespace."""
     with LocalFarm(settings, workers=1, cores=2) as running:
         yield running
+
+
+class PrivateServers:
+    """A private RabbitMQ and Redis of a test's own, and settings that point at them.
+
+    Fault tests stop, kill and restart these (`kill`, `stop`, `start`, `restart` with
+    "RabbitMQ" or "Redis"; `rabbitmqctl(...)` for `stop_app` and the like), never the
+    machine's servers. Redis runs with AOF (`appendfsync everysec`), as compose runs it.
+    """
+
+    def __init__(self, servers: EmbeddedServers, settings: Settings) -> None:
+        self.servers = servers
+        self.settings = settings
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the server `name` ("RabbitMQ" or "Redis")."""
+        self.servers.kill(name)
+
+    def stop(self, name: str) -> None:
+        """Stop the server `name` cleanly."""
+        self.servers.stop(name)
+
+    def start(self, name: str) -> None:
+        """Start the server `name` again (same port, same data); returns once it answers."""
+        self.servers.start(name)
+
+    def restart(self, name: str, kill: bool = False) -> None:
+        """Stop (or kill) and start the server `name`."""
+        self.servers.restart(name, kill=kill)
+
+    def rabbitmqctl(self, *args: str, timeout: float = 120.0) -> str:
+        """Run rabbitmqctl against the private RabbitMQ."""
+        return self.servers.rabbitmqctl(*args, timeout=timeout)
+
+
+@contextlib.contextmanager
+def private_servers_for(settings: Settings) -> Iterator[PrivateServers]:
+    """Start a private RabbitMQ and Redis for `settings` (its namespace and registration path
+    are kept) and stop them afterwards."""
+    nowhere = settings.replace(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    servers = EmbeddedServers(nowhere)
+    with servers as effective:
+        yield PrivateServers(servers, effective)
+
+
+@pytest.fixture
+def private_servers(settings: Settings) -> Iterator[PrivateServers]:
+    """A private RabbitMQ and Redis for one test, in the test's namespace (see
+    `PrivateServers`); `private_servers.settings` points at them."""
+    with private_servers_for(settings) as private:
+        yield private
 
 
 def cli_env(settings: Settings) -> dict[str, str]:

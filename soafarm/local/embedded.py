@@ -80,6 +80,8 @@ class _Server:
     url: str
     probe: Callable[[], None]  # raises until the server answers
     graceful_stop: Callable[[], None]
+    #: starts the server again on the same port and data (after a stop or a kill)
+    relaunch: Callable[[], subprocess.Popen[bytes]]
 
 
 class EmbeddedServers:
@@ -148,6 +150,43 @@ class EmbeddedServers:
             raise ConnectionFailed(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
+    def _server(self, name: str) -> _Server:
+        for server in self._servers:
+            if server.name == name:
+                return server
+        raise ConnectionFailed(f"no private {name} was started")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the private server `name` ("RabbitMQ" or "Redis") and its process group, as
+        a crash would; `start(name)` brings it back on the same port with the same data."""
+        server = self._server(name)
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        log.info("embedded_server_killed", server=name.lower(), port=server.port)
+
+    def stop(self, name: str) -> None:
+        """Stop the private server `name` the clean way (Redis writes its AOF, RabbitMQ shuts
+        its node down); `start(name)` brings it back on the same port with the same data."""
+        _stop(self._server(name))
+
+    def start(self, name: str) -> None:
+        """Start the private server `name` again after `kill` or `stop`; return once it
+        answers."""
+        server = self._server(name)
+        if server.proc.poll() is None:
+            return
+        server.proc = server.relaunch()
+        self._wait_ready(server, announce=False)
+
+    def restart(self, name: str, kill: bool = False) -> None:
+        """`stop` (or with `kill`, `kill`) then `start` the private server `name`."""
+        if kill:
+            self.kill(name)
+        else:
+            self.stop(name)
+        self.start(name)
+
     def _dir(self, name: str) -> Path:
         if self.temp_dir is None:
             self.temp_dir = Path(tempfile.mkdtemp(prefix="soafarm-embedded-"))
@@ -177,27 +216,29 @@ class EmbeddedServers:
             return None
         port, data = free_port(), self._dir("redis")
         log_path = data / "redis.log"
+        # AOF with an fsync a second, as compose and Kubernetes run it: a restart keeps every
+        # session's state, a crash of the machine loses at most the last second of writes.
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(data),
+            "--logfile",
+            str(log_path),
+        ]
         # Appending to the same file as --logfile: start-up errors on stderr land there too.
-        proc = self._launch(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(data),
-                "--logfile",
-                str(log_path),
-            ],
-            log_path,
-            None,
-        )
+        proc = self._launch(argv, log_path, None)
         db = urlsplit(url).path.strip("/") or "0"
+        server: _Server
         # No credentials: the private server has no password, and AUTH would fail against it.
         server = _Server(
             "Redis",
@@ -206,7 +247,8 @@ class EmbeddedServers:
             log_path,
             f"redis://127.0.0.1:{port}/{db}",
             lambda: _ping_redis(port),
-            proc.terminate,
+            lambda: server.proc.terminate(),  # the current process, after a restart too
+            lambda: self._launch(argv, log_path, None),
         )
         self._servers.append(server)
         return server
@@ -247,6 +289,7 @@ class EmbeddedServers:
         }
         log_path = base / "console.log"
         proc = self._launch([binary], log_path, env)
+        server: _Server
 
         def stop() -> None:
             # `rabbitmqctl stop` shuts the node down cleanly; SIGTERM to the start script (which
@@ -264,16 +307,25 @@ class EmbeddedServers:
                 == 0
             )
             if not done:
-                proc.terminate()
+                server.proc.terminate()
 
         if ctl is not None:
             self._rabbitmqctl = ([ctl, "-n", node], env)
         url = f"amqp://guest:guest@127.0.0.1:{port}/"
-        server = _Server("RabbitMQ", proc, port, log_path, url, lambda: _open_amqp(url), stop)
+        server = _Server(
+            "RabbitMQ",
+            proc,
+            port,
+            log_path,
+            url,
+            lambda: _open_amqp(url),
+            stop,
+            lambda: self._launch([binary], log_path, env),
+        )
         self._servers.append(server)
         return server
 
-    def _wait_ready(self, server: _Server) -> None:
+    def _wait_ready(self, server: _Server, announce: bool = True) -> None:
         began = time.monotonic()
         deadline = began + self.startup_timeout
         why = f"no answer within {self.startup_timeout:g}s"
@@ -295,10 +347,11 @@ class EmbeddedServers:
                 seconds=seconds,
                 log=str(server.log_path),
             )
-            self.started.append(
-                f"private {server.name} on 127.0.0.1:{server.port} "
-                f"(data in {server.log_path.parent})"
-            )
+            if announce:
+                self.started.append(
+                    f"private {server.name} on 127.0.0.1:{server.port} "
+                    f"(data in {server.log_path.parent})"
+                )
             return
         raise ConnectionFailed(
             f"cannot start a private {server.name} on 127.0.0.1:{server.port}: "

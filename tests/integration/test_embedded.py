@@ -38,6 +38,25 @@ def real_servers(servers: None) -> Settings:
     return Settings()
 
 
+def test_private_redis_keeps_its_data_across_a_restart(real_servers: Settings) -> None:
+    settings = real_servers.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    servers = EmbeddedServers(settings)
+    with servers as effective:
+        client = redis.Redis.from_url(effective.redis_url)
+        try:
+            client.set("kept", "1")
+            servers.restart("Redis")  # a clean stop writes the AOF
+            assert client.get("kept") == b"1"
+            client.set("kept", "2")
+            client.execute_command("BGREWRITEAOF")  # on disk now, whatever the fsync timer
+            servers.restart("Redis", kill=True)
+            assert client.get("kept") == b"2"
+        finally:
+            client.close()
+        with pytest.raises(ConnectionFailed, match="no private RabbitMQ"):
+            servers.kill("RabbitMQ")
+
+
 def test_private_redis_started_and_stopped(real_servers: Settings) -> None:
     dead = free_port()
     settings = real_servers.replace(redis_url=f"redis://127.0.0.1:{dead}/3")
