@@ -177,10 +177,11 @@ class CallLoop:
         # holds `io` (the main thread may hand the requests back during a long call)
         self.batch: RequestBatch | None = None
         self.unstarted: deque[Request] = deque()
+        self.backoff = Backoff()
 
     def run(self) -> None:
         """Serve until the instance drains, reconnecting when the connection drops."""
-        backoff = Backoff()
+        backoff = self.backoff
         with self.io:
             try:
                 while not self.link.draining.is_set():
@@ -198,8 +199,6 @@ class CallLoop:
                         self._close()
                         self.deliveries.clear()
                         self.link.draining.wait(delay)
-                    else:
-                        backoff.reset()
             finally:
                 try:
                     with contextlib.suppress(*REDIS_LOST):
@@ -217,6 +216,9 @@ class CallLoop:
         channel.basic_qos(prefetch_count=1)  # one batch held: a slow loop never hoards work
         tag = channel.basic_consume(self.link.request_queue, self._on_delivery)
         channel.add_on_cancel_callback(lambda _frame: self.link.stop())
+        # consuming again: the next outage starts its back-off afresh, not where this one's
+        # doubling left off (each RabbitMQ blip would otherwise idle the farm longer)
+        self.backoff.reset()
         while not self.link.draining.is_set():
             due = self.done.due_in()
             if due == 0.0:

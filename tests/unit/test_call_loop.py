@@ -195,9 +195,17 @@ def test_durable_response_of_a_purged_client_is_dropped_not_retried(running: Any
     h.broker.unroutable[REPLY] = 1000
     running(h)
     h.broker.put(QUEUE, batch(Request(0, "echo", ("d",))))
-    wait_until("the batch acknowledged", lambda: h.service.calls == ["d"] and not any(
-        ch.unacked for ch in h.loop.connection.channels  # type: ignore[union-attr]
-    ), timeout=5)
+    wait_until(
+        "the batch acknowledged",
+        lambda: (
+            h.service.calls == ["d"]
+            and not any(
+                ch.unacked
+                for ch in h.loop.connection.channels  # type: ignore[union-attr]
+            )
+        ),
+        timeout=5,
+    )
     assert h.responses() == {}
     assert (1, "c") not in h.counts.done
 
@@ -293,3 +301,18 @@ def test_two_loops_run_the_calls_of_one_batch_at_once(running: Any) -> None:
     wait_until("two calls running at once", lambda: len(first.service.calls) == 2, timeout=5)
     first.service.release.set()
     wait_until("all answered", lambda: len(first.responses()) == 4, timeout=5)
+
+
+def test_each_outage_starts_its_back_off_afresh_once_consuming_again(running: Any) -> None:
+    h = running(make())
+    for turn in range(3):  # without a reset, the third outage would wait ~0.5 s + jitter more
+        connection = h.loop.connection
+        assert connection is not None
+        connection.close()
+        wait_until(
+            f"consuming again after outage {turn}",
+            lambda c=connection: (
+                h.loop.connection is not c and h.loop.backoff.current == h.loop.backoff.first
+            ),
+            timeout=5,
+        )
