@@ -29,8 +29,9 @@ from soafarm.transport.connections import redis_client
 
 log = structlog.get_logger(__name__)
 
-#: A closed durable session keeps its responses but runs nothing; a failed one cannot load.
-_NOT_RUNNABLE = (SessionState.CLOSED, SessionState.FAILED)
+#: A closed durable session keeps its responses but runs nothing, as does a released one
+#: (until a client sends more); a failed one cannot load, or lost its queue.
+_NOT_RUNNABLE = (SessionState.CLOSED, SessionState.FAILED, SessionState.RELEASED)
 
 
 class Autoscaler:

@@ -10,14 +10,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, assert_never
+from typing import Any, NoReturn, assert_never
 
 import pika
 import structlog
 
 from soafarm.broker.store import BrokerStore
 from soafarm.config import BrokerSettings, Settings, broker_settings_with
-from soafarm.errors import ConfigError, SessionClosed, SessionNotFound
+from soafarm.errors import (
+    ConfigError,
+    DecodeError,
+    SessionClosed,
+    SessionFailed,
+    SessionNotFound,
+)
 from soafarm.names import Names, check_client_id
 from soafarm.plain import from_plain
 from soafarm.registration import Registration, Registry
@@ -46,9 +52,13 @@ from soafarm.state.control import (
     SessionList,
 )
 from soafarm.state.records import SessionRecord, SessionState
+from soafarm.state.sessions import IdMark
 from soafarm.transport.topology import request_queue, response_queue
 
 log = structlog.get_logger(__name__)
+
+#: States in which a client id may still be added (and its response queue declared).
+_TAKES_CLIENTS = (SessionState.QUEUED, SessionState.RUNNING, SessionState.RELEASED)
 
 
 def effective_broker_settings(
@@ -73,14 +83,21 @@ class SessionService:
         registry: Registry,
         channel: pika.adapters.blocking_connection.BlockingChannel,
         on_change: Callable[[], None],
+        *,
+        ids: IdMark | None = None,
+        queue_exists: Callable[[str], bool] | None = None,
     ) -> None:
-        """`on_change` is called after sessions change, so the allocator runs at once."""
+        """`on_change` is called after sessions change, so the allocator runs at once.
+        `ids` records the session ids handed out outside Redis (`QueueIdMark`);
+        `queue_exists` lets an error say whether a lost session's queue remains."""
         self.settings = settings
         self.store = store
         self.registry = registry
         self.channel = channel
         self.names = Names(settings.namespace)
         self.on_change = on_change
+        self.ids = ids
+        self.queue_exists = queue_exists
 
     def handle(self, args: ControlArgs) -> Reply:  # noqa: PLR0911 - one return per operation
         """Run the control operation `args` stands for."""
@@ -107,15 +124,40 @@ class SessionService:
                 assert_never(args)
 
     def _session(self, sid: int) -> SessionRecord:
-        record = self.store.get_session(sid)
+        try:
+            record = self.store.sessions.load(sid)
+        except DecodeError as e:
+            raise DecodeError(
+                f"session {sid} cannot be used: {e}; remove it with "
+                f"`soafarm sessions close {sid} --purge`"
+            ) from None
         if record is None:
             if self.store.was_closed(sid):
                 raise SessionClosed(f"session {sid} is closed")
-            raise SessionNotFound(
-                f"no session {sid} in namespace {self.settings.namespace!r} "
-                "(see `soafarm sessions list`)"
-            )
+            self._unknown(sid)
         return record
+
+    def _unknown(self, sid: int) -> NoReturn:
+        """Say why `sid` has no record: never created, or lost with Redis's data."""
+        sessions = self.store.sessions
+        if not sessions.ids_known():  # Redis came back empty since the last create
+            sessions.recover_ids(self.ids)
+        if 0 < sid < sessions.lost_below():
+            queue = self.names.request_queue(sid)
+            remains = self.queue_exists is not None and self.queue_exists(queue)
+            raise SessionNotFound(
+                f"session {sid}'s state was lost: Redis came back without namespace "
+                f"{self.settings.namespace!r}'s data (run it with persistence: appendonly "
+                "yes)"
+                + (f"; its request queue {queue} remains in RabbitMQ" if remains else "")
+                + "; its results cannot be read any more (session ids are never reused, so "
+                "no other session gets them); remove what is left with `soafarm namespace "
+                "delete`"
+            )
+        raise SessionNotFound(
+            f"no session {sid} in namespace {self.settings.namespace!r} "
+            "(see `soafarm sessions list`)"
+        )
 
     def create(self, args: CreateArgs) -> SessionInfo:
         """Resolve the service, declare the session's queues, record it, allocate hosts."""
@@ -132,7 +174,7 @@ class SessionService:
             self.settings.broker, registration, args.broker_settings
         )
         data = self._adopt_data(args.data)
-        sid = self.store.new_session_id()
+        sid = self.store.new_session_id(self.ids)
         record = SessionRecord(
             id=sid,
             service=registration.name,
@@ -176,9 +218,13 @@ class SessionService:
     def add_data(self, args: AddDataArgs) -> DataAdded:
         """Attach more common data to an open session."""
         record = self._session(args.session_id)
-        data = {**record.data, **self._adopt_data(args.data)}
-        self.store.save_session(dataclasses.replace(record, data=data))
-        return DataAdded(record.id, tuple(sorted(data)))
+        added = self._adopt_data(args.data)
+        updated = self.store.update_session(
+            record.id, lambda r: dataclasses.replace(r, data={**r.data, **added})
+        )
+        if updated is None:
+            raise SessionClosed(f"session {record.id} was closed")
+        return DataAdded(record.id, tuple(sorted(updated.data)))
 
     def describe(self, record: SessionRecord) -> SessionInfo:
         """The session record plus its live instances and clients."""
@@ -243,16 +289,27 @@ class SessionService:
         )
 
     def attach_client(self, args: AttachClientArgs) -> Attached:
-        """Declare the response queue of a client id; returns its name."""
+        """Declare the response queue of a client id; returns its name.
+
+        Only an open session gets new client ids. A closed or failed one, and any attach
+        without `create` (a reader), only looks up a client id it has, and declares nothing:
+        read-only commands never create queues or counters.
+        """
         record = self._session(args.session_id)
         client_id = check_client_id(args.client_id)
         spec = response_queue(self.names, record.id, client_id, record.durable)
-        if record.state != SessionState.CLOSED:  # a closed durable session only serves reads
+        if args.create and record.state in _TAKES_CLIENTS:
             self.channel.queue_declare(**spec.declare_kwargs())
             self.store.progress(record.id, client_id).create()
             self.store.add_client(record.id, client_id)
+            if not self.store.sessions.exists(record.id):
+                # closed (purged) meanwhile by another broker daemon, which may have missed
+                # this client id: take back what this attach made
+                self.channel.queue_delete(queue=spec.name)
+                self.store.forget_client(record.id, client_id)
+                raise SessionClosed(f"session {record.id} was closed")
         elif client_id not in self.store.clients(record.id):
-            raise SessionClosed(f"session {record.id} is closed and has no client {client_id!r}")
+            raise self._no_client(record, client_id)
         return Attached(
             response_queue=spec.name,
             request_queue=self.names.request_queue(record.id),
@@ -260,24 +317,62 @@ class SessionService:
             state=record.state,
         )
 
+    def _no_client(self, record: SessionRecord, client_id: str) -> Exception:
+        has = ", ".join(self.store.clients(record.id)) or "none"
+        if record.state == SessionState.CLOSED:
+            return SessionClosed(f"session {record.id} is closed and has no client {client_id!r}")
+        if record.state == SessionState.FAILED:
+            return SessionFailed(f"session {record.id} failed: {record.error}")
+        return SessionNotFound(
+            f"session {record.id} has no client id {client_id!r} (it has: {has})"
+        )
+
     def close(self, args: CloseArgs) -> Closed:
         """End a session; its hosts are freed by the next allocation.
 
         With `purge` (always, for interactive sessions) every queue and key goes. Without it, a
         durable session keeps its responses, readable by attaching, until closed with purge.
+        Closing twice, or from two broker daemons at once, is harmless. A session whose
+        record is corrupt can be closed with purge (by its id alone).
         """
-        record = self._session(args.session_id)
+        sid = args.session_id
+        try:
+            record = self._session(sid)
+        except DecodeError:
+            if not args.purge:
+                raise
+            self._purge(sid)
+            log.warning("session_closed", session_id=sid, purge=True, record="corrupt")
+            self.on_change()
+            return Closed(sid, SessionState.CLOSED, True)
         purge = args.purge or not record.durable
-        self.channel.queue_delete(queue=self.names.request_queue(record.id))
         if purge:
-            for client_id in self.store.clients(record.id):
-                self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id))
-            self.store.delete_session(record.id)
+            self._purge(sid)
         else:
-            self.store.save_session(dataclasses.replace(record, state=SessionState.CLOSED))
-        log.info("session_closed", session_id=record.id, service=record.service, purge=purge)
+            self.channel.queue_delete(queue=self.names.request_queue(sid))
+            self.store.update_session(
+                sid,
+                lambda r: (
+                    None
+                    if r.state == SessionState.CLOSED
+                    else dataclasses.replace(r, state=SessionState.CLOSED)
+                ),
+            )
+        log.info("session_closed", session_id=sid, service=record.service, purge=purge)
         self.on_change()
-        return Closed(record.id, SessionState.CLOSED, purge)
+        return Closed(sid, SessionState.CLOSED, purge)
+
+    def _purge(self, sid: int) -> None:
+        """Delete every queue and key of a session. Queues go first, so a crash half-way
+        leaves the record, and closing again finishes; client ids attached meanwhile (by
+        another daemon) are returned by the delete and their queues go after it."""
+        self.channel.queue_delete(queue=self.names.request_queue(sid))
+        known = self.store.clients(sid)
+        for client_id in known:
+            self.channel.queue_delete(queue=self.names.response_queue(sid, client_id))
+        for client_id in self.store.delete_session(sid):
+            if client_id not in known:
+                self.channel.queue_delete(queue=self.names.response_queue(sid, client_id))
 
     def purge_client(self, args: PurgeClientArgs) -> ClientPurged:
         """Delete one client id's responses and counters; the session goes on."""

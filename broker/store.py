@@ -7,6 +7,8 @@ use, so the allocator, the life cycle and the control operations share one conne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis
 
 from soafarm.names import Names
@@ -15,7 +17,7 @@ from soafarm.state.commondata import CommonDataStore
 from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
 from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord
-from soafarm.state.sessions import CLOSED_TOMBSTONE_SECONDS, SessionStore
+from soafarm.state.sessions import CLOSED_TOMBSTONE_SECONDS, IdMark, SessionStore
 
 __all__ = ["CLOSED_TOMBSTONE_SECONDS", "BrokerStore"]
 
@@ -37,16 +39,23 @@ class BrokerStore:
         return ProgressStore(self._client, self.names, session_id, client_id)
 
     # --- sessions -------------------------------------------------------------------------
-    def new_session_id(self) -> int:
-        """A fresh session id, unique in this namespace."""
-        return self.sessions.new_session_id()
+    def new_session_id(self, mark: IdMark | None = None) -> int:
+        """A fresh session id, never used before in this namespace (see `SessionStore`)."""
+        return self.sessions.new_session_id(mark)
 
     def save_session(self, record: SessionRecord) -> None:
-        """Create or update a session record."""
+        """Create a session record (changes go through `update_session`)."""
         self.sessions.save(record)
 
+    def update_session(
+        self, session_id: int, change: Callable[[SessionRecord], SessionRecord | None]
+    ) -> SessionRecord | None:
+        """Change a session record unless another daemon changed it first (then retry on
+        the fresh record); None if the session is gone."""
+        return self.sessions.update(session_id, change)
+
     def get_session(self, session_id: int) -> SessionRecord | None:
-        """The open session with this id, or None."""
+        """The open session with this id, or None (also when its record is corrupt)."""
         return self.sessions.get(session_id)
 
     def was_closed(self, session_id: int) -> bool:
@@ -85,9 +94,10 @@ class BrokerStore:
         """Drop a purged client id's keys."""
         self.sessions.forget_client(session_id, client_id)
 
-    def delete_session(self, session_id: int) -> None:
-        """Drop every key of the session and leave a tombstone saying it was closed."""
-        self.sessions.delete(session_id)
+    def delete_session(self, session_id: int) -> list[str]:
+        """Drop every key of the session and leave a tombstone saying it was closed; returns
+        the client ids it had."""
+        return self.sessions.delete(session_id)
 
     def adopt_data(self, key: str) -> bool:
         """Keep uploaded common data for a session's lifetime; False if it expired first."""
@@ -103,16 +113,23 @@ class BrokerStore:
 
     # --- hosts ----------------------------------------------------------------------------
     def hosts(self) -> dict[str, HostRecord]:
-        """Every registered host, alive or not."""
+        """Every registered host, alive or not (records that cannot be decoded skipped)."""
         return self.host_records.hosts()
+
+    def scan_hosts(self) -> tuple[dict[str, HostRecord], list[str]]:
+        """(registered hosts, ids of hosts whose record cannot be decoded)."""
+        return self.host_records.scan_hosts()
 
     def alive(self, host_ids: list[str]) -> set[str]:
         """The subset of `host_ids` whose heartbeat key still exists."""
         return self.host_records.alive(host_ids)
 
-    def forget_host(self, host_id: str) -> None:
-        """Remove a lost host and its assignments."""
+    def forget_host(self, host_id: str) -> int:
+        """Remove a lost host: its record, assignments and load reports, and the records of
+        its instances in every session (so `sessions show` and the autoscaler stop counting
+        them); returns how many instance records went."""
         self.host_records.forget(host_id)
+        return self.instance_records.forget_host(host_id, self.sessions.open_ids())
 
     def assignments(self, host_ids: list[str]) -> dict[str, dict[int, int]]:
         """Current assignments of each host."""

@@ -52,6 +52,9 @@ class BrokerSettings:
     allocation_adjust_interval: float = 30.0
     allocation_grow_load_ratio_threshold: int = 125
     allocation_shrink_load_ratio_threshold: int = 75
+    #: Seconds a durable session with nothing outstanding and no client keeps its units
+    #: (then it is `released`, still readable, and gets units again when a client sends).
+    durable_release_timeout: float = 60.0
 
     def idle_limit(self, durable: bool) -> float:
         """Seconds a session may stay without clients: durable sessions wait longer."""
@@ -74,6 +77,15 @@ class ClientSettings:
     #: Seconds a request may wait in the client's buffer for others to travel with it before
     #: it is sent without flush() (0: every request is sent at once, in a message of its own).
     linger: float = 0.005
+    #: Seconds a client keeps retrying (with back-off) after it lost RabbitMQ or Redis before
+    #: it gives up with ConnectionLost: readers, response handlers and senders ride out a
+    #: restart of either server shorter than this.
+    reconnect_timeout: float = 90.0
+    #: An interactive client id's requests sent and not read back (requests still running
+    #: plus responses waiting unread) at which send_request blocks until reading catches up;
+    #: it bounds what RabbitMQ holds for a client that sends and does not read (0: no bound).
+    #: Durable responses are on disk in a stream, meant to be read later: not bounded.
+    max_unread_responses: int = 250_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,9 @@ class WorkerSettings:
     heartbeat_interval: float = 1.0
     #: A host whose heartbeat is older than this many seconds is treated as lost.
     host_timeout: float = 5.0
+    #: MiB of resident memory past which a service instance is recycled after its current
+    #: calls (drained, then replaced at once); 0 means no limit.
+    instance_max_memory: int = 0
 
     def effective_cores(self) -> int:
         """The number of cores to offer: `cores`, or the machine's count when 0."""
@@ -392,6 +407,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("client.request_batch_size must be at least 1")
     if settings.client.linger < 0:
         raise ConfigError(f"client.linger must be 0 or more seconds, not {settings.client.linger}")
+    if settings.client.reconnect_timeout < 0:
+        raise ConfigError("client.reconnect_timeout must be 0 or more seconds")
+    if settings.client.max_unread_responses < 0:
+        raise ConfigError("client.max_unread_responses must be 0 (no bound) or more")
     if settings.log_level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(
             f"log_level must be debug, info, warning or error, not {settings.log_level!r}"
@@ -403,6 +422,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"worker.labels must look like 'key=value,key=value', not {settings.worker.labels!r}"
         )
+    if settings.worker.instance_max_memory < 0:
+        raise ConfigError("worker.instance_max_memory must be 0 (no limit) or more MiB")
     _validate_pools(settings.autoscaler.pools)
 
 

@@ -38,6 +38,16 @@ class BrokerUnavailable(ConnectionFailed):
     """No broker daemon answered a control request in time."""
 
 
+class BrokerNoAnswer(BrokerUnavailable):
+    """A broker daemon took a control request and did not answer in time: it may have
+    acted on it (a `create` may have made a session nobody holds)."""
+
+
+class ConnectionLost(ConnectionFailed):
+    """RabbitMQ or Redis went away and did not come back within `client.reconnect_timeout`
+    (the client retried with back-off until then)."""
+
+
 class RegistrationError(SoafarmError):
     """A service registration file is malformed, or a service cannot be resolved."""
 
@@ -77,6 +87,12 @@ class ResponseHandlerError(SessionError):
 
 class ResponseTimeout(SessionError):
     """Responses did not all arrive within the caller's timeout."""
+
+
+class ResponsesLost(SessionError):
+    """Responses of an interactive session were lost with a dropped RabbitMQ connection (an
+    auto-acknowledged response on its way to the client is not kept); the message says how
+    many."""
 
 
 class PayloadError(SoafarmError):

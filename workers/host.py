@@ -25,19 +25,50 @@ import structlog
 
 from soafarm.config import Settings, child_environment
 from soafarm.names import Names
+from soafarm.processes import Restart, RestartPolicy, with_parent
 from soafarm.resources import HostSize, capacity
 from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
 from soafarm.state.records import HostRecord
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import redis_client
-from soafarm.workers.instance import EXIT_LOAD_FAILED, EXIT_TIMED_OUT, InstanceSpec
+from soafarm.workers.instance import (
+    DRAIN_GRACE_SECONDS,
+    EXIT_LOAD_FAILED,
+    EXIT_RECYCLED,
+    EXIT_TIMED_OUT,
+    InstanceSpec,
+)
 
 log = structlog.get_logger(__name__)
 
-STOP_GRACE_SECONDS = 30.0
-MAX_RESTART_DELAY = 30.0
-HEALTHY_RUN_SECONDS = 30.0
+STOP_GRACE_SECONDS = DRAIN_GRACE_SECONDS
+#: Back-off for a service that keeps failing soon after it starts (non-zero exits, crash
+#: signals): 0.2 s doubling to 5 s, counted afresh after 10 s of serving. A restart costs an
+#: interpreter start plus the service's import and constructor (about 0.3 s of one core
+#: here), so at one try per 5 s a crash loop costs a few percent of a core, and a session
+#: whose cause is fixed (a file restored, Redis back) runs again within 5 s, not 30.
+INSTANCE_CRASH_POLICY = RestartPolicy(base=0.2, cap=5.0, free_restarts=0, healthy_after=10.0)
+#: Signals that end an instance from outside (an operator, a chaos test, the OOM killer's
+#: SIGKILL), as opposed to the service crashing itself (SIGSEGV, SIGABRT, ...).
+EXTERNAL_SIGNALS = frozenset(
+    {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+)
+
+
+def instance_restart(code: int, ran_for: float, failures: int) -> Restart:
+    """When to start a new instance after one exited with `code` on its own (not asked to
+    stop, not a load failure) after `ran_for` seconds, `failures` being the crash-loop count
+    before it.
+
+    Killed from outside, timed out (5) or recycled for memory (6): at once, and the count
+    stays, since waiting stops neither whoever kills nor the redelivered batch that needs a
+    unit. Only the service failing by itself backs off (`INSTANCE_CRASH_POLICY`); a poison
+    request is stopped by `message_resend_limit`, not by this back-off.
+    """
+    if code in {EXIT_TIMED_OUT, EXIT_RECYCLED} or -code in EXTERNAL_SIGNALS:
+        return Restart(0.0, failures)
+    return INSTANCE_CRASH_POLICY.decide(failures, ran_for)
 
 
 @dataclass
@@ -121,7 +152,8 @@ class WorkerHost:
         self.sessions: dict[int, SessionProcs] = {}
         self.stopping_procs: list[tuple[str, int, subprocess.Popen[bytes]]] = []
         self.stopping = threading.Event()
-        self.env = child_environment(settings)
+        # instances get SIGTERM from Linux when this host dies, even by SIGKILL
+        self.env = with_parent(child_environment(settings))
 
     def stop(self) -> None:
         """Ask `run()` to stop every instance (draining) and return."""
@@ -183,7 +215,7 @@ class WorkerHost:
         try:
             while not self.stopping.is_set():
                 try:
-                    self.host_store.wait_for_wake(self.id, self.settings.worker.heartbeat_interval)
+                    self.host_store.wait_for_wake(self.id, self._wait_time(time.monotonic()))
                     self._heartbeat()
                     wanted = self.host_store.assignments_of(self.id)
                 except redis.RedisError as e:
@@ -200,6 +232,12 @@ class WorkerHost:
                         log.warning("redis_unreachable", error=str(e))
         finally:
             self._shutdown()
+
+    def _wait_time(self, now: float) -> float:
+        """Seconds to block for a wake-up: a heartbeat interval, or less when an instance's
+        restart back-off ends sooner."""
+        waits = [p.next_start - now for p in self.sessions.values() if p.next_start > now]
+        return max(0.01, min([self.settings.worker.heartbeat_interval, *waits]))
 
     def reconcile(self, wanted: dict[int, int]) -> None:
         """Start or stop instance processes so each session has what `wanted` says."""
@@ -234,7 +272,18 @@ class WorkerHost:
         )
         procs.started[iid] = time.monotonic()
         log.info("instance_starting", instance=iid, pid=proc.pid)
+        threading.Thread(
+            target=self._wake_on_exit, args=(proc,), name=f"wait-{iid}", daemon=True
+        ).start()
         return iid, proc
+
+    def _wake_on_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wake the main loop when `proc` exits, so a killed instance is replaced at once
+        rather than at the next heartbeat."""
+        proc.wait()
+        if not self.stopping.is_set():
+            with contextlib.suppress(redis.RedisError):
+                self.host_store.wake(self.id, "exited")
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -250,18 +299,18 @@ class WorkerHost:
                     procs.load_failed = True
                     log.error("service_load_failed", instance=iid, session_id=sid)
                     continue
-                if now - procs.started.pop(iid, now) > HEALTHY_RUN_SECONDS:
-                    procs.failures = 0  # it served a while: this exit is news, not a crash loop
-                procs.failures += 1
-                # quick at first: a crash or timeout is retried by redelivery, and the retry
-                # limit (not this back-off) is what stops a poison request
-                delay = (
-                    0.0
-                    if code == EXIT_TIMED_OUT
-                    else min(0.2 * 2.0 ** (procs.failures - 1), MAX_RESTART_DELAY)
+                ran_for = now - procs.started.pop(iid, now)
+                decision = instance_restart(code, ran_for, procs.failures)
+                procs.failures = decision.failures
+                procs.next_start = now + decision.delay
+                log.warning(
+                    "instance_exited",
+                    instance=iid,
+                    code=code,
+                    ran_for=round(ran_for, 2),
+                    restart_in=decision.delay,
+                    failures=procs.failures,
                 )
-                procs.next_start = now + delay
-                log.warning("instance_exited", instance=iid, code=code, restart_in=delay)
         for entry in list(self.stopping_procs):
             iid, sid, proc = entry
             if proc.poll() is not None:

@@ -36,6 +36,7 @@ from soafarm.errors import (
 )
 from soafarm.logs import configure_logging
 from soafarm.names import Names
+from soafarm.processes import follow_parent
 from soafarm.registration import Registration, Registry
 from soafarm.registration.registry import load_service_class
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
@@ -57,6 +58,23 @@ TEND_INTERVAL = 0.1
 PUBLISH_STALL_LIMIT = 30.0
 EXIT_LOAD_FAILED = 4
 EXIT_TIMED_OUT = 5
+#: Drained and stopped because its memory passed `worker.instance_max_memory`: the host
+#: starts a new instance at once.
+EXIT_RECYCLED = 6
+#: Seconds a draining instance whose host died may take to finish its calls before it ends
+#: itself (RabbitMQ redelivers what it held): the grace a host gives its instances when it
+#: stops, so a SIGKILLed host leaves nothing behind for longer than a stopped one.
+DRAIN_GRACE_SECONDS = 30.0
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MiB, from /proc/self/statm (None off Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,8 @@ class ServiceInstance:
         self.parent = os.getppid()
         self.loops: list[CallLoop] = []
         self.draining = threading.Event()
+        #: What the process exits with once `run()` returns (EXIT_RECYCLED after a recycle).
+        self.exit_code = 0
 
     def stop(self) -> None:
         """Stop taking new work; finish the calls running, hand back what has not started,
@@ -220,6 +240,7 @@ class ServiceInstance:
         try:
             while not self.stopping.wait(TEND_INTERVAL):
                 self._tend(timeout)
+                self._check_memory()
                 if os.getppid() != self.parent:
                     # our worker host died: the broker reassigns its work; drain and leave
                     log.warning("host_gone", instance=self.spec.instance_id)
@@ -229,10 +250,33 @@ class ServiceInstance:
                     raise SoafarmError("a call thread ended unexpectedly; see its log")
         finally:
             self.stop()
+            orphaned: float | None = None
             for thread in calls:  # drain: running calls finish, unstarted work goes back
                 while thread.is_alive():
                     thread.join(timeout=TEND_INTERVAL)
                     self._tend(timeout)
+                    if os.getppid() != self.parent:
+                        orphaned = orphaned or time.monotonic()
+                        if time.monotonic() - orphaned > DRAIN_GRACE_SECONDS:
+                            log.error("host_gone_drain_abandoned", instance=self.spec.instance_id)
+                            os._exit(1)
+
+    def _check_memory(self) -> None:
+        """Past `worker.instance_max_memory`, drain (the running calls finish and are
+        acknowledged) and exit with EXIT_RECYCLED; the host starts a fresh instance at once."""
+        limit = self.settings.worker.instance_max_memory
+        if not limit or self.draining.is_set():
+            return
+        rss = resident_mb()
+        if rss is not None and rss > limit:
+            log.warning(
+                "instance_recycled",
+                instance=self.spec.instance_id,
+                rss_mb=round(rss),
+                limit_mb=limit,
+            )
+            self.exit_code = EXIT_RECYCLED
+            self.stop()
 
     def _tend(self, timeout: float) -> None:
         """What the main thread does for the call loops every TEND_INTERVAL."""
@@ -277,7 +321,8 @@ class ServiceInstance:
 
 def main(argv: list[str]) -> int:
     """Entry point of an instance process: exit code 4 means the service failed to load,
-    5 that a call exceeded service_operation_timeout."""
+    5 that a call exceeded service_operation_timeout, 6 that it was recycled for memory."""
+    follow_parent()  # SIGTERM (drain) when the host dies, even by SIGKILL
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     spec = InstanceSpec.from_json(argv[0])
@@ -301,7 +346,7 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         log.exception("instance_failed", instance=spec.instance_id, error=repr(e))
         return 1
-    return 0
+    return instance.exit_code
 
 
 if __name__ == "__main__":

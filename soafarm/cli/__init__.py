@@ -88,6 +88,16 @@ def main() -> None:
     cli(prog_name="soafarm")
 
 
-from soafarm.cli import batch, call, farm, info, sessions  # noqa: E402  (commands register on `cli`)
+from soafarm.cli import batch, call, farm, info, namespace, sessions  # noqa: E402  (commands register on `cli`)
 
-__all__ = ["batch", "call", "cli", "farm", "info", "main", "sessions", "with_settings"]
+__all__ = [
+    "batch",
+    "call",
+    "cli",
+    "farm",
+    "info",
+    "main",
+    "namespace",
+    "sessions",
+    "with_settings",
+]

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json, emit_table
 from soafarm.config import Settings
-from soafarm.errors import ConfigError, SoafarmError
+from soafarm.errors import ConfigError, ConnectionFailed, SoafarmError
 from soafarm.protocol import Response
 
 _REQUEST_KEYS = {"op", "args", "kwargs", "user_data"}
@@ -341,6 +341,11 @@ def response_record(response: Response) -> dict[str, Any]:
 )
 @click.option("--new-only", is_flag=True, help="Only responses no reader has read yet.")
 @click.option("--timeout", type=float, help="Give up after this many seconds without a response.")
+@click.option(
+    "--append",
+    is_flag=True,
+    help="Add to --output, skipping ids it already has (resuming an interrupted read).",
+)
 def responses(  # noqa: PLR0917 - click passes every option by name
     settings: Settings,
     session_id: int,
@@ -350,35 +355,116 @@ def responses(  # noqa: PLR0917 - click passes every option by name
     fmt: str,
     new_only: bool,
     timeout: float | None,
+    append: bool,
 ) -> None:
-    """Write a client id's responses, each exactly once, faults included and marked."""
+    """Write a client id's responses, each exactly once, faults included and marked.
+
+    It rides out a RabbitMQ or Redis restart (for up to `client.reconnect_timeout`); when it
+    gives up, or on Ctrl-C, it prints the command that resumes the read.
+    """
     from soafarm.client.broker_client import BrokerClient
     from soafarm.client.session import attach_session
 
+    if append and output is None:
+        raise ConfigError("--append adds to an --output FILE: give one")
+    written = _ids_in(output, fmt) if append and output is not None else set()
+    resume = _responses_resume(session_id, client_id, follow, output, fmt, timeout)
     session = attach_session(session_id, settings)
     count = faults = 0
-    out: IO[str] = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    mode = "a" if append else "w"
+    out: IO[str] = output.open(mode, encoding="utf-8", newline="") if output else sys.stdout
     try:
         writer = csv.writer(out) if fmt == "csv" else None
-        if writer is not None:
+        if writer is not None and not (append and output is not None and output.stat().st_size):
             writer.writerow(["id", "user_data", "status", "result", "fault_type", "fault_message"])
-        with BrokerClient(session, client_id) as client:
+        with BrokerClient(session, client_id, create=False) as client:
             # --new-only is exact even if this command is killed: each response is written
             # out, then committed as read when the next one is asked for
             responses = client.get_responses(
                 timeout, new_only, available_only=not follow, commit_each=new_only
             )
             for response in responses:
+                if response.id in written:
+                    continue  # --append: the file has it from an interrupted read
                 count += 1
                 faults += response.is_fault
                 _write(out, writer, response)
                 if new_only:
                     out.flush()
+    except ConnectionFailed as e:  # gave up on a server: same class, so exit 3
+        e.args = (f"{e}; {count} response(s) written; resume with: {resume}",)
+        raise
+    except KeyboardInterrupt:
+        click.echo(
+            f"soafarm: interrupted after {count} response(s); resume with: {resume}", err=True
+        )
+        raise
     finally:
         session.detach()
         if output:
             out.close()
     click.echo(f"{count} response(s), {faults} fault(s)", err=True)
+
+
+def _responses_resume(  # noqa: PLR0917 - the command's own options
+    session_id: int,
+    client_id: str,
+    follow: bool,
+    output: Path | None,
+    fmt: str,
+    timeout: float | None,
+) -> str:
+    """The command that goes on with an interrupted read: `--new-only` starts where the
+    commits of this one stopped, and with a file `--append` skips any response it already
+    has (exact even when Redis lost the last commits)."""
+    command = f"soafarm responses {session_id} --client-id {client_id} --new-only"
+    if follow:
+        command += " --follow"
+    if fmt != "jsonl":
+        command += f" --format {fmt}"
+    if timeout is not None:
+        command += f" --timeout {timeout:g}"
+    if output is not None:
+        command += f" --output {output} --append"
+    return command
+
+
+def _cut_torn_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate `path` after its last newline (a write cut short by a kill)."""
+    with path.open("rb+") as raw:
+        end = raw.seek(0, 2)
+        at = end
+        while at > 0:
+            start = max(at - chunk, 0)
+            raw.seek(start)
+            data = raw.read(at - start)
+            if at == end and data.endswith(b"\n"):
+                return
+            newline = data.rfind(b"\n")
+            if newline >= 0:
+                raw.truncate(start + newline + 1)
+                return
+            at = start
+        raw.truncate(0)
+
+
+def _ids_in(output: Path, fmt: str) -> set[int]:
+    """The response ids an earlier read wrote to `output` (none if it does not exist). A
+    last line a killed read left unfinished is cut off first: its response comes again."""
+    if not output.is_file():
+        return set()
+    _cut_torn_line(output)
+    ids: set[int] = set()
+    with output.open(encoding="utf-8", newline="") as fh:
+        if fmt == "csv":
+            for row in csv.reader(fh):
+                if row and row[0].isdigit():  # not the header, not a torn last line
+                    ids.add(int(row[0]))
+            return ids
+        for line in fh:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                ids.add(int(json.loads(line)["id"]))  # a torn last line is written again
+    return ids
 
 
 def _write(out: IO[str], writer: Any, response: Response) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json
 from soafarm.config import Settings
+from soafarm.errors import SoafarmError
+
+if TYPE_CHECKING:
+    from soafarm.client.session import Session
 
 
 def _argument(text: str) -> Any:
@@ -45,12 +49,40 @@ def call(  # noqa: PLR0917 - click passes every option positionally by name
     from soafarm.client.session import Session, SessionStartInfo
 
     info = SessionStartInfo(service, version=version, min_units=1, max_units=1)
-    with Session.create(info, settings) as session, BrokerClient(session) as client:
-        client.send_request(operation, *(_argument(a) for a in args))
-        client.end_requests()
-        (response,) = list(client.get_responses(timeout=timeout))
+    session = Session.create(info, settings)
+    try:
+        with BrokerClient(session) as client:
+            client.send_request(operation, *(_argument(a) for a in args))
+            client.end_requests()
+            (response,) = list(client.get_responses(timeout=timeout))
+    except BaseException as e:
+        # whatever failed (Redis, RabbitMQ, the timeout, Ctrl-C), the session must not keep
+        # its unit until an idle timeout; the error the user sees stays the first one
+        note = close_after_failure(session)
+        if note and isinstance(e, SoafarmError):
+            e.args = (f"{e}; {note}",)
+        raise
+    session.close()
     result = response.result  # raises ServiceFault, printed by the CLI as one line
     if as_json:
         emit_json(result)
     else:
         click.echo(result)
+
+
+def close_after_failure(session: Session) -> str:
+    """Close `session` after a failed call (retrying for a while: the failure may be a
+    restarting server); '' once closed, else a note for the error line."""
+    from soafarm.client import session as sessions
+
+    try:
+        session.close()  # stops its heartbeat and connections, whatever happens
+        return ""
+    except Exception:
+        error = sessions.close_best_effort(session.settings, session.id)
+    if error is None:
+        return ""
+    return (
+        f"session {session.id} could not be closed ({error}); the broker closes it once "
+        "its client handle times out (client_idle_timeout)"
+    )

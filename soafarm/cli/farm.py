@@ -14,6 +14,7 @@ from soafarm.config import Settings, with_section
 from soafarm.errors import SoafarmError
 from soafarm.local.embedded import EmbeddedServers
 from soafarm.logs import configure_logging
+from soafarm.processes import follow_parent
 from soafarm.state.control import HostsArgs
 
 
@@ -27,16 +28,13 @@ def _stop_on_signals(stop: object) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 @cli.command()
 @with_settings
 def broker(settings: Settings) -> None:
     """Run the broker daemon (session service and allocator) until SIGTERM or Ctrl-C."""
     from soafarm.broker.daemon import BrokerDaemon
 
+    follow_parent()
     daemon = BrokerDaemon(settings)
     _stop_on_signals(daemon.stop)
     daemon.run()
@@ -65,11 +63,12 @@ def worker(  # noqa: PLR0917 - click passes every option by name
     """
     from soafarm.workers.host import WorkerHost
 
+    supervised = follow_parent() is not None
     given = {"cores": cores, "sockets": sockets, "pool": pool, "labels": labels}
     changes = {k: v for k, v in given.items() if v is not None}
     if changes:
         settings = with_section(settings, "worker", changes)
-    host = WorkerHost(settings, name, stop_with_parent)
+    host = WorkerHost(settings, name, stop_with_parent or supervised)
     _stop_on_signals(host.stop)
     host.run()
 
@@ -85,6 +84,7 @@ def autoscaler(settings: Settings) -> None:
     from soafarm.broker.autoscaler import Autoscaler
     from soafarm.workers.provisioners import make_provisioner
 
+    follow_parent()
     provisioners = [make_provisioner(p, settings) for p in settings.autoscaler.pools]
     try:
         scaler = Autoscaler(settings, provisioners)
@@ -123,30 +123,46 @@ def autoscaler(settings: Settings) -> None:
     help="Start private RabbitMQ/Redis when none answers at a localhost URL.",
 )
 def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: bool) -> None:
-    """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything."""
+    """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything.
+
+    A broker, worker host or autoscaler that crashes is started again (with back-off); they
+    all stop when this process stops, however it stops. Refuses to start when a broker daemon
+    already answers in the namespace.
+    """
     from soafarm.local.farm import LocalFarm
 
     servers = EmbeddedServers(settings, enabled=embedded)
     with servers as effective:
         for line in servers.started:
             click.echo(f"started {line} for the farm's lifetime", err=True)
-        farm = LocalFarm(effective, workers=workers, cores=cores, autoscale=autoscale)
+        farm = LocalFarm(
+            effective, workers=workers, cores=cores, autoscale=autoscale, supervise=True
+        )
         farm.start()
         scaling = ", autoscaler" if autoscale else ""
         click.echo(
             f"soafarm is up: broker + {workers} worker host(s){scaling}, namespace "
-            f"{effective.namespace!r}. Press Ctrl-C to stop.",
+            f"{effective.namespace!r}; crashed processes are restarted. Press Ctrl-C to stop.",
             err=True,
         )
-        # SIGTERM (a service manager, `kill`) stops the farm the way Ctrl-C does, instead of
-        # leaving the broker, autoscaler and workers running without their parent
-        signal.signal(signal.SIGTERM, _interrupt)
+
+        def interrupt(signum: int, _frame: FrameType | None) -> None:
+            # a terminal's Ctrl-C reaches every child too: none may be restarted as it stops
+            farm.stop_supervising()
+            raise KeyboardInterrupt
+
+        # SIGTERM (a service manager, `kill`) stops the farm the way Ctrl-C does
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
         try:
             farm.wait()
         except KeyboardInterrupt:
             click.echo("stopping...", err=True)
         finally:
+            restarts = farm.restarts
             farm.stop()
+        if restarts:
+            click.echo(f"{restarts} crashed process(es) were restarted during this run", err=True)
 
 
 @cli.command()

@@ -23,11 +23,13 @@ from soafarm.client.heartbeat import Heartbeat
 from soafarm.client.inbox import QueueInbox, StreamInbox
 from soafarm.client.linger import Linger
 from soafarm.client.queue_reader import COMMIT_INTERVAL, QueueReader
-from soafarm.client.reader import Receiver, StreamReader, StreamTarget
+from soafarm.client.reader import Bitmap, Receiver, StreamReader, StreamTarget
 from soafarm.client.sender import RequestSender
 from soafarm.client.session import Session
-from soafarm.client.throttle import Throttle
+from soafarm.client.throttle import Throttle, UnreadBound
 from soafarm.errors import (
+    BrokerUnavailable,
+    ConnectionFailed,
     ResponseHandlerError,
     SessionClosed,
     SessionError,
@@ -38,30 +40,37 @@ from soafarm.protocol import (
     Response,
 )
 from soafarm.state.clients import ClientProgress, ProgressStore
-from soafarm.state.control import AttachClientArgs
+from soafarm.state.control import AttachClientArgs, GetArgs
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
-from soafarm.transport.connections import (
-    redis_client,
-)
+from soafarm.transport.backoff import Outage
+from soafarm.transport.connections import outage, redis_client
+from soafarm.transport.errors import REDIS_LOST
 
 log = structlog.get_logger(__name__)
 
+#: Seconds a client that found its interactive session's queue gone waits for the broker to
+#: fail the session with its reason, before raising its own.
+VERDICT_WAIT = 5.0
 
 
 class BrokerClient:
     """One client id's batch of requests in a session, and its responses."""
 
-    def __init__(self, session: Session, client_id: str = "default") -> None:
+    def __init__(self, session: Session, client_id: str = "default", create: bool = True) -> None:
         """Attach `client_id` to the session (its response queue is declared by the broker).
 
         In a durable session, attaching an existing client id resumes it: `accepted` requests
-        are already in, and the next `send_request` gets id `accepted`.
+        are already in, and the next `send_request` gets id `accepted`. With `create=False`
+        (a reader that only collects) the client id must exist already, and nothing is
+        declared: reading never creates queues or counters.
         """
         self.session = session
         self.settings = session.settings
         self.client_id = check_client_id(client_id)
-        attached = session.control.request(AttachClientArgs(session.id, self.client_id))
+        attached = session.control.request(
+            AttachClientArgs(session.id, self.client_id, create=create)
+        )
         self.request_queue = attached.request_queue
         self.response_queue = attached.response_queue
         self.durable = attached.durable
@@ -80,9 +89,16 @@ class BrokerClient:
             queues=(self.request_queue, self.response_queue),
             durable=self.durable,
             progress=self.progress,
-            throttle=Throttle(self.progress, broker, self.settings.client.throttle_timeout),
+            throttle=Throttle(
+                self.progress,
+                broker,
+                self.settings.client.throttle_timeout,
+                outage=self._outage(),
+                unread=None if self.durable else self._unread_bound(),
+            ),
             start=start,
             wake=self._wake,
+            session_lost=self._session_lost,
         )
         self._linger: Linger | None = None
         self._handler_error: BaseException | None = None
@@ -96,17 +112,42 @@ class BrokerClient:
                 self.settings.max_message_bytes,
                 self._describe,
                 self._check_session,
+                outage=self._outage,
             )
         else:
             self.receiver = QueueReader(
-                QueueInbox(self.settings, self.response_queue),
+                QueueInbox(
+                    self.settings,
+                    self.response_queue,
+                    missing=lambda: self._session_lost("response queue"),
+                ),
                 max_bytes=self.settings.max_message_bytes,
                 progress=self.progress,
                 describe=self._describe,
                 check=self._check_session,
+                outage=self._outage,
             )
         self._receiving = False  # get_responses or a handler has started
+        self._reading_now = 0  # get_responses() iterations under way
         self._stop = threading.Event()
+
+    def _unread_bound(self) -> UnreadBound:
+        """What an interactive client id has sent and not read back: bounded."""
+        return UnreadBound(
+            limit=self.settings.client.max_unread_responses,
+            read_here=lambda: self.receiver.seen.count,
+            read_anywhere=lambda: Bitmap(self.progress.read_bitmap()).count,
+            reading=self._reading,
+        )
+
+    def _reading(self) -> bool:
+        """True while a response handler runs or a get_responses() is under way."""
+        handler = self._handler_thread
+        return self._reading_now > 0 or (handler is not None and handler.is_alive())
+
+    def _outage(self) -> Outage:
+        """A retry window of `client.reconnect_timeout` for one server of one loop."""
+        return outage(self.settings)
 
     # --- sending --------------------------------------------------------------------------
     def send_request(self, op: str, *args: Any, user_data: Any = None, **kwargs: Any) -> int:
@@ -171,8 +212,17 @@ class BrokerClient:
         return self.receiver.duplicates
 
     def status(self) -> ClientProgress:
-        """Progress of this client id from the farm's counters: accepted, done, faulted..."""
-        return self.progress.load()
+        """Progress of this client id from the farm's counters: accepted, done, faulted...
+        (retried through a Redis restart, up to `client.reconnect_timeout`)."""
+        return self._load()
+
+    def _load(self) -> ClientProgress:
+        window = self._outage()
+        while True:
+            try:
+                return self.progress.load()
+            except REDIS_LOST as e:
+                window.retry(e)  # waits, or raises ConnectionLost past the limit
 
     def purge(self) -> None:
         """Delete this client id's responses and counters (the session goes on)."""
@@ -203,21 +253,26 @@ class BrokerClient:
         """
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
-        self.flush()
+        self.sender.raise_failed()
+        self.sender.flush_unless_sending()  # a sending thread may wait for this very read
         target = StreamTarget(
             sent_here=self.sender.next_id if self.sender.sent_here else 0,
-            until_done=self.progress.load().done if available_only else None,
+            until_done=self._load().done if available_only else None,
         )
         if isinstance(self.receiver, StreamReader):
             self.receiver.commit_each = commit_each
         self._receiving = True
-        yield from self.receiver.responses(
-            timeout,
-            target,
-            new_only=new_only,
-            before_wait=self.sender.record_pending,
-            after=self._commit_soon,
-        )
+        self._reading_now += 1
+        try:
+            yield from self.receiver.responses(
+                timeout,
+                target,
+                new_only=new_only,
+                before_wait=self.sender.record_pending,
+                after=self._commit_soon,
+            )
+        finally:
+            self._reading_now -= 1
 
     def _commit_soon(self) -> None:
         """What the interactive reader handed out is committed by the linger thread."""
@@ -227,9 +282,33 @@ class BrokerClient:
         """Raise if the session failed or was closed while this client waits for it."""
         record = self.sessions.get(self.session.id)
         if record is None:
+            # closed, or its record lost with Redis: the broker's answer tells which
+            with contextlib.suppress(ConnectionFailed, BrokerUnavailable):
+                self.session.control.request(GetArgs(self.session.id))
             raise SessionClosed(f"session {self.session.id} was closed while waiting")
         if record.state == SessionState.FAILED:
             raise SessionFailed(f"session {self.session.id} failed: {record.error}")
+
+    def _session_lost(self, what: str) -> SessionError:
+        """The error for an interactive session whose `what` RabbitMQ no longer has (it
+        restarted): the broker's verdict (it fails such a session, with a reason) if it
+        comes within VERDICT_WAIT, else this client's own. Either way one clear error, never
+        a wait for responses that cannot come."""
+        deadline = time.monotonic() + VERDICT_WAIT
+        while True:
+            try:
+                self._check_session()
+            except SessionError as e:
+                return e
+            except REDIS_LOST:
+                pass  # Redis restarting too: this client's own verdict below
+            if time.monotonic() >= deadline:
+                return SessionFailed(
+                    f"session {self.session.id} lost its {what}: RabbitMQ no longer has this "
+                    "interactive session's queues (it restarted?), so its requests and "
+                    "responses are gone; create a new session"
+                )
+            time.sleep(0.1)  # the broker's verdict is in Redis, written by another process
 
     def _describe(self) -> str:
         try:
@@ -257,7 +336,8 @@ class BrokerClient:
         if self._handler_thread is not None or self._receiving:
             raise SessionError("responses are already being received by this client")
         self._receiving = True
-        self.flush()
+        self.sender.raise_failed()
+        self.sender.flush_unless_sending()  # a sending thread may wait for this very handler
         self._handler_thread = threading.Thread(
             target=self._handle, args=(callback, on_error), name="responses", daemon=True
         )

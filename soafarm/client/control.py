@@ -12,7 +12,13 @@ from kombu.message import Message
 
 from soafarm import errors
 from soafarm.config import Settings, mask_url
-from soafarm.errors import BrokerUnavailable, ConnectionFailed, DecodeError, SoafarmError
+from soafarm.errors import (
+    BrokerNoAnswer,
+    BrokerUnavailable,
+    ConnectionFailed,
+    DecodeError,
+    SoafarmError,
+)
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
 from soafarm.state.control import ControlCall, R, decode_request
@@ -67,8 +73,16 @@ class ControlClient:
         self.replies[message.properties.get("correlation_id", "")] = message.body
 
     def _broker_consumers(self) -> int:
+        # passive: a read-only command must not create the control queue of a namespace no
+        # broker serves (or one `soafarm namespace delete` just removed)
         spec = control_queue(self.names)
-        _name, _count, consumers = self.channel.queue_declare(**spec.declare_kwargs())
+        try:
+            _name, _count, consumers = self.channel.queue_declare(queue=spec.name, passive=True)
+        except self.connection.channel_errors:
+            # no such queue, so no broker; the 404 closed our channel: start afresh
+            close_quietly(self.connection)
+            self._open()
+            return 0
         return int(consumers)
 
     def call(self, op: str, timeout: float | None = None, **params: Any) -> Any:
@@ -127,7 +141,7 @@ class ControlClient:
             while corr not in self.replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BrokerUnavailable(
+                    raise BrokerNoAnswer(
                         f"the broker daemon did not answer {op!r} within {timeout:g}s {where}; "
                         f"is it overloaded or stuck? check its log, or {hint}"
                     )

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import amqp.exceptions
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.message import Message
 
-from soafarm.config import Settings
+from soafarm.config import Settings, mask_url
+from soafarm.errors import ConnectionFailed
 from soafarm.protocol import CONTENT_TYPE
 from soafarm.transport.connections import (
     close_quietly,
@@ -34,12 +36,19 @@ class QueueInbox:
     the queue again, the batches it had received but not handed out.
     """
 
-    def __init__(self, settings: Settings, queue: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: str,
+        missing: Callable[[], BaseException] | None = None,
+    ) -> None:
         """Consume `queue` once started, on a connection of its own: the client publishes on
-        its own from another thread (the linger thread)."""
+        its own from another thread (the linger thread). `missing()` is the error raised
+        when the queue does not exist (a RabbitMQ restart drops an interactive session's)."""
         self.settings = settings
         self.url = settings.amqp_url
         self.queue = queue
+        self.missing = missing
         self.connection: Connection | None = None
         self.consumer: Consumer | None = None
 
@@ -50,14 +59,21 @@ class QueueInbox:
         if self.connection is None:
             self.connection = kombu_connection(self.settings)
         with reporting_lost_connection(self.connection, self.url):
-            self.consumer = Consumer(
-                self.connection.channel(),
-                queues=[Queue(self.queue, no_declare=True)],
-                on_message=lambda message: on_delivery(Delivery(None, message.body, _acked)),
-                accept=[CONTENT_TYPE],
-                no_ack=True,
-            )
-            self.consumer.consume()
+            try:
+                consumer = Consumer(
+                    self.connection.channel(),
+                    queues=[Queue(self.queue, no_declare=True)],
+                    on_message=lambda message: on_delivery(Delivery(None, message.body, _acked)),
+                    accept=[CONTENT_TYPE],
+                    no_ack=True,
+                )
+                consumer.consume()
+            except amqp.exceptions.NotFound:
+                self.close()
+                if self.missing is None:
+                    raise
+                raise self.missing() from None
+            self.consumer = consumer
 
     def drain(self, timeout: float) -> bool:
         """Deliver what arrives within `timeout` seconds; False if nothing did."""
@@ -132,16 +148,27 @@ class StreamInbox:
             on_delivery(Delivery(None if at is None else int(at), message.body, message.ack))
 
         connection = kombu_connection(self.settings)
-        consumer = Consumer(
-            connection.channel(),
-            queues=[
-                Queue(self.stream, no_declare=True, consumer_arguments={"x-stream-offset": offset})
-            ],
-            on_message=on_message,
-            accept=[CONTENT_TYPE],
-            prefetch_count=STREAM_PREFETCH,
-        )
-        consumer.consume()
+        try:
+            consumer = Consumer(
+                connection.channel(),
+                queues=[
+                    Queue(
+                        self.stream, no_declare=True, consumer_arguments={"x-stream-offset": offset}
+                    )
+                ],
+                on_message=on_message,
+                accept=[CONTENT_TYPE],
+                prefetch_count=STREAM_PREFETCH,
+            )
+            consumer.consume()
+        except (*connection.connection_errors, *connection.channel_errors) as e:
+            # right after a RabbitMQ restart a stream may not take consumers yet: the reader
+            # retries (and checks the session still exists) until `client.reconnect_timeout`
+            close_quietly(connection)
+            raise ConnectionFailed(
+                f"RabbitMQ at {mask_url(self.settings.amqp_url)} cannot serve {self.stream} "
+                f"now: {e or type(e).__name__}"
+            ) from None
         self.connection = connection
 
     @property

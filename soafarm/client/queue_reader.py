@@ -23,19 +23,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from soafarm.client.inbox import Delivery
-from soafarm.client.reader import Bitmap, ReadProgress, StreamTarget
-from soafarm.errors import ReaderTakenOver, ResponseTimeout
+from soafarm.client.reader import Bitmap, ReadProgress, StreamTarget, default_outage
+from soafarm.errors import ReaderTakenOver, ResponsesLost, ResponseTimeout
 from soafarm.protocol import Response, ResponseBatch, decode_as
 from soafarm.state.clients import ClientProgress
-from soafarm.transport.errors import REDIS_LOST
+from soafarm.transport.backoff import Outage
+from soafarm.transport.errors import LOST, REDIS_LOST
+
+T = TypeVar("T")
 
 #: Seconds between looks at the session and the lease while no response arrives.
 IDLE_TICK = 0.5
 #: Seconds between commits of handed-out ids while responses flow.
 COMMIT_INTERVAL = 0.05
+#: Idle ticks in a row with responses counted as answered and not received, after a dropped
+#: connection, before they count as lost.
+LOST_AFTER_TICKS = 2
 
 
 class Inbox(Protocol):
@@ -73,10 +79,11 @@ class QueueReader:
         progress: ReadProgress,
         describe: Callable[[], str],
         check: Callable[[], None],
+        outage: Callable[[], Outage] = default_outage,
     ) -> None:
         """`progress` is the client id's counters, read bitmap and lease; `describe()` gives
         the session status line of timeout errors; `check()` raises if the session failed or
-        closed."""
+        closed; `outage()` makes the retry window of one server."""
         self.inbox = inbox
         self.max_bytes = max_bytes
         self.progress = progress
@@ -91,6 +98,15 @@ class QueueReader:
         # the linger thread commits what a finished read left (`commit_pending`)
         self.commit_lock = threading.Lock()
         self.taken_over = False
+        #: One retry window per server (see StreamReader).
+        self.amqp_outage = outage()
+        self.redis_outage = outage()
+        self.started = False  # consuming began
+        self.inbox_down = False  # the connection was lost: consume again before draining
+        self.unsynced = False  # a Redis failure: re-commit what a restarted Redis lost
+        #: The connection dropped once: auto-acked responses on their way may be lost.
+        self.suspect = False
+        self.lost_ticks = 0
 
     def responses(
         self,
@@ -109,37 +125,93 @@ class QueueReader:
         linger thread call `commit_pending` soon). `new_only` means nothing here: an
         interactive queue holds only what no reader has taken."""
         if self.token is None:
-            self.token = self.progress.take_reader()
-        self.inbox.start(self._on_delivery)
+            self.token = self._redis(self.progress.take_reader)
         last = time.monotonic()
-        meta = self._merge() if target.sent_here == 0 else None
+        meta = self._redis(self._merge) if target.sent_here == 0 else None
         try:
             while not self._complete(meta, target) and not stop():
-                while self.ready:
-                    yield from self._hand_out(*self.ready.popleft())
-                    last = time.monotonic()
-                    if last - self.committed_at >= COMMIT_INTERVAL:
+                try:
+                    while self.ready:
+                        yield from self._hand_out(*self.ready.popleft())
+                        last = time.monotonic()
+                        if last - self.committed_at >= COMMIT_INTERVAL:
+                            self._commit()
+                    if self._complete(meta, target):
+                        return
+                    now = time.monotonic()
+                    if timeout is not None and now - last > timeout:
+                        meta = self.progress.load()
+                        raise ResponseTimeout(
+                            f"no response for {timeout:g}s; {meta.outstanding} of "
+                            f"{meta.accepted} requests still outstanding; {self.describe()}"
+                        )
+                    before_wait()
+                    if not self._drain():
                         self._commit()
-                if self._complete(meta, target):
-                    return
-                now = time.monotonic()
-                if timeout is not None and now - last > timeout:
-                    meta = self.progress.load()
-                    raise ResponseTimeout(
-                        f"no response for {timeout:g}s; {meta.outstanding} of {meta.accepted} "
-                        f"requests still outstanding; {self.describe()}"
-                    )
-                before_wait()
-                if not self.inbox.drain(IDLE_TICK):
-                    self._commit()
-                    self.check()
-                    meta = self._merge()
-                    continue
-                if target.sent_here == 0 and not self.ready:
-                    meta = self.progress.load()  # reading another process's batch: sealed?
+                        self.check()
+                        meta = self._merge()
+                        self._check_lost(meta)
+                        continue
+                    if target.sent_here == 0 and not self.ready:
+                        meta = self.progress.load()  # reading another process's batch: sealed?
+                except LOST as e:
+                    self._retry(e)
+                    last = time.monotonic()  # an outage is bounded by its own limit
         finally:
             if self.uncommitted:
                 after()  # committed soon, off this thread: a caller that stops early has them
+
+    def _drain(self) -> bool:
+        """Deliver what arrives within IDLE_TICK (False if nothing did), consuming again
+        after a lost connection."""
+        if self.inbox_down:
+            # consuming again raises the session's loss if its queue did not survive
+            self.inbox.start(self._on_delivery)
+            self.inbox_down = False
+            # auto-acked responses on their way when the connection dropped are gone
+            self.suspect = True
+        elif not self.started:
+            self.inbox.start(self._on_delivery)
+        self.started = True
+        got = self.inbox.drain(IDLE_TICK)
+        self.amqp_outage.recovered()
+        return got
+
+    def _retry(self, error: BaseException) -> None:
+        """After a lost server: wait (or give up with ConnectionLost) before trying again."""
+        if isinstance(error, REDIS_LOST):
+            self.unsynced = True
+            self.redis_outage.retry(error)
+            return
+        self.inbox.close()
+        self.inbox_down = True
+        self.amqp_outage.retry(error)
+
+    def _redis(self, call: Callable[[], T]) -> T:
+        """`call()` (Redis requests), retried through a Redis outage."""
+        while True:
+            try:
+                result = call()
+            except REDIS_LOST as e:
+                self.redis_outage.retry(e)
+                continue
+            self.redis_outage.recovered()
+            return result
+
+    def _check_lost(self, meta: ClientProgress) -> None:
+        """After a dropped connection: responses the farm counts as answered that never
+        arrived (two idle ticks in a row) were lost with it; say so instead of waiting."""
+        if not self.suspect or self.ready:
+            return
+        missing = meta.done - self.seen.count
+        self.lost_ticks = self.lost_ticks + 1 if missing > 0 else 0
+        if self.lost_ticks >= LOST_AFTER_TICKS:
+            raise ResponsesLost(
+                f"{missing:,} response(s) of client id {self.progress.client_id!r} were lost "
+                "with a dropped connection to RabbitMQ: an interactive session does not keep "
+                "responses on their way to its client (send those requests again, or use a "
+                "durable session)"
+            )
 
     def _hand_out(
         self, delivery: Delivery, responses: list[Response]
@@ -174,12 +246,23 @@ class QueueReader:
 
     def commit_pending(self) -> None:
         """Record the ids handed out and not committed yet (safe from another thread; a
-        takeover it finds is raised on the reading thread at its next commit)."""
+        takeover it finds is raised on the reading thread at its next commit). After a Redis
+        failure, the ids a restarted Redis lost are recorded again first."""
         assert self.token is not None
         with self.commit_lock:
+            if self.unsynced:
+                stored = Bitmap(self.progress.read_bitmap())
+                self.uncommitted = [*self.seen.minus(stored)]
+                self.unsynced = False
             ids, self.uncommitted = self.uncommitted, []
             self.committed_at = time.monotonic()
-            if ids and not self.progress.commit_read(self.token, 0, ids):
+            try:
+                taken = not ids or self.progress.commit_read(self.token, 0, ids)
+            except REDIS_LOST:
+                self.uncommitted[:0] = ids  # kept for the next commit
+                self.unsynced = True
+                raise
+            if not taken:
                 # recorded even past a takeover: the new reader must not wait for these
                 self.taken_over = True
 

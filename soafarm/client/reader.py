@@ -10,24 +10,41 @@ and the first one's next commit fails with `ReaderTakenOver`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
 from soafarm.client.inbox import Delivery
-from soafarm.errors import ReaderTakenOver, ResponseTimeout
+from soafarm.errors import ConnectionFailed, ConnectionLost, ReaderTakenOver, ResponseTimeout
 from soafarm.protocol import Response, ResponseBatch, decode_as
 from soafarm.state.clients import ClientProgress
-from soafarm.transport.errors import REDIS_LOST
+from soafarm.transport.backoff import Outage
+from soafarm.transport.errors import LOST, REDIS_LOST
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 IDLE_TICK = 0.5
+#: Ids per commit when a reader re-commits what a restarted Redis lost: bounds the time one
+#: Lua call holds Redis (a SETBIT per id).
+RESYNC_CHUNK = 10_000
+#: `client.reconnect_timeout`'s default, for readers built without settings (tests).
+DEFAULT_RECONNECT_TIMEOUT = 90.0
+
+
+def default_outage() -> Outage:
+    """A retry window with the default limit (the client passes one from its settings)."""
+    return Outage(
+        DEFAULT_RECONNECT_TIMEOUT,
+        lambda error, seconds: ConnectionLost(f"gave up after {seconds:.0f}s: {error}"),
+    )
+
+
 #: Seconds without deliveries, while the counters show unread responses, before re-consuming.
 RESUBSCRIBE_AFTER = 5.0
 
@@ -51,6 +68,16 @@ class Bitmap:
         self.bits[byte] |= mask
         self.count += 1
         return True
+
+    def minus(self, other: Bitmap) -> Iterator[int]:
+        """The indexes set here and not in `other`, in order."""
+        theirs = other.bits
+        for index, byte in enumerate(self.bits):
+            extra = byte & ~(theirs[index] if index < len(theirs) else 0)
+            if extra:
+                for bit in range(8):
+                    if extra & (0x80 >> bit):
+                        yield index * 8 + bit
 
     def count_below(self, limit: int) -> int:
         """How many bits < `limit` are set."""
@@ -160,16 +187,18 @@ class Receiver(Protocol):
 class StreamReader:
     """One pass over a durable client id's responses."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - positional since before `outage`
         self,
         source: Stream,
         progress: ReadProgress,
         max_bytes: int,
         describe: Callable[[], str],
         check: Callable[[], None],
+        outage: Callable[[], Outage] = default_outage,
     ) -> None:
         """`describe()` gives the session status line used in timeout errors; `check()` raises
-        if the session failed or closed (called once per idle tick)."""
+        if the session failed or closed (called once per idle tick); `outage()` makes the
+        retry window of one server (`client.reconnect_timeout`)."""
         self.source = source
         self.progress = progress
         self.max_bytes = max_bytes
@@ -183,6 +212,12 @@ class StreamReader:
         #: Commit each response as the caller takes the next (`soafarm responses --new-only`).
         self.commit_each = False
         self.duplicates = 0
+        #: One retry window per server: a reader waiting for RabbitMQ while Redis answers
+        #: (or the reverse) must still give up on the one that stays away.
+        self.amqp_outage = outage()
+        self.redis_outage = outage()
+        #: Redis failed since the last commit: re-commit what it may have lost before going on.
+        self.unsynced = False
 
     def responses(
         self,
@@ -195,49 +230,111 @@ class StreamReader:
         after: Callable[[], None] = lambda: None,
     ) -> Iterator[Response]:
         """Yield each response once; see the module docstring. `timeout` bounds the wait for
-        the next response (None: no bound); `stop()` ends the read early (response handlers);
-        `before_wait()` runs before each wait for deliveries. `after` is the Receiver
-        interface's: a durable read commits as it goes and leaves nothing behind.
+        the next response while the servers answer (None: no bound; an outage is bounded by
+        `client.reconnect_timeout` instead); `stop()` ends the read early (response
+        handlers); `before_wait()` runs before each wait for deliveries. `after` is the
+        Receiver interface's: a durable read commits as it goes and leaves nothing behind.
 
         The reader is a cursor: a second call continues where the first stopped (a client
         that sends and reads in turns never re-reads the stream). `new_only` matters on the
         first call, which decides where the cursor starts.
+
+        It rides out a RabbitMQ or Redis restart: it reopens the stream at the offset after
+        the last batch it handed out whole (ids it already handed out are skipped), and hands
+        out nothing more until Redis has every id it handed out, re-committing those the
+        restart lost (`_resync`). Past `client.reconnect_timeout` it raises ConnectionLost.
         """
-        if self.token is None:
-            self.token = self.progress.take_reader()
-            meta = self.progress.load()
-            if new_only:
-                self.seen = Bitmap(self.progress.read_bitmap())
-                self.next_offset = meta.read_offset or 0
-        token = self.token
-        meta = self.progress.load()
+        token = self._start(new_only)
+        meta = self._redis(self.progress.load)
         last_progress = last_meta = last_delivery = time.monotonic()
         while not self._complete(meta, self.seen, target):
             if stop():
                 return
-            if not self.source.is_open:
-                self.source.open(self.next_offset, self.inbox.append)
-            before_wait()
-            if not self.source.drain(IDLE_TICK):
-                # RabbitMQ restarted or the link dropped: resume after the last batch read
-                self.close()
+            try:
+                self._receive(token, before_wait)
+                while self.inbox:
+                    last_delivery = time.monotonic()
+                    self.resubscribes = 0
+                    fresh = yield from self._hand_out(self.inbox.popleft(), self.seen, token)
+                    if fresh:
+                        last_progress = time.monotonic()
+                now = time.monotonic()
+                if now - last_meta >= IDLE_TICK:
+                    meta, last_meta = self.progress.load(), now
+                    if self._tick(token, meta, now - last_delivery):
+                        last_delivery = now
+            except LOST as e:
+                self._retry(e)
+                # time without a server is bounded by the outage, not the response timeout
+                last_progress = last_delivery = last_meta = time.monotonic()
                 continue
-            while self.inbox:
-                last_delivery = time.monotonic()
-                self.resubscribes = 0
-                fresh = yield from self._hand_out(self.inbox.popleft(), self.seen, token)
-                if fresh:
-                    last_progress = time.monotonic()
-            now = time.monotonic()
-            if now - last_meta >= IDLE_TICK:
-                meta, last_meta = self.progress.load(), now
-                if self._tick(token, meta, now - last_delivery):
-                    last_delivery = now
             if timeout is not None and now - last_progress > timeout:
                 raise ResponseTimeout(
                     f"no response for {timeout:g}s; {meta.done} of {meta.accepted} "
                     f"requests answered; {self.describe()}"
                 )
+
+    def _start(self, new_only: bool) -> str:
+        """Take the reader lease on the first read (and with `new_only`, start the cursor
+        where the previous reader's commits stopped); the lease token."""
+        if self.token is None:
+            self.token = self._redis(self.progress.take_reader)
+            if new_only:
+                self.seen = Bitmap(self._redis(self.progress.read_bitmap))
+                self.next_offset = self._redis(self.progress.load).read_offset or 0
+        return self.token
+
+    def _receive(self, token: str, before_wait: Callable[[], None]) -> None:
+        """Wait up to IDLE_TICK for deliveries (into `inbox`), reopening the stream (and
+        first re-committing what Redis lost) after an outage."""
+        if self.unsynced:
+            self._resync(token)
+        if not self.source.is_open:
+            self.source.open(self.next_offset, self.inbox.append)
+        before_wait()
+        if not self.source.drain(IDLE_TICK):
+            raise ConnectionFailed(f"lost the connection to RabbitMQ ({self.source.stream})")
+        self.amqp_outage.recovered()
+
+    def _retry(self, error: BaseException) -> None:
+        """After a lost server: wait (or give up with ConnectionLost) before trying again."""
+        if isinstance(error, REDIS_LOST):
+            self.unsynced = True
+            self.redis_outage.retry(error)
+            return
+        # the connection is gone: deliveries not handed out come again from `next_offset`
+        self.close()
+        self.amqp_outage.retry(error)
+
+    def _redis(self, call: Callable[[], T]) -> T:
+        """`call()` (one Redis request), retried through a Redis outage."""
+        while True:
+            try:
+                result = call()
+            except REDIS_LOST as e:
+                self.redis_outage.retry(e)
+                continue
+            self.redis_outage.recovered()
+            return result
+
+    def _resync(self, token: str) -> None:
+        """Redis failed since the last commit and answers again: it may have missed the
+        commit that failed, and, restarted from an AOF written once a second, the commits of
+        the last second before it went down. Re-commit every id this reader handed out that
+        Redis lacks (this process's `seen` is the record), with the cursor's offset, before
+        handing out anything else: a later `new_only` read then repeats nothing."""
+        self.check()  # the session may be gone (closed, or a Redis that came back empty)
+        stored = Bitmap(self.progress.read_bitmap())
+        missing = list(self.seen.minus(stored))
+        for at in range(0, len(missing), RESYNC_CHUNK):
+            chunk = missing[at : at + RESYNC_CHUNK]
+            if not self.progress.commit_read(token, self.next_offset, chunk):
+                raise self._taken_over()
+        if not missing and not self.progress.commit_read(token, self.next_offset, []):
+            raise self._taken_over()
+        self.unsynced = False
+        self.redis_outage.recovered()
+        log.info("reader_resynced", recommitted=len(missing), offset=self.next_offset)
 
     def _tick(self, token: str, meta: ClientProgress, quiet: float) -> bool:
         """Once per idle tick: check the lease and the session; re-consume if responses exist
@@ -277,7 +374,8 @@ class StreamReader:
         A caller that stops in the middle of a batch has exactly the responses it was given
         committed, and the batch goes back to the front of the cursor: `new_only` is exact
         per response, not per batch. With `commit_each`, every response is committed as the
-        caller takes the next one (exact even when the caller is killed).
+        caller takes the next one (exact even when the caller is killed). A commit Redis
+        did not take is raised after the cursor moved: `_resync` makes it up.
         """
         offset = self.next_offset if delivery.offset is None else delivery.offset
         batch = decode_as(delivery.body, self.max_bytes, ResponseBatch)
@@ -294,19 +392,30 @@ class StreamReader:
                 yield response
                 if self.commit_each:
                     committed, given = given, []
-                    if not self.progress.commit_read(token, offset, committed):
-                        raise self._taken_over()
+                    self._commit(token, offset, committed)
             finished = True
         finally:
             if not finished:
                 self.inbox.appendleft(delivery)  # its other responses are handed out next
-                with contextlib.suppress(*REDIS_LOST):
+                try:
                     self.progress.commit_read(token, offset, given)
-        if not self.progress.commit_read(token, offset + 1, given):
-            raise self._taken_over()
-        delivery.ack()
+                except REDIS_LOST:
+                    self.unsynced = True  # the next read re-commits them (from `seen`)
         self.next_offset = offset + 1
+        try:
+            self._commit(token, offset + 1, given)
+        finally:
+            delivery.ack()  # the stream's credit, also when Redis failed
         return handed
+
+    def _commit(self, token: str, next_offset: int, ids: list[int]) -> None:
+        try:
+            taken = self.progress.commit_read(token, next_offset, ids)
+        except REDIS_LOST:
+            self.unsynced = True
+            raise
+        if not taken:
+            raise self._taken_over()
 
     def _complete(self, meta: ClientProgress, seen: Bitmap, target: StreamTarget) -> bool:
         if target.until_done is not None:
@@ -321,4 +430,3 @@ class StreamReader:
             f"another reader took over client id {self.progress.client_id!r}; "
             "only one reader per client id at a time"
         )
-

@@ -17,14 +17,14 @@ and the channel under one lock.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import amqp.exceptions
-from kombu import Producer
+import structlog
+from kombu import Connection, Producer
 
 from soafarm.client.throttle import Throttle
 from soafarm.config import Settings
@@ -40,11 +40,15 @@ from soafarm.state.clients import ClientProgress, ProgressStore
 from soafarm.transport.connections import (
     UNROUTABLE_RETRY_SECONDS,
     close_quietly,
+    close_quietly_channel,
     kombu_connection,
+    outage,
     publish_routed,
     reporting_lost_connection,
 )
-from soafarm.transport.errors import is_unroutable_return
+from soafarm.transport.errors import LOST, REDIS_LOST, is_unroutable_return
+
+log = structlog.get_logger(__name__)
 
 #: Seconds between writes of the confirmed-request count to Redis (and at seal and close):
 #: the count others read (throttling, allocator, autoscaler) lags a flush by at most this.
@@ -54,13 +58,8 @@ ACCEPTED_RECORD_INTERVAL = 0.05
 #: that keeps growing slowly, and is the only wait of a caller whose last batch left full (a
 #: bulk sender, not woken for every batch).
 LINGER_QUIET = 0.0003
-#: kombu's retry policy for durable publishes: rides out a RabbitMQ restart of ~a minute.
-DURABLE_RETRY_POLICY = {
-    "max_retries": 60,
-    "interval_start": 0.2,
-    "interval_step": 0.5,
-    "interval_max": 2.0,
-}
+#: Seconds between attempts to record the accepted count while Redis does not answer.
+RECORD_RETRY = 1.0
 
 
 class RequestSender:
@@ -78,10 +77,12 @@ class RequestSender:
         throttle: Throttle,
         start: ClientProgress,
         wake: Callable[[float], None],
+        session_lost: Callable[[str], BaseException] | None = None,
     ) -> None:
         """`queues` is (request queue, response queue); `start` the client id's counters
         when it attached (a durable one continues at `accepted`); `wake(at)` has the client's
-        linger thread call `on_linger()` at monotonic time `at`."""
+        linger thread call `on_linger()` at monotonic time `at`; `session_lost(what)` is the
+        error for an interactive session whose request queue RabbitMQ no longer has."""
         self.settings = settings
         self.session_id = session_id
         self.client_id = client_id
@@ -90,9 +91,15 @@ class RequestSender:
         self.progress = progress
         self.throttle = throttle
         self.wake = wake
-        self.connection = kombu_connection(settings, confirm=durable)
-        self.channel = self.connection.channel()
-        self.producer = Producer(self.channel)
+        self.session_lost = session_lost or (
+            lambda what: SessionError(f"session {session_id} has no {what} in RabbitMQ")
+        )
+        self.connection: Connection | None = None
+        #: The session's loss, once found: later sends raise it at once, close drops the buffer.
+        self.lost: BaseException | None = None
+        self._connect()
+        self.amqp_outage = outage(settings)
+        self.redis_outage = outage(settings)
         self.lock = threading.RLock()
         self.buffer: list[bytes] = []
         self.buffer_bytes = 0
@@ -145,10 +152,17 @@ class RequestSender:
             self._flush()
 
     def seal(self) -> None:
-        """Send what is buffered and record that the batch has exactly `next_id` requests."""
+        """Send what is buffered and record that the batch has exactly `next_id` requests
+        (retried through a Redis outage: a reader waits for the seal)."""
         with self.lock:
             self.flush()
-            self.progress.seal(self.next_id)
+            while True:
+                try:
+                    self.progress.seal(self.next_id)
+                    break
+                except REDIS_LOST as e:
+                    self.redis_outage.retry(e)
+            self.redis_outage.recovered()
             self.sealed = True
 
     def on_linger(self) -> None:
@@ -172,11 +186,26 @@ class RequestSender:
             except Exception as e:  # raised to the caller at its next call
                 self.failed = e
 
+    def flush_unless_sending(self) -> None:
+        """`flush()`, unless another thread is sending right now: it may be blocked until
+        responses are read (the unread bound), and a reader must not wait for it."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.flush()
+        finally:
+            self.lock.release()
+
     def record_pending(self) -> None:
-        """Record the accepted count the last flushes left unrecorded (a reader waits)."""
-        with self.lock:
+        """Record the accepted count the last flushes left unrecorded (a reader waits);
+        skipped while another thread sends (it records the count itself)."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
             if not self.sealed:
                 self._record_accepted()
+        finally:
+            self.lock.release()
 
     def raise_failed(self) -> None:
         """Raise the error of a send the linger thread made for the caller, once."""
@@ -188,13 +217,17 @@ class RequestSender:
         """Send what is buffered (or drop it), record `accepted`, close the connection."""
         try:
             with self.lock:
-                if discard:
+                if discard or self.lost is not None:
                     self.buffer, self.buffer_bytes = [], 0
                 self._flush()
                 if self.sent_here and not self.sealed:
-                    self.progress.record_accepted(self.next_id)
+                    try:
+                        self.progress.record_accepted(self.next_id)
+                    except REDIS_LOST as e:  # a resumed client re-sends a few (same ids)
+                        log.warning("accepted_not_recorded", error=repr(e))
         finally:
-            close_quietly(self.connection)
+            if self.connection is not None:
+                close_quietly(self.connection)
 
     def _flush(self) -> None:
         if not self.buffer:
@@ -203,11 +236,9 @@ class RequestSender:
         body = encode_request_batch(
             self.session_id, self.client_id, self.response_queue, self.buffer
         )
-        options: dict[str, Any] = {"delivery_mode": 1}
-        if self.durable:
-            # a retried publish may duplicate the batch: same ids, answered once
-            options = {"delivery_mode": 2, "retry": True, "retry_policy": DURABLE_RETRY_POLICY}
-        self._publish(body, options)
+        # persistent and confirmed for a durable session; a publish retried after a lost
+        # connection may duplicate the batch: same ids, answered once
+        self._publish(body, {"delivery_mode": 2 if self.durable else 1})
         self.sent_here += len(self.buffer)
         self.buffer = []
         self.buffer_bytes = 0
@@ -215,9 +246,12 @@ class RequestSender:
 
     def _publish(self, body: bytes, options: dict[str, Any]) -> None:
         """Publish one batch; a durable one is `mandatory` and sent again while RabbitMQ
-        returns it (see `publish_routed`)."""
+        returns it (see `publish_routed`). A lost connection is reopened with back-off and
+        the batch sent again, for up to `client.reconnect_timeout` (then ConnectionLost);
+        an interactive session whose request queue did not survive is lost."""
 
         def publish() -> None:
+            assert self.connection is not None
             with reporting_lost_connection(self.connection, self.settings.amqp_url):
                 self.producer.publish(
                     body,
@@ -229,21 +263,56 @@ class RequestSender:
                     **options,
                 )
 
+        if self.lost is not None:
+            raise self.lost
+        while True:
+            try:
+                if self.connection is None:
+                    self._connect(check_queue=not self.durable)
+                publish_routed(publish, self.request_queue, after_return=self._fresh_channel)
+            except amqp.exceptions.ChannelError as e:
+                if not is_unroutable_return(e):
+                    raise
+                raise SessionError(
+                    f"RabbitMQ has no queue {self.request_queue} to take requests after "
+                    f"{UNROUTABLE_RETRY_SECONDS:g}s; was session {self.session_id} closed?"
+                ) from None
+            except LOST as e:
+                if self.connection is not None:
+                    close_quietly(self.connection)
+                    self.connection = None
+                self.amqp_outage.retry(e)
+                continue
+            self.amqp_outage.recovered()
+            return
+
+    def _connect(self, check_queue: bool = False) -> None:
+        """Open the publishing connection; with `check_queue` (an interactive session
+        reconnecting), raise `session_lost` if the request queue is gone: RabbitMQ drops an
+        interactive session's queues when it restarts, and a publish to a missing queue
+        without `mandatory` would vanish silently."""
+        connection = kombu_connection(self.settings, confirm=self.durable)
         try:
-            publish_routed(publish, self.request_queue, after_return=self._fresh_channel)
-        except amqp.exceptions.ChannelError as e:
-            if not is_unroutable_return(e):
-                raise
-            raise SessionError(
-                f"RabbitMQ has no queue {self.request_queue} to take requests after "
-                f"{UNROUTABLE_RETRY_SECONDS:g}s; was session {self.session_id} closed?"
-            ) from None
+            if check_queue:
+                probe = connection.channel()
+                try:
+                    probe.queue_declare(queue=self.request_queue, passive=True)
+                except amqp.exceptions.NotFound:
+                    self.lost = self.session_lost("request queue")
+                    raise self.lost from None
+                close_quietly_channel(probe)
+            self.channel = connection.channel()
+            self.producer = Producer(self.channel)
+        except BaseException:
+            close_quietly(connection)
+            raise
+        self.connection = connection
 
     def _fresh_channel(self) -> None:
         """Replace the channel after a returned publish: its confirm is still on its way, and
         would be taken for the next publish's."""
-        with contextlib.suppress(Exception):
-            self.channel.close()
+        assert self.connection is not None
+        close_quietly_channel(self.channel)
         self.channel = self.connection.channel()
         self.producer = Producer(self.channel)
 
@@ -257,7 +326,15 @@ class RequestSender:
             # a Redis write per flush would cost more than the flush; a lagging count only
             # means a resumed client re-sends a few requests (which keep their ids) and the
             # autoscaler sees the work a little late
-            self.progress.record_accepted(self.next_id)
+            try:
+                self.progress.record_accepted(self.next_id)
+            except REDIS_LOST as e:
+                # Redis is restarting: sending goes on (RabbitMQ has the requests), and the
+                # linger thread records the count once Redis answers again
+                log.warning("accepted_not_recorded", error=repr(e), retry_in=RECORD_RETRY)
+                self.recorded_at = now - ACCEPTED_RECORD_INTERVAL + RECORD_RETRY
+                self.wake(now + RECORD_RETRY)
+                return
             self.recorded, self.recorded_at = self.next_id, now
         else:
             self.wake(self.recorded_at + ACCEPTED_RECORD_INTERVAL)

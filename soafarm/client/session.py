@@ -8,17 +8,28 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
+import structlog
+
 from soafarm.client.control import ControlClient
 from soafarm.client.heartbeat import Heartbeat
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
-from soafarm.errors import ConfigError, SessionClosed, SessionError, SessionNotFound
+from soafarm.errors import (
+    BrokerNoAnswer,
+    ConfigError,
+    SessionClosed,
+    SessionError,
+    SessionNotFound,
+)
 from soafarm.names import Names
 from soafarm.plain import from_plain
 from soafarm.state.commondata import upload
 from soafarm.state.control import AddDataArgs, CloseArgs, CreateArgs, GetArgs, ListArgs, SessionInfo
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
+from soafarm.transport.backoff import Backoff
 from soafarm.transport.connections import redis_client
+
+log = structlog.get_logger(__name__)
 
 #: Sent for "no upper bound" on units: the allocator never gives more than the farm has.
 UNBOUNDED_UNITS = 2**31 - 1
@@ -121,10 +132,25 @@ class Session:
         try:
             data = _upload(settings, info.common_data) if info.common_data else None
             described = control.request(info.to_args(control.owner, cls.durable, data))
+        except BrokerNoAnswer:
+            # the broker may have made the session and lost its answer (Redis went away
+            # mid-create): close what it made for this owner once it answers again
+            control.close()
+            close_owned(settings, control.owner, info.service)
+            raise
         except BaseException:
             control.close()
             raise
-        return cls(control, described, settings)
+        try:
+            return cls(control, described, settings)
+        except BaseException as e:
+            # the session exists and nothing holds it (Redis went away between the broker's
+            # create and this client's first contact): close it rather than leave its units
+            # to an idle timeout; the error stays the one to report
+            control.close()
+            if close_best_effort(settings, described.record.id) is not None:
+                log.warning("session_not_closed", session_id=described.record.id, error=repr(e))
+            raise
 
     @classmethod
     def find(cls, service: str, settings: Settings | None = None) -> Self:
@@ -136,7 +162,9 @@ class Session:
                 s.record
                 for s in control.request(ListArgs(service)).items
                 if s.record.shared
-                and s.record.state in (SessionState.QUEUED, SessionState.RUNNING)
+                # released: a durable session that gave its units back until work comes
+                and s.record.state
+                in (SessionState.QUEUED, SessionState.RUNNING, SessionState.RELEASED)
                 and s.record.durable == cls.durable
             ]
         finally:
@@ -297,6 +325,62 @@ def attach_session(session_id: int, settings: Settings | None = None) -> Session
         raise
     kind = DurableSession if described.record.durable else Session
     return kind(control, described, settings)
+
+
+#: Seconds a client that failed keeps trying to close the session it created.
+CLOSE_RETRY_SECONDS = 10.0
+
+
+def close_best_effort(
+    settings: Settings, session_id: int, limit: float = CLOSE_RETRY_SECONDS
+) -> BaseException | None:
+    """Close (and purge) session `session_id` on a fresh control connection, retrying with
+    back-off for `limit` seconds: the client that created it failed, perhaps because RabbitMQ
+    or Redis is restarting, and the broker needs both to close it. None once closed (or
+    closed already), else the last error."""
+    deadline = time.monotonic() + limit
+    backoff = Backoff(first=0.2, cap=2.0)
+    while True:
+        try:
+            control = ControlClient(settings)
+            try:
+                control.request(CloseArgs(session_id, True))
+            finally:
+                control.close()
+            return None
+        except SessionClosed:
+            return None  # closed already: the goal is reached
+        except Exception as e:
+            if time.monotonic() + backoff.current > deadline:
+                return e
+        time.sleep(backoff.next())
+
+
+def close_owned(
+    settings: Settings, owner: str, service: str, limit: float = CLOSE_RETRY_SECONDS
+) -> None:
+    """Close the sessions of `service` that `owner` (a ControlClient's) created, retrying for
+    `limit` seconds while the broker cannot answer; best effort (logged if it fails)."""
+    deadline = time.monotonic() + limit
+    backoff = Backoff(first=0.2, cap=2.0)
+    while True:
+        try:
+            control = ControlClient(settings)
+            try:
+                listed = control.request(ListArgs(service))
+            finally:
+                control.close()
+            break
+        except Exception as e:
+            if time.monotonic() + backoff.current > deadline:
+                log.warning("owned_sessions_not_closed", owner=owner, error=repr(e))
+                return
+        time.sleep(backoff.next())
+    for item in listed.items:
+        if item.record.owner == owner:
+            left = max(deadline - time.monotonic(), 1.0)
+            if close_best_effort(settings, item.record.id, left) is None:
+                log.info("orphan_session_closed", session_id=item.record.id)
 
 
 def _upload(settings: Settings, values: Mapping[str, Any]) -> dict[str, str]:

@@ -239,6 +239,10 @@ class EmbeddedServers:
         proc = self._launch(argv, log_path, None)
         db = urlsplit(url).path.strip("/") or "0"
         server: _Server
+
+        def terminate() -> None:
+            server.proc.terminate()  # the current process: after a restart, not the first
+
         # No credentials: the private server has no password, and AUTH would fail against it.
         server = _Server(
             "Redis",
@@ -247,7 +251,7 @@ class EmbeddedServers:
             log_path,
             f"redis://127.0.0.1:{port}/{db}",
             lambda: _ping_redis(port),
-            lambda: server.proc.terminate(),  # the current process, after a restart too
+            terminate,
             lambda: self._launch(argv, log_path, None),
         )
         self._servers.append(server)

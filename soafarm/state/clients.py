@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from soafarm.names import Names
+from soafarm.state import garbage
 from soafarm.state.records import as_text
 
 # KEYS: client hash, done bitmap. ARGV: runs of consecutive ids, each as three arguments:
@@ -132,9 +133,11 @@ class ProgressStore:
         pipe.execute()
 
     def load(self) -> ClientProgress:
-        """The current counters."""
-        raw = {as_text(k): as_text(v) for k, v in self._r.hgetall(self.key).items()}
-        return parse_progress(self.client_id, raw)
+        """The current counters (a counter that is not an integer reads as 0, logged once)."""
+        raw = garbage.tolerant(self.key, self._r.hgetall, {})
+        return parse_progress(
+            self.client_id, {as_text(k): as_text(v) for k, v in raw.items()}, self.key
+        )
 
     def record_accepted(self, count: int) -> None:
         """Requests 0..count-1 are safely in RabbitMQ (one writer per client id)."""
@@ -176,9 +179,16 @@ class ProgressStore:
         pipe.hget(self.key, "done")
         for c in others:
             pipe.hmget(self.names.client_key(self.session_id, c), "accepted", "done")
-        replies = pipe.execute()
-        outstanding = sum(max(int(a or 0) - int(d or 0), 0) for a, d in replies[1:])
-        return int(replies[0] or 0), outstanding
+        replies = pipe.execute(raise_on_error=False)
+        outstanding = 0
+        for c, reply in zip(others, replies[1:], strict=True):
+            key = self.names.client_key(self.session_id, c)
+            a, d = garbage.reply(key, reply, (None, None))
+            outstanding += max(
+                garbage.as_int(a, key, "accepted") - garbage.as_int(d, key, "done"), 0
+            )
+        done = garbage.as_int(garbage.reply(self.key, replies[0], None), self.key, "done")
+        return done, outstanding
 
 
 def client_keys(names: Names, session_id: int, client_id: str) -> list[str]:
@@ -191,19 +201,31 @@ def client_keys(names: Names, session_id: int, client_id: str) -> list[str]:
     ]
 
 
-def parse_progress(client_id: str, raw: dict[str, str]) -> ClientProgress:
-    """Counters from a client hash read with HGETALL."""
+def parse_progress(client_id: str, raw: dict[str, str], key: str = "") -> ClientProgress:
+    """Counters from a client hash read with HGETALL (at `key`, named when a counter is not
+    an integer: it reads as 0, and `total`/`read_offset` as unset, logged once)."""
+    where = key or f"client {client_id}"
     total = raw.get("total")
     offset = raw.get("read_offset")
+    total_n = None if total is None else _optional_int(total, where, "total")
+    offset_n = None if offset is None else _optional_int(offset, where, "read_offset")
     return ClientProgress(
         client_id=client_id,
-        accepted=int(raw.get("accepted", 0)),
-        done=int(raw.get("done", 0)),
-        faulted=int(raw.get("faulted", 0)),
+        accepted=garbage.as_int(raw.get("accepted"), where, "accepted"),
+        done=garbage.as_int(raw.get("done"), where, "done"),
+        faulted=garbage.as_int(raw.get("faulted"), where, "faulted"),
         sealed=raw.get("sealed") == "1",
-        total=None if total is None else int(total),
-        read_offset=None if offset is None else int(offset),
+        total=total_n,
+        read_offset=offset_n,
     )
+
+
+def _optional_int(value: str, key: str, field: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        garbage.report(key, f"{field} is not an integer", value)
+        return None
 
 
 class DoneMarker:

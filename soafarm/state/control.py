@@ -231,13 +231,17 @@ class CloseArgs(ControlCall[Closed]):
 
 @dataclass(frozen=True)
 class AttachClientArgs(ControlCall[Attached]):
-    """Declare a client id's response queue in a session."""
+    """Declare a client id's response queue in a session (or, without `create`, only look
+    an existing one up)."""
 
     op: ClassVar[str] = "attach_client"
     reply_type = Attached
 
     session_id: int
     client_id: str
+    #: False: only attach a client id the session already has, and declare nothing (a
+    #: reader such as `soafarm responses` must not create queues or counters).
+    create: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from typing import Any
 
 import redis
 
+from soafarm.errors import DecodeError
 from soafarm.names import Names
+from soafarm.state import garbage
 from soafarm.state.records import HostRecord, as_text
 
 #: What `HostStore.wake` pushes by default: "look at your assignments now".
@@ -37,11 +39,17 @@ class InstanceLoad:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> InstanceLoad:
-        """Parse `to_json`'s output."""
-        data: dict[str, Any] = json.loads(raw)
-        return cls(
-            int(data["session"]), int(data["capacity"]), float(data["busy"]), float(data["at"])
-        )
+        """Parse `to_json`'s output (DecodeError for anything else)."""
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            return cls(
+                int(data["session"]),
+                int(data["capacity"]),
+                float(data["busy"]),
+                float(data["at"]),
+            )
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            raise DecodeError(f"corrupt instance load report: {e!r}") from None
 
 
 class HostStore:
@@ -65,9 +73,25 @@ class HostStore:
         pipe.execute()
 
     def hosts(self) -> dict[str, HostRecord]:
-        """Every registered host, alive or not."""
-        raw = self._r.hgetall(self.names.hosts_key)
-        return {as_text(k): HostRecord.from_json(v) for k, v in raw.items()}
+        """Every registered host, alive or not, whose record can be decoded."""
+        return self.scan_hosts()[0]
+
+    def scan_hosts(self) -> tuple[dict[str, HostRecord], list[str]]:
+        """(every registered host whose record can be decoded, the ids of those whose record
+        cannot: logged once; a live host overwrites its record at its next beat, and the
+        broker's leader forgets the others)."""
+        key = self.names.hosts_key
+        raw = garbage.tolerant(key, self._r.hgetall, {})
+        good: dict[str, HostRecord] = {}
+        bad: list[str] = []
+        for k, v in raw.items():
+            host_id = as_text(k)
+            try:
+                good[host_id] = HostRecord.from_json(v)
+            except DecodeError as e:
+                garbage.report(key, f"host {host_id!r}: {e}", v)
+                bad.append(host_id)
+        return good, sorted(bad)
 
     def alive(self, host_ids: list[str]) -> set[str]:
         """The subset of `host_ids` whose heartbeat key still exists."""
@@ -77,10 +101,17 @@ class HostStore:
         return {h for h, ok in zip(host_ids, pipe.execute(), strict=True) if ok}
 
     def forget(self, host_id: str) -> None:
-        """Broker side: remove a lost host and its assignments."""
+        """Broker side: remove a lost host, its assignments and its instances' load reports
+        (its instance records are the instance store's: `InstanceStore.forget_host`)."""
+        n = self.names
         pipe = self._r.pipeline()
-        pipe.hdel(self.names.hosts_key, host_id)
-        pipe.delete(self.names.host_assignments_key(host_id), self.names.host_wake_key(host_id))
+        pipe.hdel(n.hosts_key, host_id)
+        pipe.delete(
+            n.host_heartbeat_key(host_id),
+            n.host_assignments_key(host_id),
+            n.host_wake_key(host_id),
+            n.host_load_key(host_id),
+        )
         pipe.execute()
 
     def deregister(self, host_id: str) -> None:
@@ -98,19 +129,29 @@ class HostStore:
 
     # --- assignments and wake-ups ---------------------------------------------------------
     def assignments(self, host_ids: list[str]) -> dict[str, dict[int, int]]:
-        """Current assignments (session id -> instances) of each host."""
+        """Current assignments (session id -> instances) of each host (broker side: a field
+        that is not session id -> count is logged once and removed, as is a value of the
+        wrong type; only the broker writes these)."""
         pipe = self._r.pipeline()
         for h in host_ids:
             pipe.hgetall(self.names.host_assignments_key(h))
-        return {
-            h: {int(k): int(v) for k, v in raw.items()}
-            for h, raw in zip(host_ids, pipe.execute(), strict=True)
-        }
+        out: dict[str, dict[int, int]] = {}
+        for h, raw in zip(host_ids, pipe.execute(raise_on_error=False), strict=True):
+            key = self.names.host_assignments_key(h)
+            value = garbage.reply(key, raw, None)
+            if value is None:  # not a hash: only the broker writes it, so it goes
+                self._r.delete(key)
+                value = {}
+            out[h] = _assignment(key, value)
+            junk = [k for k in value if not _is_int(k) or not _is_int(value[k])]
+            if junk:  # the same fields `_assignment` skipped
+                self._r.hdel(key, *junk)
+        return out
 
     def assignments_of(self, host_id: str) -> dict[int, int]:
-        """One host's assignments: session id -> instances it should run."""
-        raw = self._r.hgetall(self.names.host_assignments_key(host_id))
-        return {int(k): int(v) for k, v in raw.items()}
+        """One host's assignments: session id -> instances it should run (garbage skipped)."""
+        key = self.names.host_assignments_key(host_id)
+        return _assignment(key, garbage.tolerant(key, self._r.hgetall, {}))
 
     def set_assignments(self, host_id: str, assignments: dict[int, int]) -> None:
         """Replace a host's assignments and wake it so it applies them at once."""
@@ -139,6 +180,32 @@ class HostStore:
         self._r.hset(self.names.host_load_key(host_id), instance_id, load.to_json())
 
     def loads(self, host_id: str) -> dict[str, InstanceLoad]:
-        """The latest report of each instance of the host, by instance id."""
-        raw = self._r.hgetall(self.names.host_load_key(host_id))
-        return {as_text(k): InstanceLoad.from_json(v) for k, v in raw.items()}
+        """The latest report of each instance of the host, by instance id (a report that
+        cannot be decoded is skipped, logged once)."""
+        key = self.names.host_load_key(host_id)
+        raw = garbage.tolerant(key, self._r.hgetall, {})
+        out: dict[str, InstanceLoad] = {}
+        for k, v in raw.items():
+            try:
+                out[as_text(k)] = InstanceLoad.from_json(v)
+            except DecodeError as e:
+                garbage.report(key, f"instance {as_text(k)!r}: {e}", v)
+        return out
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        int(as_text(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _assignment(key: str, raw: dict[Any, Any]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for k, v in raw.items():
+        try:
+            out[int(as_text(k))] = int(as_text(v))
+        except ValueError:
+            garbage.report(key, f"field {as_text(k)!r} is not session id -> instances", v)
+    return out

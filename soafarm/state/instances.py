@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import redis
 
+from soafarm.errors import DecodeError
 from soafarm.names import Names
-from soafarm.state.records import InstanceRecord
+from soafarm.state import garbage
+from soafarm.state.records import InstanceRecord, as_text
 
 
 class InstanceStore:
@@ -25,9 +29,17 @@ class InstanceStore:
         self._r.hset(self.names.session_instances_key(session_id), record.id, record.to_json())
 
     def of_session(self, session_id: int) -> list[InstanceRecord]:
-        """Service instances currently serving this session, by id."""
-        raws = self._r.hvals(self.names.session_instances_key(session_id))
-        return sorted((InstanceRecord.from_json(x) for x in raws), key=lambda i: i.id)
+        """Service instances currently serving this session, by id (a record that cannot be
+        decoded is skipped, logged once)."""
+        key = self.names.session_instances_key(session_id)
+        raws = garbage.tolerant(key, self._r.hgetall, {})
+        out = []
+        for field, raw in raws.items():
+            try:
+                out.append(InstanceRecord.from_json(raw))
+            except DecodeError as e:
+                garbage.report(key, f"instance {as_text(field)!r}: {e}", raw)
+        return sorted(out, key=lambda i: i.id)
 
     def forget(self, session_id: int, host_id: str, instance_id: str) -> None:
         """Drop an instance that exited: its record, and its load report to its host (an
@@ -36,3 +48,28 @@ class InstanceStore:
         pipe.hdel(self.names.session_instances_key(session_id), instance_id)
         pipe.hdel(self.names.host_load_key(host_id), instance_id)
         pipe.execute()
+
+    def forget_host(self, host_id: str, session_ids: Iterable[int]) -> int:
+        """Drop the records of every instance of a lost host in these sessions (its
+        instances died with it, or drain without anyone left to forget them); returns how
+        many. A record that cannot be decoded goes too when its id names the host (instance
+        ids are `<host id>.<session id>.<n>`)."""
+        session_ids = list(session_ids)
+        pipe = self._r.pipeline()
+        for sid in session_ids:
+            pipe.hgetall(self.names.session_instances_key(sid))
+        replies = pipe.execute(raise_on_error=False)
+        gone = 0
+        for sid, reply in zip(session_ids, replies, strict=True):
+            key = self.names.session_instances_key(sid)
+            fields = []
+            for field, raw in garbage.reply(key, reply, {}).items():
+                try:
+                    mine = InstanceRecord.from_json(raw).host_id == host_id
+                except DecodeError:
+                    mine = as_text(field).startswith(f"{host_id}.")
+                if mine:
+                    fields.append(field)
+            if fields:
+                gone += int(self._r.hdel(key, *fields))
+        return gone

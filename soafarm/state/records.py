@@ -18,7 +18,9 @@ from soafarm.plain import from_plain, to_plain
 
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (clients are built without decode_responses)."""
-    return value.decode() if isinstance(value, bytes) else value
+    # "replace": a key or member someone wrote with invalid UTF-8 must not stop a reader; the
+    # text then fails the reader's own checks (a client id, a host id) and is skipped there
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 class SessionState(StrEnum):
@@ -32,6 +34,10 @@ class SessionState(StrEnum):
     FAILED = "failed"
     #: A durable session closed without purge: it runs nothing, its responses stay readable.
     CLOSED = "closed"
+    #: A durable session with nothing outstanding and no client for
+    #: `durable_release_timeout`: its units went back to the farm; it stays readable and
+    #: is queued again as soon as a client sends more.
+    RELEASED = "released"
 
 
 class SessionActivity(StrEnum):
@@ -58,7 +64,7 @@ class _JsonRecord:
         where = f"corrupt {cls.__name__} record in Redis"
         try:
             data = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
             raise DecodeError(f"{where}: {e}") from None
         return from_plain(cls, data, where)
 
@@ -88,6 +94,9 @@ class SessionRecord(_JsonRecord):
     idle_since: float = 0.0
     shared: bool = False
     data: dict[str, str] = field(default_factory=dict)
+    #: Durable sessions: since when it has had nothing outstanding and no client handle
+    #: (0 while busy); its units are released `durable_release_timeout` after that.
+    quiet_since: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pika
 import redis
@@ -17,8 +18,9 @@ import structlog
 from kombu import Connection
 
 from soafarm.config import Settings, mask_url
-from soafarm.errors import ConnectionFailed
-from soafarm.transport.errors import is_unroutable_return
+from soafarm.errors import ConnectionFailed, ConnectionLost
+from soafarm.transport.backoff import Outage
+from soafarm.transport.errors import REDIS_LOST, is_unroutable_return
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +48,33 @@ def reporting_lost_connection(connection: Connection, url: str) -> Iterator[None
             f"lost the connection to RabbitMQ at {mask_url(url)}: {e or type(e).__name__}; "
             f"{RABBITMQ_HINT}"
         ) from None
+
+
+def lost_for_good(settings: Settings) -> Callable[[BaseException, float], ConnectionLost]:
+    """What a client raises when RabbitMQ or Redis stayed away `client.reconnect_timeout`
+    seconds: one line naming the server, its masked URL, the last error and the setting."""
+
+    def give_up(error: BaseException, seconds: float) -> ConnectionLost:
+        # a ConnectionFailed of redis_client() names Redis (REDIS_HINT); the rest is AMQP
+        if isinstance(error, REDIS_LOST) or REDIS_HINT in str(error):
+            server, url = "Redis", settings.redis_url
+        else:
+            server, url = "RabbitMQ", settings.amqp_url
+        why = str(error) or type(error).__name__
+        if isinstance(error, ConnectionFailed):  # already a line naming the server
+            why = why.split(";", 1)[0]
+        return ConnectionLost(
+            f"lost the connection to {server} at {mask_url(url)}: gave up after "
+            f"{seconds:.0f}s of retries (client.reconnect_timeout = "
+            f"{settings.client.reconnect_timeout:g}): {why}"
+        )
+
+    return give_up
+
+
+def outage(settings: Settings) -> Outage:
+    """A retry window of `client.reconnect_timeout` seconds for one of the client's loops."""
+    return Outage(settings.client.reconnect_timeout, lost_for_good(settings))
 
 
 #: Seconds a durable publish keeps retrying a queue that does not take messages.
@@ -121,6 +150,12 @@ def close_quietly(connection: Connection) -> None:
     if raw is not None:
         with contextlib.suppress(Exception):
             raw.collect()
+
+
+def close_quietly_channel(channel: Any) -> None:
+    """Close an AMQP channel, ignoring a connection or channel already gone."""
+    with contextlib.suppress(Exception):
+        channel.close()
 
 
 def kombu_connection(settings: Settings, confirm: bool = False) -> Connection:

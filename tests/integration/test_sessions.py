@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pika
@@ -229,7 +230,11 @@ def test_rabbitmq_connection_lost_mid_session_is_one_clear_error(
     settings: Settings, farm: LocalFarm
 ) -> None:
     with CuttableProxy(("127.0.0.1", 5672)) as proxy:
-        through = settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        # the client retries a lost connection for client.reconnect_timeout before it gives up
+        through = settings.replace(
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            client=dataclasses.replace(settings.client, reconnect_timeout=1.0),
+        )
         session = Session.create(SessionStartInfo("echo"), through)
         client = BrokerClient(session)
         client.send_request("echo", "before")

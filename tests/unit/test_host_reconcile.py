@@ -16,7 +16,7 @@ from soafarm.state.hosts import HostStore, InstanceLoad
 from soafarm.state.instances import InstanceStore
 from soafarm.state.records import InstanceRecord, SessionRecord, SessionState
 from soafarm.workers.host import SessionProcs, WorkerHost, plan_reconcile
-from soafarm.workers.instance import EXIT_LOAD_FAILED, InstanceSpec
+from soafarm.workers.instance import EXIT_LOAD_FAILED, EXIT_RECYCLED, InstanceSpec
 from tests.unit.fakes import NAMES, fake_redis
 
 
@@ -153,6 +153,30 @@ def test_a_crashed_instance_restarts_after_a_back_off(
     host.sessions[7].next_start = time.monotonic()
     host.reconcile({7: 1})
     assert [p.spec.instance_id for p in started] == ["h1.7.0", "h1.7.1"]
+
+
+def test_an_instance_killed_from_outside_is_replaced_in_the_same_round(
+    host: WorkerHost, started: list[FakeProcess]
+) -> None:
+    host.reconcile({7: 1})
+    for n in range(5):  # killed again and again (chaos, the OOM killer): never a back-off
+        started[-1].returncode = -signal.SIGKILL
+        host.reconcile({7: 1})
+        assert len(started) == n + 2
+    started[-1].returncode = EXIT_RECYCLED  # recycled for memory: at once too
+    host.reconcile({7: 1})
+    assert len(started) == 7
+    assert host.sessions[7].failures == 0
+
+
+def test_the_host_wakes_when_a_back_off_ends_not_at_the_next_heartbeat(
+    host: WorkerHost, started: list[FakeProcess]
+) -> None:
+    host.reconcile({7: 1})
+    assert host._wait_time(time.monotonic()) == host.settings.worker.heartbeat_interval
+    started[0].returncode = 1
+    host.reconcile({7: 1})
+    assert 0.1 < host._wait_time(time.monotonic()) <= 0.2  # the 0.2 s crash back-off
 
 
 def test_a_load_failure_is_not_retried_until_reassigned(

@@ -12,13 +12,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pytest
+import redis
 
 from soafarm.client.inbox import Delivery
 from soafarm.client.queue_reader import QueueReader
 from soafarm.client.reader import Bitmap, StreamReader, StreamTarget
-from soafarm.errors import ReaderTakenOver, ResponseTimeout
+from soafarm.errors import (
+    ConnectionFailed,
+    ConnectionLost,
+    ReaderTakenOver,
+    ResponsesLost,
+    ResponseTimeout,
+    SessionFailed,
+)
 from soafarm.protocol import Response, encode_response, encode_response_batch
 from soafarm.state.clients import ClientProgress
+from soafarm.transport.backoff import Outage
 
 LIMIT = 1 << 20
 
@@ -138,7 +147,30 @@ def fine() -> None:
     """The session is open."""
 
 
-def queue_reader(source: list[bytes] | MemoryQueue, counters: Counters) -> QueueReader:
+class FakeTime:
+    """A clock that moves only when an outage waits: retries cost no real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+    def outage(self, limit: float = 30.0) -> Outage:
+        def give_up(error: BaseException, seconds: float) -> ConnectionLost:
+            return ConnectionLost(f"gave up after {seconds:.0f}s: {error}")
+
+        return Outage(limit, give_up, clock=self.clock, sleep=self.sleep)
+
+
+def queue_reader(
+    source: list[bytes] | MemoryQueue, counters: Counters, time: FakeTime | None = None
+) -> QueueReader:
     inbox = MemoryQueue(source) if isinstance(source, list) else source
     return QueueReader(
         inbox,
@@ -146,11 +178,16 @@ def queue_reader(source: list[bytes] | MemoryQueue, counters: Counters) -> Queue
         progress=counters,
         describe=lambda: "described",
         check=fine,
+        outage=(time or FakeTime()).outage,
     )
 
 
-def stream_reader(stream: MemoryStream, counters: Counters) -> StreamReader:
-    return StreamReader(stream, counters, LIMIT, lambda: "described", fine)
+def stream_reader(
+    stream: MemoryStream, counters: Counters, time: FakeTime | None = None
+) -> StreamReader:
+    return StreamReader(
+        stream, counters, LIMIT, lambda: "described", fine, outage=(time or FakeTime()).outage
+    )
 
 
 def test_interactive_reader_drops_second_answers_and_stops_at_what_was_sent() -> None:
@@ -256,3 +293,114 @@ def test_interactive_reader_counts_what_a_predecessor_handed_out() -> None:
     counters.read.add(0)  # handed out by a reader that was taken over (its commit landed)
     reader = queue_reader([batch(1), batch(2)], counters)
     assert [r.id for r in reader.responses(5, StreamTarget())] == [1, 2]  # then complete
+
+
+class RestartingRedis(Counters):
+    """Counters whose commit number `fail_at` fails as Redis going away would, and that come
+    back as Redis restarted from an AOF written once a second would: without the read
+    commits after commit number `saved_at`."""
+
+    def __init__(self, fail_at: int, saved_at: int, **counts: object) -> None:
+        super().__init__(**counts)  # type: ignore[arg-type]
+        self.fail_at, self.saved_at = fail_at, saved_at
+        self.commits = 0
+        self.saved = Bitmap()
+
+    def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
+        self.commits += 1
+        if self.commits == self.saved_at:
+            self.saved = Bitmap(bytes(self.read.bits))
+        if self.commits == self.fail_at:
+            self.read = Bitmap(bytes(self.saved.bits))  # what the AOF had
+            raise redis.ConnectionError("Connection reset by peer")
+        return super().commit_read(token, next_offset, ids)
+
+
+def test_stream_reader_rides_out_a_redis_restart_and_recommits_what_it_lost() -> None:
+    counters = RestartingRedis(fail_at=4, saved_at=2, accepted=6, done=6, sealed=True, total=6)
+    stream = MemoryStream([batch(i) for i in range(6)])
+    time = FakeTime()
+    got = [r.id for r in stream_reader(stream, counters, time).responses(5, StreamTarget())]
+    assert got == [0, 1, 2, 3, 4, 5]  # each once: the reader's own record did not go away
+    assert time.waits, "it waited before trying Redis again"
+    assert counters.read.count == 6  # the commits Redis lost were made again
+    again = stream_reader(MemoryStream(stream.bodies), counters)
+    assert list(again.responses(5, StreamTarget(), new_only=True)) == []
+
+
+def test_stream_reader_hands_out_nothing_while_redis_cannot_record_it() -> None:
+    counters = RestartingRedis(fail_at=1, saved_at=0, accepted=2, done=2, sealed=True, total=2)
+    stream = MemoryStream([batch(0), batch(1)])
+    reader = stream_reader(stream, counters)
+    reading = reader.responses(5, StreamTarget())
+    assert next(reading).id == 0  # its commit (the first) fails when the caller asks again
+    assert next(reading).id == 1
+    assert counters.read.count == 1, "1 was handed out before Redis had 0"
+    assert list(reading) == []
+    assert counters.read.count == 2 and counters.read_offset == 2
+
+
+def test_stream_reader_gives_up_on_rabbitmq_after_the_reconnect_limit() -> None:
+    class Unreachable(MemoryStream):
+        def open(self, offset: int, on_delivery: Callable[[Delivery], None]) -> None:
+            raise ConnectionFailed("cannot connect to RabbitMQ at amqp://x/: refused")
+
+    counters = Counters(accepted=1, done=1, sealed=True, total=1)
+    time = FakeTime()
+    reader = StreamReader(
+        Unreachable([batch(0)]), counters, LIMIT, str, fine, outage=lambda: time.outage(10)
+    )
+    with pytest.raises(ConnectionLost, match="gave up after 10s: cannot connect to RabbitMQ"):
+        list(reader.responses(None, StreamTarget()))
+    assert 10 <= time.now < 12 and len(time.waits) > 3  # backed off, up to the limit
+
+
+class DroppingQueue(MemoryQueue):
+    """A queue whose connection drops once after `drop_after` deliveries, losing what was on
+    its way (auto-ack), and that is `gone` (RabbitMQ restarted) when consumed again."""
+
+    def __init__(self, bodies: list[bytes], drop_after: int, lose: int, gone: bool) -> None:
+        super().__init__(bodies)
+        self.drop_after, self.lose, self.gone = drop_after, lose, gone
+        self.delivered = 0
+        self.starts = 0
+
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        self.starts += 1
+        if self.starts > 1 and self.gone:
+            raise SessionFailed("session 1 lost its response queue")
+        super().start(on_delivery)
+
+    def drain(self, timeout: float) -> bool:
+        if self.delivered == self.drop_after:
+            self.delivered += 1
+            del self.waiting[: self.lose]  # in the socket when it closed
+            raise ConnectionFailed("lost the connection to RabbitMQ at amqp://x/")
+        self.delivered += 1
+        return super().drain(timeout)
+
+
+def test_interactive_reader_raises_the_sessions_loss_when_its_queue_is_gone() -> None:
+    counters = Counters(accepted=4, done=4, sealed=True, total=4)
+    queue = DroppingQueue([batch(i) for i in range(4)], drop_after=2, lose=0, gone=True)
+    reading = queue_reader(queue, counters).responses(5, StreamTarget())
+    assert [next(reading).id, next(reading).id] == [0, 1]
+    with pytest.raises(SessionFailed, match="lost its response queue"):
+        next(reading)
+
+
+def test_interactive_reader_says_which_responses_a_dropped_connection_lost() -> None:
+    counters = Counters(accepted=4, done=4, sealed=True, total=4)
+    queue = DroppingQueue([batch(i) for i in range(4)], drop_after=1, lose=2, gone=False)
+    reader = queue_reader(queue, counters)
+    got: list[int] = []
+    with pytest.raises(ResponsesLost, match=r"2 response\(s\) of client id 'c' were lost"):
+        got.extend(r.id for r in reader.responses(5, StreamTarget()))
+    assert got == [0, 3] and queue.starts == 2  # it consumed again and got what was left
+
+
+def test_interactive_reader_rides_out_a_dropped_connection_that_lost_nothing() -> None:
+    counters = Counters(accepted=4, done=4, sealed=True, total=4)
+    queue = DroppingQueue([batch(i) for i in range(4)], drop_after=2, lose=0, gone=False)
+    got = [r.id for r in queue_reader(queue, counters).responses(5, StreamTarget())]
+    assert got == [0, 1, 2, 3]

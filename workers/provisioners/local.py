@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import structlog
 
 from soafarm.config import PoolSettings, Settings, child_environment
-from soafarm.processes import stop_processes
+from soafarm.processes import stop_processes, with_parent
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +30,8 @@ class LocalProvisioner:
         """Nothing starts until `scale()`."""
         self.pool = pool.name
         self.pool_settings = pool
-        self.env = child_environment(settings)
+        # each host gets SIGTERM from Linux when this process dies (and polls for it too)
+        self.env = with_parent(child_environment(settings))
         self.running: dict[str, subprocess.Popen[bytes]] = {}  # host id -> process
         self.stopping: list[subprocess.Popen[bytes]] = []
 
