@@ -95,6 +95,7 @@ class BrokerClient:
                 self.settings.client.throttle_timeout,
                 outage=self._outage(),
                 unread=None if self.durable else self._unread_bound(),
+                check_session=self._check_session,
             ),
             start=start,
             wake=self._wake,

@@ -16,6 +16,7 @@ wait forever: after UNREAD_STALL seconds it raises Throttled, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from soafarm.transport.errors import REDIS_LOST
 CHECK_INTERVAL = 0.5
 #: Seconds a send blocked on unread responses waits while nothing reads them before raising.
 UNREAD_STALL = 10.0
+#: Seconds between checks that the session is still alive while a send waits: a session
+#: that failed (its queues lost in a RabbitMQ restart) or was closed will never catch up.
+SESSION_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -57,10 +61,13 @@ class Throttle:
         *,
         outage: Outage | None = None,
         unread: UnreadBound | None = None,
+        check_session: Callable[[], None] | None = None,
     ) -> None:
         """`broker` is the session's effective broker settings; `timeout` 0 waits forever;
         `outage` retries the Redis reads through a Redis restart; `unread` bounds an
-        interactive client's requests sent and not read back (None: not bounded)."""
+        interactive client's requests sent and not read back (None: not bounded);
+        `check_session` raises if the session failed or was closed, and is called every
+        SESSION_CHECK_INTERVAL while a send waits."""
         self.progress = progress
         self.start = broker.message_throttle_start_threshold
         self.stop = broker.message_throttle_stop_threshold
@@ -70,6 +77,8 @@ class Throttle:
         self.done_seen = 0
         self.others = 0
         self.checked_at = 0.0
+        self.check_session = check_session
+        self._session_checked = 0.0
         #: Called with the session's outstanding count while a send waits (and with 0 when it
         #: may go on), so a progress display can say why it stopped.
         self.on_wait: Callable[[int], None] = lambda outstanding: None
@@ -109,6 +118,7 @@ class Throttle:
                     f"{waited:.1f}s (throttle thresholds {self.start:,}/{self.stop:,}); "
                     "the service instances are not keeping up"
                 )
+            self._still_alive()
             time.sleep(pause)  # waiting for workers, whose progress is only visible in Redis
             pause = min(pause * 2, 0.2)
             outstanding = self.session_outstanding(own_sent)
@@ -146,9 +156,21 @@ class Throttle:
                     f"and not read back after {now - began:.1f}s "
                     f"(client.max_unread_responses = {bound.limit:,})"
                 )
+            self._still_alive()
             time.sleep(pause)  # the reader may be on another thread or in another process
             pause = min(pause * 2, 0.2)
         self.on_wait(0)
+
+    def _still_alive(self) -> None:
+        """Raise the session's error (SessionFailed, SessionClosed) if it has one; checked
+        at most every SESSION_CHECK_INTERVAL, and quietly skipped while Redis is away."""
+        now = time.monotonic()
+        if self.check_session is None or now - self._session_checked < SESSION_CHECK_INTERVAL:
+            return
+        self._session_checked = now
+        # the wait's own Redis reads ride out an outage (or give up) themselves
+        with contextlib.suppress(*REDIS_LOST):
+            self.check_session()
 
     def _read_anywhere(self, bound: UnreadBound) -> int:
         try:

@@ -10,7 +10,7 @@ import pytest
 import soafarm.client.throttle
 from soafarm.client.throttle import Throttle, UnreadBound
 from soafarm.config import BrokerSettings, Settings
-from soafarm.errors import ConnectionFailed, ConnectionLost, Throttled
+from soafarm.errors import ConnectionFailed, ConnectionLost, SessionFailed, Throttled
 from soafarm.transport.backoff import Outage
 from soafarm.transport.connections import lost_for_good
 
@@ -107,3 +107,37 @@ def test_a_send_nobody_reads_for_raises_instead_of_waiting_forever(
 def test_durable_clients_and_a_zero_bound_are_not_held_by_unread_responses() -> None:
     assert unread_throttle([0], limit=0).unread is None
     unread_throttle([0], limit=0).wait(1_000)  # returns at once: no bound on unread
+
+
+class Stuck(Counts):
+    """A session whose outstanding requests will never be answered."""
+
+    def session_counts(self) -> tuple[int, int]:
+        return 0, 10_000
+
+
+def test_a_throttled_send_hears_that_its_session_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(soafarm.client.throttle, "SESSION_CHECK_INTERVAL", 0.05)
+    failed = threading.Event()
+
+    def check() -> None:
+        if failed.is_set():
+            raise SessionFailed("session 1 failed: its request queue is gone")
+
+    throttle = Throttle(Stuck(), BrokerSettings(), 0.0, check_session=check)  # type: ignore[arg-type]
+    raised: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            throttle.wait(0)
+        except SessionFailed as e:
+            raised.append(e)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    sender.join(0.3)
+    assert sender.is_alive(), "a send went on while the session was throttled"
+    failed.set()
+    sender.join(5)
+    assert not sender.is_alive(), "a throttled send waited on after its session failed"
+    assert "request queue is gone" in str(raised[0])
