@@ -158,6 +158,11 @@ class WorkerHost:
     def stop(self) -> None:
         """Ask `run()` to stop every instance (draining) and return."""
         self.stopping.set()
+        # The wake is sent from a thread: this runs in a signal handler, which may interrupt
+        # the main thread inside redis-py (holding its pool's lock or a half-read reply).
+        threading.Thread(target=self._wake_to_stop, name="host-stop", daemon=True).start()
+
+    def _wake_to_stop(self) -> None:
         with contextlib.suppress(redis.RedisError):  # best effort: the BLPOP times out anyway
             self.host_store.wake(self.id, "stop")
 

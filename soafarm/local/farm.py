@@ -129,6 +129,8 @@ class LocalFarm:
         self.children: list[Child] = []
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        #: Set once stop() has stopped every child: only then may the supervisor thread end.
+        self._stopped = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._hosts: HostStore | None = None
 
@@ -214,6 +216,7 @@ class LocalFarm:
                 control.close()
         if self.supervise:
             self._stopping.clear()
+            self._stopped.clear()
             self._supervisor = threading.Thread(
                 target=self._supervise, name="farm-supervisor", daemon=True
             )
@@ -222,8 +225,11 @@ class LocalFarm:
 
     def _supervise(self) -> None:
         # Linux sends a child's parent-death signal when the *thread* that started it exits:
-        # this thread lives until stop() has stopped every child it restarted.
-        while not self._stopping.wait(SUPERVISE_INTERVAL):
+        # this thread lives until stop() has stopped every child it restarted, so they get
+        # one SIGTERM (stop_processes'), not a second one from the kernel mid-drain.
+        while not self._stopped.wait(SUPERVISE_INTERVAL):
+            if self._stopping.is_set():
+                continue  # stopping: restart nothing, but stay alive for the children
             try:
                 self.supervise_once(time.monotonic())
             except Exception as e:  # keep supervising whatever one round ran into
@@ -311,6 +317,7 @@ class LocalFarm:
         with self._lock:
             stop_processes(list(reversed(self.procs)), STOP_TIMEOUT)
             self.children.clear()
+        self._stopped.set()
         if self._supervisor is not None:
             self._supervisor.join()
             self._supervisor = None
