@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -115,3 +116,56 @@ def stop_processes(procs: Sequence[tuple[str, subprocess.Popen[bytes]]], timeout
             log.warning("process_killed", process=name, pid=proc.pid)
             proc.kill()
             proc.wait()
+
+
+#: What `farm_processes` reports: the `soafarm` subcommands that run as farm processes.
+FARM_ROLES = frozenset({"up", "broker", "worker", "autoscaler", "instance"})
+
+
+@dataclass(frozen=True)
+class FarmProcess:
+    """A live process of a farm: its pid, its parent's and its role (`FARM_ROLES`)."""
+
+    pid: int
+    ppid: int
+    role: str
+
+
+def _role(argv: list[str]) -> str | None:
+    """`python -m soafarm ROLE ...` -> ROLE; `python -m soafarm.workers.instance` -> instance."""
+    if "-m" not in argv:
+        return None
+    i = argv.index("-m")
+    module = argv[i + 1] if i + 1 < len(argv) else ""
+    if module == "soafarm.workers.instance":
+        return "instance"
+    if module == "soafarm" and i + 2 < len(argv):
+        return argv[i + 2]
+    return None
+
+
+def farm_processes(namespace: str) -> list[FarmProcess]:
+    """Every live farm process of `namespace` on this machine (Linux /proc), wherever its
+    parent is: found by the `SOAFARM_NAMESPACE` its environment was started with, so
+    orphans are found too (the chaos suite's orphan check, the soak's RSS samples)."""
+    want = f"SOAFARM_NAMESPACE={namespace}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"soafarm" not in argv:
+                continue
+            state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state in ("Z", "X"):
+                continue
+            if want not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        role = _role([a.decode(errors="replace") for a in argv.split(b"\0") if a])
+        if role in FARM_ROLES:
+            found.append(FarmProcess(pid, int(ppid), role))
+    return found
