@@ -27,7 +27,7 @@ import soafarm.client.session
 from soafarm import BrokerClient, DurableSession, Response, Session, SessionStartInfo
 from soafarm.cli import cli
 from soafarm.config import Settings, load_settings
-from soafarm.errors import BrokerUnavailable, SessionFailed, Throttled
+from soafarm.errors import BrokerUnavailable, SessionFailed
 from soafarm.local.farm import LocalFarm, delete_namespace
 from soafarm.names import Names
 from soafarm.state.sessions import SessionStore
@@ -36,7 +36,7 @@ from tests.conftest import PrivateServers, cli_env, private_servers_for
 from tests.integration.test_cli import assert_one_line_error
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 N = 3000
 ROOT = Path(__file__).resolve().parents[2]
@@ -324,51 +324,3 @@ def test_a_call_that_fails_on_redis_closes_its_session(
         assert "Redis" in line and "could not be closed" not in line
         assert sid not in store.open_ids()  # closed before the call exited
     store.close()
-
-
-def test_unread_interactive_responses_block_the_sender_until_read(
-    settings: Settings, farm: LocalFarm
-) -> None:
-    s = with_client(settings, max_unread_responses=500, request_batch_size=50)
-    with Session.create(SessionStartInfo("echo"), s) as session, BrokerClient(session) as client:
-        blocked = threading.Event()
-        client.on_throttled(lambda unread: blocked.set() if unread else None)
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                for i in range(5000):
-                    client.send_request("echo", i, user_data=i)
-                client.end_requests()
-            except BaseException as e:
-                errors.append(e)
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        assert blocked.wait(30), "the sender never blocked"
-        stuck_at = client.sent
-        assert 500 <= stuck_at <= 600, stuck_at  # the bound, plus one batch being sent
-        wait_until("RabbitMQ holds the answered part", lambda: client.status().done >= 500)
-        assert client.sent == stuck_at, "it went on sending with nothing read"
-        handler = Handler()
-        client.set_response_handler(handler, on_error=handler.errors.append)
-        sender.join(30)
-        assert errors == []
-        wait_until("every response", lambda: len(handler.ids) >= 5000 or handler.errors)
-        assert handler.errors == []
-        assert_each_once(handler.ids, 5000)
-
-
-def test_a_sender_nobody_reads_for_is_told_so_instead_of_hanging(
-    settings: Settings, farm: LocalFarm, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import soafarm.client.throttle
-
-    monkeypatch.setattr(soafarm.client.throttle, "UNREAD_STALL", 1.0)
-    s = with_client(settings, max_unread_responses=200, request_batch_size=50)
-    with Session.create(SessionStartInfo("echo"), s) as session, BrokerClient(session) as client:
-        with pytest.raises(Throttled, match=r"sent and not read back .* read responses while"):
-            for i in range(1000):
-                client.send_request("echo", i)
-        assert client.sent <= 300
-        client.close(discard=True)
