@@ -189,14 +189,7 @@ class QueueReader:
 
     def _redis(self, call: Callable[[], T]) -> T:
         """`call()` (Redis requests), retried through a Redis outage."""
-        while True:
-            try:
-                result = call()
-            except REDIS_LOST as e:
-                self.redis_outage.retry(e)
-                continue
-            self.redis_outage.recovered()
-            return result
+        return self.redis_outage.run(call, REDIS_LOST)
 
     def _check_lost(self, meta: ClientProgress) -> None:
         """After a dropped connection: responses the farm counts as answered that never

@@ -308,14 +308,7 @@ class StreamReader:
 
     def _redis(self, call: Callable[[], T]) -> T:
         """`call()` (one Redis request), retried through a Redis outage."""
-        while True:
-            try:
-                result = call()
-            except REDIS_LOST as e:
-                self.redis_outage.retry(e)
-                continue
-            self.redis_outage.recovered()
-            return result
+        return self.redis_outage.run(call, REDIS_LOST)
 
     def _resync(self, token: str) -> None:
         """Redis failed since the last commit and answers again: it may have missed the

@@ -23,7 +23,16 @@ from soafarm.errors import (
 from soafarm.names import Names
 from soafarm.plain import from_plain
 from soafarm.state.commondata import upload
-from soafarm.state.control import AddDataArgs, CloseArgs, CreateArgs, GetArgs, ListArgs, SessionInfo
+from soafarm.state.control import (
+    AddDataArgs,
+    CloseArgs,
+    ControlCall,
+    CreateArgs,
+    GetArgs,
+    ListArgs,
+    R,
+    SessionInfo,
+)
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.backoff import Backoff
@@ -331,6 +340,25 @@ def attach_session(session_id: int, settings: Settings | None = None) -> Session
 CLOSE_RETRY_SECONDS = 10.0
 
 
+def _request_retrying(settings: Settings, args: ControlCall[R], deadline: float) -> R:
+    """`args` sent on a fresh control connection, retried with back-off until the monotonic
+    `deadline` (RabbitMQ, Redis or the broker may be restarting); past it, the last error."""
+    backoff = Backoff(first=0.2, cap=2.0)
+    while True:
+        try:
+            control = ControlClient(settings)
+            try:
+                return control.request(args)
+            finally:
+                control.close()
+        except SessionClosed:
+            raise  # an answer, not an outage
+        except Exception:
+            if time.monotonic() + backoff.current > deadline:
+                raise
+        time.sleep(backoff.next())
+
+
 def close_best_effort(
     settings: Settings, session_id: int, limit: float = CLOSE_RETRY_SECONDS
 ) -> BaseException | None:
@@ -338,22 +366,13 @@ def close_best_effort(
     back-off for `limit` seconds: the client that created it failed, perhaps because RabbitMQ
     or Redis is restarting, and the broker needs both to close it. None once closed (or
     closed already), else the last error."""
-    deadline = time.monotonic() + limit
-    backoff = Backoff(first=0.2, cap=2.0)
-    while True:
-        try:
-            control = ControlClient(settings)
-            try:
-                control.request(CloseArgs(session_id, True))
-            finally:
-                control.close()
-            return None
-        except SessionClosed:
-            return None  # closed already: the goal is reached
-        except Exception as e:
-            if time.monotonic() + backoff.current > deadline:
-                return e
-        time.sleep(backoff.next())
+    try:
+        _request_retrying(settings, CloseArgs(session_id, True), time.monotonic() + limit)
+    except SessionClosed:
+        return None  # closed already: the goal is reached
+    except Exception as e:
+        return e
+    return None
 
 
 def close_owned(
@@ -362,20 +381,11 @@ def close_owned(
     """Close the sessions of `service` that `owner` (a ControlClient's) created, retrying for
     `limit` seconds while the broker cannot answer; best effort (logged if it fails)."""
     deadline = time.monotonic() + limit
-    backoff = Backoff(first=0.2, cap=2.0)
-    while True:
-        try:
-            control = ControlClient(settings)
-            try:
-                listed = control.request(ListArgs(service))
-            finally:
-                control.close()
-            break
-        except Exception as e:
-            if time.monotonic() + backoff.current > deadline:
-                log.warning("owned_sessions_not_closed", owner=owner, error=repr(e))
-                return
-        time.sleep(backoff.next())
+    try:
+        listed = _request_retrying(settings, ListArgs(service), deadline)
+    except Exception as e:
+        log.warning("owned_sessions_not_closed", owner=owner, error=repr(e))
+        return
     for item in listed.items:
         if item.record.owner == owner:
             left = max(deadline - time.monotonic(), 1.0)

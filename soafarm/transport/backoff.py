@@ -9,10 +9,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds before the first retry, and the most between two.
 FIRST = 0.5
@@ -88,6 +91,17 @@ class Outage:
         if waited >= self.limit:
             raise self.give_up(error, waited) from None
         self.sleep(min(self.backoff.next(), self.limit - waited))
+
+    def run(self, call: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:
+        """`call()`, tried again through an outage while it raises one of `errors`."""
+        while True:
+            try:
+                result = call()
+            except errors as e:
+                self.retry(e)
+                continue
+            self.recovered()
+            return result
 
     def recovered(self) -> bool:
         """An attempt succeeded: end the outage; True if there was one."""
