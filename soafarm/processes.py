@@ -9,15 +9,19 @@ runs no code of its own, still leaves no orphan: each child gets SIGTERM and dra
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -26,8 +30,154 @@ log = structlog.get_logger(__name__)
 #: Set by a supervisor to its own pid in the environment of each child it starts. Not a
 #: `SOAFARM_*` name: those are settings, and an unknown one is rejected.
 PARENT_ENV = "_SOAFARM_PARENT_PID"
-#: prctl(2) option: the signal this process gets when its parent thread exits.
+#: prctl(2) options: the signal this process gets when its parent thread exits; adopt
+#: orphaned descendants (instead of init); name the calling thread (`/proc/PID/comm`).
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int | bytes) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        log.warning("prctl_failed", option=option, errno=ctypes.get_errno())
+        return False
+    return True
+
+
+def become_subreaper() -> bool:
+    """Adopt this process's orphaned descendants (Linux `PR_SET_CHILD_SUBREAPER`), so a
+    grandchild whose parent exits becomes this process's child; False where unsupported.
+
+    A worker host does this so that instances forked by its fork servers are its own
+    children: it waits for them and reads their exit codes as for ones it started itself.
+    """
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def name_process(name: str) -> None:
+    """Set this process's name as `ps`, `top` and `/proc/PID/comm` show it (15 bytes at
+    most): forked processes share their fork server's command line, not its role."""
+    _prctl(_PR_SET_NAME, name.encode()[:15])
+
+
+def process_name(pid: int) -> str:
+    """The name `name_process` set for `pid` (its command name otherwise; "" if gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def children() -> set[int]:
+    """This process's live and zombie children (Linux /proc; empty elsewhere)."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{os.getpid()}/task"):
+            with contextlib.suppress(OSError):
+                found.update(int(p) for p in Path(task.path, "children").read_text().split())
+    return found
+
+
+def reap_strays(known: set[int]) -> list[int]:
+    """Collect the exit status of children not in `known` that have exited (a subreaper
+    adopts orphans it never started: a dead instance's own subprocesses), so they do not
+    linger as zombies; the pids reaped."""
+    reaped = []
+    for pid in children() - known:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                reaped.append(pid)
+    return reaped
+
+
+class ChildProcess(Protocol):
+    """What a supervisor needs of a child: `subprocess.Popen`'s waiting and signalling."""
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        ...
+
+    def poll(self) -> int | None:
+        """Its exit code (negative: the signal that ended it) or None while it runs."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for it to exit (`subprocess.TimeoutExpired` after `timeout` seconds)."""
+        ...
+
+    def send_signal(self, sig: int) -> None:
+        """Send it `sig` unless it has been reaped."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL it."""
+        ...
+
+
+class AdoptedProcess:
+    """A child this process did not start but adopted (see `become_subreaper`), with
+    `subprocess.Popen`'s poll/wait/send_signal/kill; waits on a pidfd, not a poll loop."""
+
+    def __init__(self, pid: int) -> None:
+        """Wrap `pid`, which must already be this process's child."""
+        self._pid = pid
+        self.returncode: int | None = None
+        # one thread reaps: a second waitpid would find no child and lose the exit code
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._pid
+
+    def _reap(self, blocking: bool) -> int | None:
+        if self.returncode is not None or not self._lock.acquire(blocking=blocking):
+            return self.returncode
+        try:
+            if self.returncode is None:
+                done, status = os.waitpid(self._pid, 0 if blocking else os.WNOHANG)
+                if done:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # not our child (any more): nobody can tell its code
+            self.returncode = -signal.SIGKILL
+        finally:
+            self._lock.release()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        """Its exit code, or None while it runs (reaps it once it has exited)."""
+        return self._reap(blocking=False)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until it exits (raise `subprocess.TimeoutExpired` after `timeout`)."""
+        if (code := self.poll()) is not None:
+            return code
+        try:
+            fd = os.pidfd_open(self._pid)
+        except ProcessLookupError:  # reaped meanwhile by another thread's poll
+            return self._reap(blocking=True) or 0
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+        if not ready:
+            raise subprocess.TimeoutExpired(f"pid {self._pid}", timeout or 0.0)
+        code = self._reap(blocking=True)
+        return -signal.SIGKILL if code is None else code
+
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` unless it has been reaped (its pid may belong to someone else now)."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL it."""
+        self.send_signal(signal.SIGKILL)
 
 
 def with_parent(env: Mapping[str, str]) -> dict[str, str]:
@@ -40,13 +190,16 @@ def with_parent(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _set_parent_death_signal(signum: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        log.warning("parent_death_signal_failed", errno=ctypes.get_errno())
-        return False
-    return True
+    return _prctl(_PR_SET_PDEATHSIG, signum)
+
+
+def follow_pid(parent: int, signum: int = signal.SIGTERM) -> None:
+    """Like `follow_parent`, for a process whose parent is `parent` by adoption (forked
+    instances): `signum` when it dies, at once if it already has."""
+    _set_parent_death_signal(signum)
+    if os.getppid() != parent:
+        log.warning("parent_gone_at_start", parent=parent)
+        os.kill(os.getpid(), signum)
 
 
 def follow_parent(signum: int = signal.SIGTERM) -> int | None:
@@ -62,10 +215,8 @@ def follow_parent(signum: int = signal.SIGTERM) -> int | None:
     if not raw.isdigit():
         return None
     parent = int(raw)
-    _set_parent_death_signal(signum)
-    if os.getppid() != parent:  # it died between our fork and the prctl: nobody will tell us
-        log.warning("parent_gone_at_start", parent=parent)
-        os.kill(os.getpid(), signum)
+    # if it died between our fork and the prctl, nobody will tell us: follow_pid checks
+    follow_pid(parent, signum)
     return parent
 
 
@@ -119,7 +270,7 @@ def stop_processes(procs: Sequence[tuple[str, subprocess.Popen[bytes]]], timeout
 
 
 #: What `farm_processes` reports: the `soafarm` subcommands that run as farm processes.
-FARM_ROLES = frozenset({"up", "broker", "worker", "autoscaler", "instance"})
+FARM_ROLES = frozenset({"up", "broker", "worker", "autoscaler", "instance", "warm"})
 
 
 @dataclass(frozen=True)
@@ -131,14 +282,22 @@ class FarmProcess:
     role: str
 
 
-def _role(argv: list[str]) -> str | None:
-    """`python -m soafarm ROLE ...` -> ROLE; `python -m soafarm.workers.instance` -> instance."""
+#: `name_process` names of processes forked by a fork server (which share its command line).
+INSTANCE_PROCESS_NAME = "sf-instance"
+WARM_PROCESS_NAME = "sf-warm"
+
+
+def _role(argv: list[str], pid: int) -> str | None:
+    """`python -m soafarm ROLE ...` -> ROLE; `python -m soafarm.workers.instance` -> instance;
+    a fork server (`soafarm.workers.warm`) -> warm, or instance for what it forked."""
     if "-m" not in argv:
         return None
     i = argv.index("-m")
     module = argv[i + 1] if i + 1 < len(argv) else ""
     if module == "soafarm.workers.instance":
         return "instance"
+    if module == "soafarm.workers.warm":
+        return "instance" if process_name(pid) == INSTANCE_PROCESS_NAME else "warm"
     if module == "soafarm" and i + 2 < len(argv):
         return argv[i + 2]
     return None
@@ -165,7 +324,7 @@ def farm_processes(namespace: str) -> list[FarmProcess]:
                 continue
         except OSError:  # gone meanwhile, or not ours
             continue
-        role = _role([a.decode(errors="replace") for a in argv.split(b"\0") if a])
+        role = _role([a.decode(errors="replace") for a in argv.split(b"\0") if a], pid)
         if role in FARM_ROLES:
             found.append(FarmProcess(pid, int(ppid), role))
     return found

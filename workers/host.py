@@ -25,7 +25,7 @@ import structlog
 
 from soafarm.config import Settings, child_environment
 from soafarm.names import Names
-from soafarm.processes import Restart, RestartPolicy, with_parent
+from soafarm.processes import ChildProcess, Restart, RestartPolicy, reap_strays, with_parent
 from soafarm.resources import HostSize, capacity
 from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
@@ -39,6 +39,7 @@ from soafarm.workers.instance import (
     EXIT_TIMED_OUT,
     InstanceSpec,
 )
+from soafarm.workers.warm import WarmPool
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +76,7 @@ def instance_restart(code: int, ran_for: float, failures: int) -> Restart:
 class SessionProcs:
     """Instance processes of one session on this host, and its restart back-off."""
 
-    running: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    running: list[tuple[str, ChildProcess]] = field(default_factory=list)
     started: dict[str, float] = field(default_factory=dict)
     failures: int = 0
     next_start: float = 0.0
@@ -150,10 +151,11 @@ class WorkerHost:
         self.session_store = SessionStore(state, self.names)
         self.instance_store = InstanceStore(state, self.names)
         self.sessions: dict[int, SessionProcs] = {}
-        self.stopping_procs: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+        self.stopping_procs: list[tuple[str, int, ChildProcess]] = []
         self.stopping = threading.Event()
         # instances get SIGTERM from Linux when this host dies, even by SIGKILL
         self.env = with_parent(child_environment(settings))
+        self.warm = WarmPool(self.env, settings.worker.warm_instances)
 
     def stop(self) -> None:
         """Ask `run()` to stop every instance (draining) and return."""
@@ -209,6 +211,7 @@ class WorkerHost:
     def run(self) -> None:
         """Heartbeat and reconcile until stopped; then drain and deregister."""
         self.started = time.time()
+        warm = self.warm.open()
         self._heartbeat()
         log.info(
             "host_started",
@@ -216,6 +219,7 @@ class WorkerHost:
             cores=self.cores,
             sockets=self.size.sockets,
             pool=self.settings.worker.pool,
+            warm_instances=self.settings.worker.warm_instances if warm else 0,
         )
         try:
             while not self.stopping.is_set():
@@ -262,27 +266,35 @@ class WorkerHost:
         for sid in plan.drop:
             self.sessions.pop(sid, None)
 
-    def _capacity(self, sid: int) -> int:
-        record = self.session_store.get(sid)
-        if record is None:  # closed meanwhile: the instance finds out and exits at once
-            return 1
-        return capacity(record.resource_unit, self.size, record.max_concurrent_calls)
-
-    def _start(self, sid: int, procs: SessionProcs) -> tuple[str, subprocess.Popen[bytes]]:
+    def _start(self, sid: int, procs: SessionProcs) -> tuple[str, ChildProcess]:
+        """Start an instance of session `sid`: forked warm if a fork server can, else as a
+        new interpreter."""
         iid = f"{self.id}.{sid}.{procs.counter}"
         procs.counter += 1
-        spec = InstanceSpec(sid, iid, self.id, self.hostname, self._capacity(sid))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "soafarm.workers.instance", spec.to_json()], env=self.env
+        record = self.session_store.get(sid)
+        # closed meanwhile: the instance finds out and exits at once
+        units = (
+            1
+            if record is None
+            else capacity(record.resource_unit, self.size, record.max_concurrent_calls)
         )
+        spec = InstanceSpec(sid, iid, self.id, self.hostname, units)
+        proc: ChildProcess | None = None
+        if record is not None:
+            proc = self.warm.start(spec, (record.service, record.version))
+        warm = proc is not None
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "soafarm.workers.instance", spec.to_json()], env=self.env
+            )
         procs.started[iid] = time.monotonic()
-        log.info("instance_starting", instance=iid, pid=proc.pid)
+        log.info("instance_starting", instance=iid, pid=proc.pid, warm=warm)
         threading.Thread(
             target=self._wake_on_exit, args=(proc,), name=f"wait-{iid}", daemon=True
         ).start()
         return iid, proc
 
-    def _wake_on_exit(self, proc: subprocess.Popen[bytes]) -> None:
+    def _wake_on_exit(self, proc: ChildProcess) -> None:
         """Wake the main loop when `proc` exits, so a killed instance is replaced at once
         rather than at the next heartbeat."""
         proc.wait()
@@ -291,6 +303,11 @@ class WorkerHost:
                 self.host_store.wake(self.id, "exited")
 
     def _reap(self) -> None:
+        self.warm.tend()
+        known = self.warm.pids()
+        known.update(p.pid for s in self.sessions.values() for _, p in s.running)
+        known.update(p.pid for _, _, p in self.stopping_procs)
+        reap_strays(known)
         now = time.monotonic()
         for sid, procs in self.sessions.items():
             for iid, proc in list(procs.running):
@@ -330,6 +347,7 @@ class WorkerHost:
         self.draining = True
         with contextlib.suppress(redis.RedisError):
             self._heartbeat()
+        self.warm.close()  # they hold no work
         procs = [p for s in self.sessions.values() for _, p in s.running]
         procs += [p for _, _, p in self.stopping_procs]
         for p in procs:

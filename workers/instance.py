@@ -121,7 +121,7 @@ class ServiceInstance:
         self.draining.set()
         self.stopping.set()
 
-    def _load(self, record: SessionRecord) -> CallRunner:
+    def _load(self, record: SessionRecord, r: redis.Redis) -> CallRunner:
         registration = Registry(self.settings.service_registration_path).resolve(
             record.service, record.version
         )
@@ -135,7 +135,7 @@ class ServiceInstance:
         watchdog.daemon = True
         watchdog.start()
         try:
-            return self._construct(record, registration)
+            return self._construct(record, registration, r)
         finally:
             watchdog.cancel()
 
@@ -147,7 +147,9 @@ class ServiceInstance:
             sessions.record_load_error(session_id, self.spec.host_id, why)
         os._exit(EXIT_LOAD_FAILED)
 
-    def _construct(self, record: SessionRecord, registration: Registration) -> CallRunner:
+    def _construct(
+        self, record: SessionRecord, registration: Registration, r: redis.Redis
+    ) -> CallRunner:
         cls = load_service_class(registration)
         context = ServiceContext(
             session_id=record.id,
@@ -157,7 +159,7 @@ class ServiceInstance:
             service_version=registration.version,
             environment=dict(registration.environment),
             data_loader=CommonDataReader(
-                redis_client(self.settings),
+                r,
                 self.names,
                 record.id,
                 self.settings.max_common_data_bytes,
@@ -181,7 +183,7 @@ class ServiceInstance:
         if record is None:
             raise SessionNotFound(f"session {self.spec.session_id} no longer exists")
         try:
-            runner = self._load(record)
+            runner = self._load(record, r)
         except Exception as e:
             # recorded so the client's timeout and `soafarm sessions show` can say why
             why = str(e) if isinstance(e, SoafarmError) else f"{type(e).__name__}: {e}"
@@ -200,7 +202,7 @@ class ServiceInstance:
         )
         log.info("instance_started", instance=self.spec.instance_id, service=record.service)
         threading.Thread(
-            target=self._watch, args=(record.id,), name="watchdog", daemon=True
+            target=self._watch, args=(record.id, r), name="watchdog", daemon=True
         ).start()
         try:
             self._serve(record, runner, marker)
@@ -284,10 +286,10 @@ class ServiceInstance:
         for loop in self.loops:
             loop.keep_alive()
 
-    def _watch(self, session_id: int) -> None:
+    def _watch(self, session_id: int, r: redis.Redis) -> None:
         """Each second: report busy time for the host's utilisation figure, and end the
         process if a publish waits for its confirm past PUBLISH_STALL_LIMIT."""
-        hosts = HostStore(redis_client(self.settings), self.names)
+        hosts = HostStore(r, self.names)
         while not self.stopping.wait(1.0):
             loops = self.loops
             load = InstanceLoad(
@@ -320,12 +322,18 @@ class ServiceInstance:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of an instance process: exit code 4 means the service failed to load,
-    5 that a call exceeded service_operation_timeout, 6 that it was recycled for memory."""
+    """Entry point of an instance process started as a new interpreter (the host's cold
+    start; warm ones are forked by `soafarm.workers.warm`): see `serve` for exit codes."""
     follow_parent()  # SIGTERM (drain) when the host dies, even by SIGKILL
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    spec = InstanceSpec.from_json(argv[0])
+    return serve(settings, InstanceSpec.from_json(argv[0]))
+
+
+def serve(settings: Settings, spec: InstanceSpec) -> int:
+    """Serve `spec`'s session until stopped and return the exit code: 4 means the service
+    failed to load, 5 that a call exceeded service_operation_timeout, 6 that it was recycled
+    for memory."""
     instance = ServiceInstance(settings, spec)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

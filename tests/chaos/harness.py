@@ -799,10 +799,19 @@ def whole(run: DurableRun) -> bool:
     draining, no instance of a dead host)."""
     run.farm.check()
     procs = run.farm.processes()
-    if any(Counter(p.role for p in procs)[role] < n for role, n in run.full.items()):
+    # fork servers are not counted: a restarted host keeps one per service only once an
+    # instance of it has started warm, which the batch may not need again
+    counts = Counter(p.role for p in procs)
+    if any(counts[role] < n for role, n in run.full.items() if role != "warm"):
         return False
     by_pid = {p.pid: p for p in procs}
-    parent_role = {"instance": "worker", "worker": "up", "broker": "up", "autoscaler": "up"}
+    parent_role = {
+        "instance": "worker",
+        "warm": "worker",
+        "worker": "up",
+        "broker": "up",
+        "autoscaler": "up",
+    }
     return all(
         p.role == "up" or getattr(by_pid.get(p.ppid), "role", None) == parent_role[p.role]
         for p in procs

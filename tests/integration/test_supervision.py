@@ -21,6 +21,7 @@ from soafarm.client.control import ControlClient
 from soafarm.config import Settings, with_section
 from soafarm.errors import BrokerUnavailable
 from soafarm.local.farm import LocalFarm
+from soafarm.processes import farm_processes
 from soafarm.state.control import HostsArgs, PingArgs
 from tests.conftest import cli_env
 from tests.waiting import wait_until
@@ -58,6 +59,12 @@ def descendants(pid: int) -> set[int]:
         frontier = {p for p, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def instances_of(host: int, settings: Settings) -> set[int]:
+    """The live instance processes a worker host runs (not its fork servers)."""
+    procs = farm_processes(settings.namespace)
+    return {p.pid for p in procs if p.role == "instance" and p.ppid == host}
 
 
 def cmdline(pid: int) -> str:
@@ -201,8 +208,8 @@ def test_soafarm_up_restarts_its_broker_refuses_a_second_farm_and_leaves_no_orph
 
         # SIGKILL soafarm up itself: broker, host and instance follow it
         everything = descendants(up.pid)
-        kinds = {cmdline(p).split(" -m ")[-1].split()[0] for p in everything}
-        assert {"soafarm", "soafarm.workers.instance"} <= kinds, kinds
+        kinds = {p.role for p in farm_processes(settings.namespace) if p.pid in everything}
+        assert {"broker", "worker", "instance"} <= kinds, kinds
         assert len(everything) >= 3, [cmdline(p) for p in everything]
         up.kill()
         up.wait()
@@ -226,7 +233,7 @@ def test_a_killed_instance_is_replaced_within_a_second(settings: Settings, farm:
         session.wait_for_instances(2)
         gaps = []
         for _ in range(3):  # killed again and again: no back-off builds up
-            before = descendants(host)
+            before = instances_of(host, settings)
             assert len(before) == 2, [cmdline(p) for p in before]
             victim = min(before)
             killed = time.monotonic()
@@ -235,7 +242,7 @@ def test_a_killed_instance_is_replaced_within_a_second(settings: Settings, farm:
             # interpreter's and the service's start-up, which a loaded machine stretches)
             wait_until(
                 "the replacement instance process",
-                lambda b=before: descendants(host) - b,
+                lambda b=before: instances_of(host, settings) - b,
                 timeout=10,
             )
             gaps.append(time.monotonic() - killed)
