@@ -270,7 +270,7 @@ def stop_processes(procs: Sequence[tuple[str, subprocess.Popen[bytes]]], timeout
 
 
 #: What `farm_processes` reports: the `soafarm` subcommands that run as farm processes.
-FARM_ROLES = frozenset({"up", "broker", "worker", "autoscaler", "instance", "warm"})
+FARM_ROLES = frozenset({"up", "broker", "worker", "autoscaler", "instance", "warm", "spare"})
 
 
 @dataclass(frozen=True)
@@ -285,11 +285,14 @@ class FarmProcess:
 #: `name_process` names of processes forked by a fork server (which share its command line).
 INSTANCE_PROCESS_NAME = "sf-instance"
 WARM_PROCESS_NAME = "sf-warm"
+#: a process a fork server forked ahead of need, waiting to become an instance
+SPARE_PROCESS_NAME = "sf-spare"
+_FORKED_ROLES = {INSTANCE_PROCESS_NAME: "instance", SPARE_PROCESS_NAME: "spare"}
 
 
 def _role(argv: list[str], pid: int) -> str | None:
     """`python -m soafarm ROLE ...` -> ROLE; `python -m soafarm.workers.instance` -> instance;
-    a fork server (`soafarm.workers.warm`) -> warm, or instance for what it forked."""
+    a fork server (`soafarm.workers.warm`) -> warm, or instance / spare for what it forked."""
     if "-m" not in argv:
         return None
     i = argv.index("-m")
@@ -297,7 +300,7 @@ def _role(argv: list[str], pid: int) -> str | None:
     if module == "soafarm.workers.instance":
         return "instance"
     if module == "soafarm.workers.warm":
-        return "instance" if process_name(pid) == INSTANCE_PROCESS_NAME else "warm"
+        return _FORKED_ROLES.get(process_name(pid), "warm")
     if module == "soafarm" and i + 2 < len(argv):
         return argv[i + 2]
     return None

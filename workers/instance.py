@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from types import FrameType
 
+import pika
 import redis
 import structlog
 
@@ -77,6 +78,21 @@ def resident_mb() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
+@dataclass
+class Prepared:
+    """Connections a spare process opened while it waited to become an instance (see
+    `soafarm.workers.warm`), so an instance's start does not wait for them; each is used
+    once, by the first to ask."""
+
+    redis: redis.Redis | None = None
+    amqp: pika.BlockingConnection | None = None
+
+    def take_amqp(self) -> pika.BlockingConnection | None:
+        """The AMQP connection if it is still open (only once)."""
+        connection, self.amqp = self.amqp, None
+        return connection if connection is not None and connection.is_open else None
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
     """What the worker host tells an instance process to serve."""
@@ -103,10 +119,13 @@ class ServiceInstance:
     """Loads the session's service once, then consumes its request queue until told to stop,
     reconnecting (with the service kept loaded) when the connection to RabbitMQ drops."""
 
-    def __init__(self, settings: Settings, spec: InstanceSpec) -> None:
-        """Nothing connects until `run()`."""
+    def __init__(
+        self, settings: Settings, spec: InstanceSpec, prepared: Prepared | None = None
+    ) -> None:
+        """Nothing connects until `run()` (which uses `prepared`'s connections first)."""
         self.settings = settings
         self.spec = spec
+        self.prepared = prepared or Prepared()
         self.names = Names(settings.namespace)
         self.stopping = threading.Event()
         self.parent = os.getppid()
@@ -176,7 +195,7 @@ class ServiceInstance:
 
     def run(self) -> None:
         """Serve until stopped or the session's queue disappears."""
-        r = redis_client(self.settings)
+        r = self.prepared.redis or redis_client(self.settings)
         sessions = SessionStore(r, self.names)
         instances = InstanceStore(r, self.names)
         record = sessions.get(self.spec.session_id)
@@ -225,9 +244,7 @@ class ServiceInstance:
                 max_bytes=self.settings.max_message_bytes,
                 watch=CallWatch(),
                 connect=partial(
-                    pika_connection,
-                    self.settings,
-                    f"soafarm-instance {self.spec.instance_id} calls {i}",
+                    self._connect, f"soafarm-instance {self.spec.instance_id} calls {i}"
                 ),
             )
             for i in range(self.spec.capacity)
@@ -262,6 +279,10 @@ class ServiceInstance:
                         if time.monotonic() - orphaned > DRAIN_GRACE_SECONDS:
                             log.error("host_gone_drain_abandoned", instance=self.spec.instance_id)
                             os._exit(1)
+
+    def _connect(self, name: str) -> pika.BlockingConnection:
+        """A call loop's connection: the prepared one for the first loop to ask, else new."""
+        return self.prepared.take_amqp() or pika_connection(self.settings, name)
 
     def _check_memory(self) -> None:
         """Past `worker.instance_max_memory`, drain (the running calls finish and are
@@ -330,11 +351,11 @@ def main(argv: list[str]) -> int:
     return serve(settings, InstanceSpec.from_json(argv[0]))
 
 
-def serve(settings: Settings, spec: InstanceSpec) -> int:
+def serve(settings: Settings, spec: InstanceSpec, prepared: Prepared | None = None) -> int:
     """Serve `spec`'s session until stopped and return the exit code: 4 means the service
     failed to load, 5 that a call exceeded service_operation_timeout, 6 that it was recycled
     for memory."""
-    instance = ServiceInstance(settings, spec)
+    instance = ServiceInstance(settings, spec, prepared)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         instance.stop()

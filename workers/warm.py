@@ -53,9 +53,11 @@ from typing import Any, NoReturn
 import structlog
 
 from soafarm.config import Settings, load_settings
+from soafarm.errors import SoafarmError
 from soafarm.logs import configure_logging
 from soafarm.processes import (
     INSTANCE_PROCESS_NAME,
+    SPARE_PROCESS_NAME,
     WARM_PROCESS_NAME,
     AdoptedProcess,
     ChildProcess,
@@ -67,8 +69,9 @@ from soafarm.processes import (
 )
 from soafarm.registration import Registry
 from soafarm.registration.registry import load_service_class
+from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.workers import instance as instance_module
-from soafarm.workers.instance import InstanceSpec
+from soafarm.workers.instance import InstanceSpec, Prepared
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +80,9 @@ MAX_MESSAGE = 65536
 #: Seconds the host waits for a fork server to answer a fork; past it the server is killed
 #: and the instance starts as a new interpreter.
 REPLY_TIMEOUT = 5.0
+#: Seconds between a waiting spare's turns of its AMQP connection (RabbitMQ drops a
+#: connection that misses two heartbeats, 60 s apart by default).
+SPARE_KEEPALIVE = 10.0
 #: Seconds before a service whose import could not be kept warm is tried again.
 REFUSED_RETRY = 60.0
 #: Back-off for restarting the generic server when it keeps dying.
@@ -137,17 +143,33 @@ def _reseed() -> None:
 
 
 @dataclass
+class Spare:
+    """A process forked ahead of need, adopted by the host, waiting for a spec."""
+
+    pid: int
+    #: the write end of its pipe: the spec goes here, then it is closed
+    pipe: int
+
+
+@dataclass
 class ForkServer:
-    """Answers a host's fork requests on `channel` until it closes."""
+    """Answers a host's fork requests on `channel` until it closes.
+
+    It keeps one spare forked ahead (adopted by the host, waiting on a pipe), so a request
+    costs a pipe write, not two forks; the next spare is forked after the answer, off the
+    instance's path.
+    """
 
     settings: Settings
     channel: socket.socket
     host: int
     #: file -> its mtime when imported: a change makes this server stale
     watched: dict[str, int] = field(default_factory=dict)
+    spare: Spare | None = None
 
     def serve(self) -> int:
         """Answer until the host closes the channel (or this server goes stale)."""
+        self._make_spare()
         while True:
             try:
                 message, fds = _receive(self.channel)
@@ -160,9 +182,12 @@ class ForkServer:
                 if self._stale():
                     _send(self.channel, {"stale": True})
                     return 0
-                spec = InstanceSpec(**message["spec"])
-                pid = self._fork(partial(self._run_instance, spec))
+                pid = self._hand_to_spare(message["spec"])
+                if pid is None:
+                    pid = self._fork(partial(self._run_instance, InstanceSpec(**message["spec"])))
                 _send(self.channel, {"pid": pid})
+                if self.spare is None:
+                    self._make_spare()
             elif op == "service" and fds:
                 service, version = message["service"], message.get("version")
                 pid = self._fork(partial(self._run_service_server, fds[0], service, version))
@@ -174,9 +199,10 @@ class ForkServer:
     def _stale(self) -> bool:
         for path, mtime in self.watched.items():
             try:
-                if os.stat(path).st_mtime_ns != mtime:
-                    return True
+                now = os.stat(path).st_mtime_ns
             except OSError:
+                now = -1
+            if now != mtime:
                 return True
         return False
 
@@ -192,6 +218,8 @@ class ForkServer:
                 if pid == 0:
                     os.close(write)
                     self.channel.close()
+                    if self.spare is not None:  # its pipe must close when this server's does
+                        os.close(self.spare.pipe)
                     _await_adoption(self.host)
                     child()
                 os.write(write, pid.to_bytes(4, "little"))
@@ -203,12 +231,54 @@ class ForkServer:
         os.waitpid(middle, 0)  # once reaped, the grandchild is the host's
         return int.from_bytes(raw, "little") if len(raw) == 4 else None
 
-    def _run_instance(self, spec: InstanceSpec) -> NoReturn:
+    def _make_spare(self) -> None:
+        read, write = os.pipe()
+        pid = self._fork(partial(self._wait_as_spare, read, write))
+        os.close(read)
+        if pid is None:
+            os.close(write)
+        else:
+            self.spare = Spare(pid, write)
+
+    def _hand_to_spare(self, spec: dict[str, Any]) -> int | None:
+        """Give `spec` to the spare; its pid, or None if there is none (or it died)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        try:
+            os.write(spare.pipe, json.dumps(spec).encode())  # < PIPE_BUF: one write
+        except OSError:  # killed meanwhile (the host reaps it as a stray)
+            return None
+        finally:
+            os.close(spare.pipe)
+        return spare.pid
+
+    def _wait_as_spare(self, read: int, write: int) -> NoReturn:
+        os.close(write)
+        name_process(SPARE_PROCESS_NAME)
+        prepared = _prepare(self.settings)
+        chunks = []
+        with contextlib.suppress(OSError):
+            while True:
+                ready, _, _ = select.select([read], [], [], SPARE_KEEPALIVE)
+                if not ready:  # idle: let RabbitMQ see its heartbeats
+                    _keep_alive(prepared)
+                    continue
+                if not (chunk := os.read(read, MAX_MESSAGE)):
+                    break
+                chunks.append(chunk)
+        os.close(read)
+        if not chunks:  # its server closed the pipe unused: leave
+            _flush()
+            os._exit(0)
+        self._run_instance(InstanceSpec(**json.loads(b"".join(chunks))), prepared)
+
+    def _run_instance(self, spec: InstanceSpec, prepared: Prepared | None = None) -> NoReturn:
         code = 1
         try:
             name_process(INSTANCE_PROCESS_NAME)
             _reseed()
-            code = instance_module.serve(self.settings, spec)
+            code = instance_module.serve(self.settings, spec, prepared)
         except BaseException as e:  # never return into the server's loop
             log.exception("instance_failed", instance=spec.instance_id, error=repr(e))
         finally:
@@ -233,6 +303,25 @@ class ForkServer:
             os._exit(code)
 
 
+def _prepare(settings: Settings) -> Prepared:
+    """A spare's connections, opened while it waits (none if a server is down: the
+    instance connects, and reports, by itself)."""
+    prepared = Prepared()
+    with contextlib.suppress(SoafarmError):
+        prepared.redis = redis_client(settings)
+        prepared.amqp = pika_connection(settings, f"soafarm-spare {os.getpid()}")
+    return prepared
+
+
+def _keep_alive(prepared: Prepared) -> None:
+    if prepared.amqp is None:
+        return
+    try:
+        prepared.amqp.process_data_events(0)
+    except Exception:  # lost: the instance will open a new one
+        prepared.amqp = None
+
+
 def _import_service(
     settings: Settings, service: str, version: str | None, channel: socket.socket
 ) -> dict[str, int] | None:
@@ -248,12 +337,17 @@ def _import_service(
     if threading.active_count() > 1:
         _send(channel, {"error": "importing it starts threads, which a fork would not copy"})
         return None
-    watched = {str(registration.path): 0}
+    # the folders too: a registration file added there (a new version) may resolve instead
+    watched = dict.fromkeys(map(str, settings.service_registration_path), 0)
+    watched[str(registration.path)] = 0
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     if module_file:
         watched[module_file] = 0
-    for path in watched:
-        watched[path] = os.stat(path).st_mtime_ns
+    for path in list(watched):
+        try:
+            watched[path] = os.stat(path).st_mtime_ns
+        except OSError:  # a folder on the path that does not exist: fine while it does not
+            watched[path] = -1
     return watched
 
 

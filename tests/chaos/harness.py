@@ -802,12 +802,13 @@ def whole(run: DurableRun) -> bool:
     # fork servers are not counted: a restarted host keeps one per service only once an
     # instance of it has started warm, which the batch may not need again
     counts = Counter(p.role for p in procs)
-    if any(counts[role] < n for role, n in run.full.items() if role != "warm"):
+    if any(counts[role] < n for role, n in run.full.items() if role not in {"warm", "spare"}):
         return False
     by_pid = {p.pid: p for p in procs}
     parent_role = {
         "instance": "worker",
         "warm": "worker",
+        "spare": "worker",
         "worker": "up",
         "broker": "up",
         "autoscaler": "up",

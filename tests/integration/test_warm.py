@@ -38,12 +38,15 @@ class Probe:
     def probe(self, _value=None):
         with open("/proc/self/comm") as comm:
             name = comm.read().strip()
+        with open("/proc/self/cmdline", "rb") as cmdline:
+            argv = cmdline.read().decode().split("\\0")
         return {
             "session": self.context.session_id,
             "constructed": list(CONSTRUCTED),
             "pid": os.getpid(),
             "ppid": os.getppid(),
             "name": name,
+            "argv": argv,
             "random": random.random(),
             "flag": os.environ.get("PROBE_FLAG"),
             "version": VERSION,
@@ -143,8 +146,7 @@ def test_zero_warm_instances_starts_every_instance_afresh(settings: Settings, fo
         for _ in range(2):
             result = probe(settings, "probe")
             assert result["name"] != "sf-instance"
-            cmdline = Path(f"/proc/{result['pid']}/cmdline").read_bytes()
-            assert b"soafarm.workers.instance" in cmdline
+            assert "soafarm.workers.instance" in result["argv"]
         assert warm_servers(settings.namespace) == 0
 
 
