@@ -29,7 +29,7 @@ from soafarm.processes import ChildProcess, Restart, RestartPolicy, reap_strays,
 from soafarm.resources import HostSize, capacity
 from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
-from soafarm.state.records import HostRecord
+from soafarm.state.records import HostRecord, SessionRecord, SessionState
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import redis_client
 from soafarm.workers.instance import (
@@ -82,6 +82,8 @@ class SessionProcs:
     next_start: float = 0.0
     counter: int = 0
     load_failed: bool = False
+    #: its session is closed (or gone): start nothing more until the broker drops it
+    ended: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ def plan_reconcile(
         running = len(procs.running)
         if running > want:
             stop[sid] = running - want
-        elif running < want and now >= procs.next_start and not procs.load_failed:
+        elif (
+            running < want and now >= procs.next_start and not procs.load_failed and not procs.ended
+        ):
             start[sid] = want - running
         if want == 0:
             drop.add(sid)
@@ -261,27 +265,25 @@ class WorkerHost:
                 self.stopping_procs.append((iid, sid, proc))
         for sid, count in plan.start.items():
             procs = self.sessions.setdefault(sid, SessionProcs())
+            record = self.session_store.get(sid)
+            if record is None or record.state not in (SessionState.QUEUED, SessionState.RUNNING):
+                # closed after this host's assignment was read: an instance would find
+                # no queue and exit at once, after costing a start
+                procs.ended = True
+                continue
             for _ in range(count):
-                procs.running.append(self._start(sid, procs))
+                procs.running.append(self._start(record, procs))
         for sid in plan.drop:
             self.sessions.pop(sid, None)
 
-    def _start(self, sid: int, procs: SessionProcs) -> tuple[str, ChildProcess]:
-        """Start an instance of session `sid`: forked warm if a fork server can, else as a
-        new interpreter."""
-        iid = f"{self.id}.{sid}.{procs.counter}"
+    def _start(self, record: SessionRecord, procs: SessionProcs) -> tuple[str, ChildProcess]:
+        """Start an instance of session `record`: forked warm if a fork server can, else as
+        a new interpreter."""
+        iid = f"{self.id}.{record.id}.{procs.counter}"
         procs.counter += 1
-        record = self.session_store.get(sid)
-        # closed meanwhile: the instance finds out and exits at once
-        units = (
-            1
-            if record is None
-            else capacity(record.resource_unit, self.size, record.max_concurrent_calls)
-        )
-        spec = InstanceSpec(sid, iid, self.id, self.hostname, units)
-        proc: ChildProcess | None = None
-        if record is not None:
-            proc = self.warm.start(spec, (record.service, record.version))
+        units = capacity(record.resource_unit, self.size, record.max_concurrent_calls)
+        spec = InstanceSpec(record.id, iid, self.id, self.hostname, units)
+        proc = self.warm.start(spec, (record.service, record.version))
         warm = proc is not None
         if proc is None:
             proc = subprocess.Popen(
@@ -325,7 +327,10 @@ class WorkerHost:
                 decision = instance_restart(code, ran_for, procs.failures)
                 procs.failures = decision.failures
                 procs.next_start = now + decision.delay
-                log.warning(
+                # 0: it drained by itself, which it does when its session's queue is gone
+                # (closed, and this host not told yet): expected, not a warning
+                report = log.info if code == 0 else log.warning
+                report(
                     "instance_exited",
                     instance=iid,
                     code=code,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Iterator
@@ -190,6 +191,24 @@ def test_a_load_failure_is_not_retried_until_reassigned(
     host.reconcile({})  # unassigned: the failure is forgotten with the session
     host.reconcile({7: 1})
     assert len(started) == 2
+
+
+def test_a_closed_session_gets_no_new_instance(
+    host: WorkerHost, started: list[FakeProcess]
+) -> None:
+    host.reconcile({7: 1})
+    # closed: its instance drained (exit 0) before this host's assignment was updated
+    record = host.session_store.get(7)
+    assert record is not None
+    host.session_store.save(dataclasses.replace(record, state=SessionState.CLOSED))
+    started[0].returncode = 0
+    host.reconcile({7: 1})  # reaped, with the usual back-off
+    host.sessions[7].next_start = 0.0  # ... which has passed
+    host.reconcile({7: 1})
+    assert len(started) == 1
+    assert host.sessions[7].ended
+    host.reconcile({})  # dropped by the broker: forgotten
+    assert 7 not in host.sessions
 
 
 def test_utilisation_is_busy_time_over_capacity_time(host: WorkerHost, r: redis.Redis) -> None:
