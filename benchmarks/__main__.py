@@ -1,7 +1,8 @@
 """`python -m benchmarks [--quick] [--json FILE]`: soafarm beside its peers, in one run.
 
 Starts a local farm in a private namespace on the local RabbitMQ and Redis, measures each
-figure several times after a warm-up, then the peers (raw pika request/reply, Celery 5 default
+figure several times after a warm-up (the session figures of `benchmarks.sessions` once, over
+many sessions), then the peers (raw pika request/reply, Celery 5 default
 and acks_late, Dramatiq) doing the same echo work, and prints medians with min/max and the
 ratio of soafarm's median to each peer's, plus a CPU profile per component. With `--dispatch`,
 then the figures of `python -m benchmarks.dispatch` (calls that take time, the LongRunning
@@ -19,18 +20,11 @@ from functools import partial
 
 from benchmarks import dispatch
 from benchmarks.common import Figure, add_percentiles, machine, render, repeat
-from benchmarks.figures import (
-    SERVICES,
-    LatencyPeer,
-    latency,
-    many_sessions,
-    scaling,
-    session_start,
-    throughput,
-)
+from benchmarks.figures import SERVICES, LatencyPeer, latency, scaling, throughput
 from benchmarks.peers.raw_pika import RAW_PIKA, RAW_SETUP, RawPika
 from benchmarks.peers.task_queues import DRAMATIQ, DRAMATIQ_SETUP, TaskQueuePeer
 from benchmarks.profile import cpu_profile, render_profile
+from benchmarks.sessions import cold_services, session_figures, sizes, with_cold_services
 from soafarm.config import Settings, load_settings
 from soafarm.local.farm import LocalFarm, delete_namespace
 
@@ -123,23 +117,28 @@ def main() -> None:
     runs = 1 if quick else 3
     n_echo = 5_000 if quick else 20_000
     n_latency = 200 if quick else 1_000
-    settings = load_settings().replace(
-        namespace=f"bench-{os.getpid()}",
-        log_level="warning",
-        service_registration_path=(SERVICES,),
-    )
+    session_sizes = sizes(quick)
     began = time.time()
     figures: list[Figure] = []
-    try:
-        with LocalFarm(settings, workers=1, cores=2) as farm:
-            figures += throughput(settings, n_echo, runs)
-            figures += latency_beside_peers(settings, n_latency, runs, not args.no_peers)
-            figures += scaling(settings, 200 if quick else 1_000, runs)
-            figures.append(session_start(settings, runs))
-            figures.append(many_sessions(settings, 20 if quick else 100, 200, 1))
-            profile = cpu_profile(settings, farm, n_echo)
-    finally:
-        delete_namespace(settings)
+    # the services of the cold session starts: on the registration path before the farm starts
+    with cold_services(session_sizes.starts + 1) as cold:
+        settings = with_cold_services(
+            load_settings().replace(
+                namespace=f"bench-{os.getpid()}",
+                log_level="warning",
+                service_registration_path=(SERVICES,),
+            ),
+            cold,
+        )
+        try:
+            with LocalFarm(settings, workers=1, cores=2) as farm:
+                figures += throughput(settings, n_echo, runs)
+                figures += latency_beside_peers(settings, n_latency, runs, not args.no_peers)
+                figures += scaling(settings, 200 if quick else 1_000, runs)
+                figures += session_figures(settings, cold, session_sizes)
+                profile = cpu_profile(settings, farm, n_echo)
+        finally:
+            delete_namespace(settings)
     if not args.no_peers:
         figures += peers(
             n_echo, 1_000 if quick else 3_000, 500 if quick else 2_000, n_latency, runs
