@@ -11,6 +11,9 @@ matches each session's log events across the processes (one machine, one clock):
     instance   instance_started     (loaded the service, ran its constructor, registered)
     client     first response       (the call loop connected, consumed, called, published)
 
+and the client's own steps (create returned, BrokerClient attached, request flushed), which
+run while the farm starts the instance.
+
 and prints the median and p90 of each hop, for warm starts (all but the first session).
 `python -m benchmarks.startpath [--sessions N] [--warm-instances N]`.
 """
@@ -40,6 +43,10 @@ HOPS = (
     ("host_assigned -> instance forked", "host_assigned", "instance_starting"),
     ("forked -> instance_started", "instance_starting", "instance_started"),
     ("instance_started -> first response", "instance_started", "first"),
+    ("client: create() returned", "create", "created"),
+    ("client: BrokerClient attached", "created", "attached"),
+    ("client: request sent (flushed)", "attached", "sent"),
+    ("client: sent -> first response", "sent", "first"),
     ("total: create -> first response", "create", "first"),
 )
 
@@ -64,13 +71,24 @@ def run_sessions(settings: Settings, n: int) -> list[dict[str, float]]:
     out = []
     for _ in range(n):
         began = time.time()
-        with (
-            Session.create(SessionStartInfo("echo", max_units=1), settings) as session,
-            BrokerClient(session) as client,
-        ):
-            client.send_request("echo", "x")
-            list(client.get_responses(timeout=60))
-            out.append({"session": session.id, "create": began, "first": time.time()})
+        with Session.create(SessionStartInfo("echo", max_units=1), settings) as session:
+            created = time.time()
+            with BrokerClient(session) as client:
+                attached = time.time()
+                client.send_request("echo", "x")
+                client.flush()
+                sent = time.time()
+                list(client.get_responses(timeout=60))
+                out.append(
+                    {
+                        "session": session.id,
+                        "create": began,
+                        "created": created,
+                        "attached": attached,
+                        "sent": sent,
+                        "first": time.time(),
+                    }
+                )
     return out
 
 

@@ -155,6 +155,7 @@ class WorkerHost:
         self.session_store = SessionStore(state, self.names)
         self.instance_store = InstanceStore(state, self.names)
         self.sessions: dict[int, SessionProcs] = {}
+        self._last_beat = 0.0
         self.stopping_procs: list[tuple[str, int, ChildProcess]] = []
         self.stopping = threading.Event()
         # instances get SIGTERM from Linux when this host dies, even by SIGKILL
@@ -194,6 +195,7 @@ class WorkerHost:
             self.utilisation = None  # no instance serving (or none has reported twice yet)
 
     def _heartbeat(self) -> None:
+        self._last_beat = time.monotonic()
         self._sample_load()
         worker = self.settings.worker
         record = HostRecord(
@@ -229,7 +231,6 @@ class WorkerHost:
             while not self.stopping.is_set():
                 try:
                     self.host_store.wait_for_wake(self.id, self._wait_time(time.monotonic()))
-                    self._heartbeat()
                     wanted = self.host_store.assignments_of(self.id)
                 except redis.RedisError as e:
                     log.warning("redis_unreachable", error=str(e))
@@ -241,6 +242,11 @@ class WorkerHost:
                 if not self.stopping.is_set():
                     try:
                         self.reconcile(wanted)
+                        # after the reconcile, not before: a new assignment's instance
+                        # starts first; many wakes a second (churn) beat only when due
+                        beat = self.settings.worker.heartbeat_interval
+                        if time.monotonic() - self._last_beat >= beat / 2:
+                            self._heartbeat()
                     except redis.RedisError as e:
                         log.warning("redis_unreachable", error=str(e))
         finally:

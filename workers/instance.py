@@ -86,6 +86,8 @@ class Prepared:
 
     redis: redis.Redis | None = None
     amqp: pika.BlockingConnection | None = None
+    #: the registration its fork server resolved and imported (which watches its files)
+    registration: Registration | None = None
 
     def take_amqp(self) -> pika.BlockingConnection | None:
         """The AMQP connection if it is still open (only once)."""
@@ -141,9 +143,11 @@ class ServiceInstance:
         self.stopping.set()
 
     def _load(self, record: SessionRecord, r: redis.Redis) -> CallRunner:
-        registration = Registry(self.settings.service_registration_path).resolve(
-            record.service, record.version
-        )
+        registration = self.prepared.registration
+        if registration is None or registration.name != record.service:
+            registration = Registry(self.settings.service_registration_path).resolve(
+                record.service, record.version
+            )
         os.environ.update(registration.environment)
         # a hung import or constructor cannot be interrupted: the watchdog ends the process
         watchdog = threading.Timer(

@@ -67,7 +67,7 @@ from soafarm.processes import (
     follow_pid,
     name_process,
 )
-from soafarm.registration import Registry
+from soafarm.registration import Registration, Registry
 from soafarm.registration.registry import load_service_class
 from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.workers import instance as instance_module
@@ -165,6 +165,8 @@ class ForkServer:
     host: int
     #: file -> its mtime when imported: a change makes this server stale
     watched: dict[str, int] = field(default_factory=dict)
+    #: a service server's registration, resolved once for all its instances
+    registration: Registration | None = None
     spare: Spare | None = None
 
     def serve(self) -> int:
@@ -256,7 +258,7 @@ class ForkServer:
     def _wait_as_spare(self, read: int, write: int) -> NoReturn:
         os.close(write)
         name_process(SPARE_PROCESS_NAME)
-        prepared = _prepare(self.settings)
+        prepared = _prepare(self.settings, self.registration)
         chunks = []
         with contextlib.suppress(OSError):
             while True:
@@ -290,10 +292,11 @@ class ForkServer:
         try:
             name_process(WARM_PROCESS_NAME)
             channel = socket.socket(fileno=fd)
-            watched = _import_service(self.settings, service, version, channel)
-            if watched is not None:
+            imported = _import_service(self.settings, service, version, channel)
+            if imported is not None:
                 _send(channel, {"ready": True})
-                code = ForkServer(self.settings, channel, self.host, watched).serve()
+                registration, watched = imported
+                code = ForkServer(self.settings, channel, self.host, watched, registration).serve()
             else:
                 code = 0
         except BaseException as e:
@@ -303,10 +306,10 @@ class ForkServer:
             os._exit(code)
 
 
-def _prepare(settings: Settings) -> Prepared:
+def _prepare(settings: Settings, registration: Registration | None) -> Prepared:
     """A spare's connections, opened while it waits (none if a server is down: the
     instance connects, and reports, by itself)."""
-    prepared = Prepared()
+    prepared = Prepared(registration=registration)
     with contextlib.suppress(SoafarmError):
         prepared.redis = redis_client(settings)
         prepared.amqp = pika_connection(settings, f"soafarm-spare {os.getpid()}")
@@ -324,11 +327,13 @@ def _keep_alive(prepared: Prepared) -> None:
 
 def _import_service(
     settings: Settings, service: str, version: str | None, channel: socket.socket
-) -> dict[str, int] | None:
-    """Import `service` with its registration's environment; the files to watch for
-    changes, or None (after telling the host why) when it cannot be kept warm."""
+) -> tuple[Registration, dict[str, int]] | None:
+    """Import `service` with its registration's environment; its registration and the
+    files to watch for changes, or None (after telling the host why) when it cannot be
+    kept warm."""
+    registry = Registry(settings.service_registration_path)
     try:
-        registration = Registry(settings.service_registration_path).resolve(service, version)
+        registration = registry.resolve(service, version)
         os.environ.update(registration.environment)
         cls = load_service_class(registration)
     except Exception as e:  # its instances report it, with the session; here it only stays cold
@@ -338,7 +343,7 @@ def _import_service(
         _send(channel, {"error": "importing it starts threads, which a fork would not copy"})
         return None
     # the folders too: a registration file added there (a new version) may resolve instead
-    watched = dict.fromkeys(map(str, settings.service_registration_path), 0)
+    watched = dict.fromkeys(map(str, registry.folders), 0)
     watched[str(registration.path)] = 0
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     if module_file:
@@ -348,7 +353,7 @@ def _import_service(
             watched[path] = os.stat(path).st_mtime_ns
         except OSError:  # a folder on the path that does not exist: fine while it does not
             watched[path] = -1
-    return watched
+    return registration, watched
 
 
 def _flush() -> None:
