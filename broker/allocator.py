@@ -11,6 +11,7 @@ fullest host that has room.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,6 +89,12 @@ class _Plan:
         self.cores[sid] = self.cores.get(sid, 0) + cost
         return True
 
+    def has_room(self) -> bool:
+        """False once no unit of any kind can be placed: every host is full and every unit
+        there takes a core at least (a node unit on a host of 0 cores takes none). Without
+        it, each of 1,000 idle sessions would be tried, in vain, once a round."""
+        return any(free > 0 or self.hosts[h].cores <= 0 for h, free in self.free.items())
+
     def remove(self, demand: Demand) -> None:
         """Take back every unit placed for `demand`."""
         for h, assignment in self.result.items():
@@ -114,20 +121,28 @@ def allocate(
         else:
             plan.remove(d)
     # then the rest, one unit at a time to the session with the most outstanding work per
-    # core it already has (D'Hondt), higher priority first on ties
-    growing = [d for d in started if plan.units.get(d.session_id, 0) < d.max_units]
-    while growing:
-        best = max(
-            growing,
-            key=lambda d: (
-                weight(d.outstanding) / (plan.cores.get(d.session_id, 0) + 1),
-                d.priority,
-                -d.session_id,
-            ),
-        )
-        if not plan.add(best) or plan.units[best.session_id] >= best.max_units:
-            growing.remove(best)
+    # core it already has (D'Hondt), higher priority first on ties. A heap, not a scan of
+    # every session per unit: a unit changes only its own session's quotient, and with 1,000
+    # open sessions the scan cost 0.8 s a round (every session that cannot grow is tried
+    # once). Ties are broken by session id, so the order is the scan's exactly.
+    # (the list index only keeps two equal keys from comparing Demands)
+    growing = [
+        (_share_key(d, plan.cores.get(d.session_id, 0)), i, d)
+        for i, d in enumerate(started)
+        if plan.units.get(d.session_id, 0) < d.max_units
+    ]
+    heapq.heapify(growing)
+    while growing and plan.has_room():
+        _key, i, best = heapq.heappop(growing)
+        if plan.add(best) and plan.units[best.session_id] < best.max_units:
+            heapq.heappush(growing, (_share_key(best, plan.cores[best.session_id]), i, best))
     return {h: {s: n for s, n in a.items() if n} for h, a in plan.result.items()}
+
+
+def _share_key(demand: Demand, cores: int) -> tuple[float, int, int]:
+    """Heap order of a growing session: the greatest quotient first, then the highest
+    priority, then the oldest session (the smallest key pops first)."""
+    return (-weight(demand.outstanding) / (cores + 1), -demand.priority, demand.session_id)
 
 
 def totals(assignments: Mapping[str, Mapping[int, int]]) -> dict[int, int]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -14,11 +17,70 @@ from soafarm.state.records import SessionRecord, SessionState
 
 log = structlog.get_logger(__name__)
 
+#: Seconds the leader reuses a session's outstanding work and load errors between reads
+#: (a new session's are read at once): the allocator shares spare units by outstanding work
+#: rounded to a power of two, so a second's lag moves nothing that matters, and reading
+#: them for every open session four times a second was most of an idle farm's Redis load.
+FACTS_MAX_AGE = 1.0
 
-def reconcile(store: BrokerStore) -> None:
-    """One allocation round. Idempotent: with nothing changed it writes nothing."""
-    registered, unreadable = store.scan_hosts()
-    alive = store.alive(sorted({*registered, *unreadable}))
+Facts = dict[int, tuple[int, dict[str, str]]]
+
+
+@dataclass
+class RoundMemo:
+    """What the leader's previous allocation rounds read and decided, so that a round with
+    nothing new reads and computes little (the broker daemon keeps one; without it every
+    round reads and computes everything)."""
+
+    facts_max_age: float = FACTS_MAX_AGE
+    #: Outstanding work and load errors per session, read at `facts_at` (monotonic).
+    facts: Facts = field(default_factory=dict)
+    facts_at: float = -math.inf
+    #: The allocator's last inputs and result.
+    inputs: tuple[object, ...] | None = None
+    result: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def facts_of(self, store: BrokerStore, session_ids: list[int]) -> Facts:
+        """Every session's facts: all read again once they are `facts_max_age` old, else
+        only those of sessions not seen before."""
+        now = time.monotonic()
+        if now - self.facts_at > self.facts_max_age:
+            self.facts, self.facts_at = store.sessions.demand_facts(session_ids), now
+            return self.facts
+        new = [sid for sid in session_ids if sid not in self.facts]
+        known = {sid: self.facts[sid] for sid in session_ids if sid in self.facts}
+        self.facts = {**known, **store.sessions.demand_facts(new)} if new else known
+        return self.facts
+
+    def allocate(
+        self,
+        sizes: dict[str, HostSize],
+        current: dict[str, dict[int, int]],
+        demands: list[Demand],
+        excluded: dict[int, set[str]],
+    ) -> dict[str, dict[int, int]]:
+        """`allocate(...)`, or its last result again when its inputs are the same."""
+        inputs = (sizes, current, demands, excluded)
+        if inputs != self.inputs:
+            self.inputs, self.result = inputs, allocate(sizes, current, demands, excluded)
+        return {h: dict(a) for h, a in self.result.items()}
+
+
+def reconcile(store: BrokerStore, memo: RoundMemo | None = None) -> None:
+    """One allocation round. Idempotent: with nothing changed it writes nothing. With
+    `memo` (the leader's), it reuses what the previous rounds read as `RoundMemo` says."""
+    # the hosts and the targets in one round trip, the heartbeats and the assignments in
+    # one more (the assignments of hosts found dead are not used)
+    first = store.batch()
+    hosts_read = store.host_records.read_hosts(first)
+    targets_read = store.sessions.read_targets(first)
+    first.run()
+    registered, unreadable = hosts_read.value
+    second = store.batch()
+    alive_read = store.host_records.read_alive(second, sorted({*registered, *unreadable}))
+    assignments_read = store.host_records.read_assignments(second, sorted(registered))
+    second.run()
+    alive = alive_read.value
     for host_id in sorted(set(registered) - alive):
         instances = store.forget_host(host_id)
         log.warning("host_lost", host_id=host_id, instance_records_removed=instances)
@@ -38,7 +100,11 @@ def reconcile(store: BrokerStore) -> None:
     # released one (until a client sends more); a failed one could not load its service
     # anywhere, or lost its queue
     sessions = [s for s in store.open_sessions() if s.state in HOLDS_UNITS]
-    load_errors = {s.id: store.load_errors(s.id) for s in sessions}
+    # outstanding work and load errors of every session in one script call (per 250): a
+    # round's Redis calls do not grow with the number of open sessions
+    ids = [s.id for s in sessions]
+    facts = memo.facts_of(store, ids) if memo else store.sessions.demand_facts(ids)
+    load_errors = {sid: errors for sid, (_outstanding, errors) in facts.items()}
     for s in sessions:
         if alive and alive <= set(load_errors[s.id]):
             why = next(iter(sorted(load_errors[s.id].items())))
@@ -46,7 +112,7 @@ def reconcile(store: BrokerStore) -> None:
             log.error("session_failed", session_id=s.id, error=error)
             _set_state(store, s, SessionState.FAILED, error)
     sessions = [s for s in sessions if not (alive and alive <= set(load_errors[s.id]))]
-    outstanding = store.outstanding([s.id for s in sessions])
+    outstanding = {sid: n for sid, (n, _errors) in facts.items()}
     demands = [
         Demand(
             s.id,
@@ -59,13 +125,15 @@ def reconcile(store: BrokerStore) -> None:
         )
         for s in sessions
     ]
-    current = store.assignments(sorted(alive))
+    current = {h: a for h, a in assignments_read.value.items() if h in alive}
     excluded = {sid: set(errors) for sid, errors in load_errors.items()}
-    new = allocate(sizes, current, demands, excluded)
+    new = (memo.allocate if memo else allocate)(sizes, current, demands, excluded)
     new.update({h: {} for h in alive if h not in sizes})
     wanted = totals(new)
-    targets = {s.id: wanted.get(s.id, 0) for s in sessions}
-    if targets != store.targets():
+    # sessions given no unit are left out: the hash stays as small as the farm, not as the
+    # number of open sessions (readers take a missing session as 0)
+    targets = {s.id: wanted[s.id] for s in sessions if wanted.get(s.id, 0) > 0}
+    if targets != targets_read.value:
         store.set_targets(targets)
     for host_id, assignment in new.items():
         if assignment != current.get(host_id, {}):

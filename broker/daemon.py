@@ -6,10 +6,17 @@ itself when the connection drops.
 
 Several daemons may serve one namespace: they share the control queue, so any of them
 answers a control RPC, and the one holding the allocator lease (`soafarm.state.leases`)
-runs the rounds: the life-cycle sweep, the check for vanished queues and the allocator. A
+runs the rounds: the allocator four times a second, and at once after a create or close it
+answered itself (no poll interval on the path create -> assignment); the life-cycle sweep
+once a second; the check for vanished queues in slices (see QUEUE_CHECK_INTERVAL). A
 change answered by another daemon reaches the allocator at the leader's next round (a
 quarter of a second at most). A daemon killed while leading is replaced within the lease's
 few seconds; one stopped cleanly hands the lease over at once.
+
+A round's Redis reads do not grow with the number of open sessions: a few script calls
+read every session's record, outstanding work and handles (`SessionStore.open_sessions`,
+`demand_facts`, `activity`), and what did not change since the previous round is not read
+again (`RoundMemo`).
 
 Nothing in Redis stops it: a record it cannot decode is logged once and skipped by the
 stores, and any other failure of a round is logged and the next round tries again.
@@ -28,11 +35,11 @@ import pika
 import redis
 import structlog
 
-from soafarm.broker.assignment import reconcile
+from soafarm.broker.assignment import RoundMemo, reconcile
 from soafarm.broker.lifecycle import expire_sessions, fail_vanished_sessions
-from soafarm.broker.queues import QueueProbe
+from soafarm.broker.queues import QueueOps, QueueProbe
 from soafarm.broker.sessions import SessionService
-from soafarm.broker.store import BrokerStore
+from soafarm.broker.store import RECORDS_MAX_AGE, BrokerStore
 from soafarm.config import Settings, mask_url
 from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
 from soafarm.names import Names
@@ -51,12 +58,31 @@ log = structlog.get_logger(__name__)
 
 RECONCILE_INTERVAL = 0.25
 
-#: Seconds between the leader's checks that open sessions' request queues still exist. Also
-#: checked at once whenever the leader (re)connects to RabbitMQ, which is when a RabbitMQ
-#: restart shows (every connection drops), so lost interactive queues are found within a
-#: round of the restart; the periodic check covers a queue deleted by hand. A check costs a
-#: passive declare per open session (0.2 ms each here).
-QUEUE_CHECK_INTERVAL = 5.0
+#: Seconds between the leader's life-cycle sweeps (idle and connection timeouts, durable
+#: releases). Timeouts are seconds to days (a timeout of 0 means "at the next sweep"), so a
+#: second is soon enough, and a sweep reads a few keys of every open session: running it
+#: with every allocation round cost four times as much with many idle sessions.
+SWEEP_INTERVAL = 1.0
+
+#: A leader that renewed its lease this recently runs an allocation a control request
+#: asked for without renewing it first (a lease lasts `LEASE_SECONDS`, 3 s): the path
+#: create -> assignment saves a Redis round trip.
+LEASE_FRESH = 1.0
+
+#: Seconds between the starts of the leader's passes over every open session's request
+#: queue, to find one deleted by hand. Every queue is also checked at once whenever the
+#: leader (re)connects to RabbitMQ or starts leading, which is when a RabbitMQ restart shows
+#: (every connection drops), so lost interactive queues are found within a round of the
+#: restart; and a queue found missing is checked again each round (a durable one is failed
+#: after DURABLE_QUEUE_GRACE). A check costs a passive declare per open session (~0.2 ms of
+#: the daemon's CPU each, in pika): every 5 s, as it was, 1,000 idle sessions cost 4% of a
+#: core, and the whole pass held every control request for 0.4 s.
+QUEUE_CHECK_INTERVAL = 30.0
+
+#: Queues a round checks at most, outside the pass at once after a (re)connect: a pass over
+#: 1,000 sessions is spread over 10 rounds, none holding control requests for more than
+#: ~20 ms.
+QUEUE_CHECK_SLICE = 100
 
 
 class BrokerDaemon:
@@ -68,6 +94,7 @@ class BrokerDaemon:
         self.names = Names(settings.namespace)
         client = redis_client(settings)
         self.store = BrokerStore(client, self.names)
+        self.store.records_max_age = RECORDS_MAX_AGE
         self.registry = Registry(settings.service_registration_path)
         self.id = holder_id()
         self.lease = Lease(client, self.names, self.id)
@@ -76,8 +103,14 @@ class BrokerDaemon:
         self.ready = threading.Event()
         self._dirty = True
         self._next_queue_check = 0.0
+        self._next_sweep = 0.0
+        self._held_at = -LEASE_FRESH  # monotonic time of the last renewal of the lease
+        self.memo = RoundMemo()
         self._missing_since: dict[int, float] = {}
-        self._last_failure = ""
+        #: Sessions whose queue the current pass has still to check.
+        self._queue_pass: list[int] = []
+        #: Phase name -> its failure as last logged, while it keeps failing.
+        self._failing: dict[str, str] = {}
         self.backoff = Backoff()
 
     def stop(self) -> None:
@@ -124,20 +157,25 @@ class BrokerDaemon:
                 self._mark_dirty,
                 ids=QueueIdMark(connection, self.names),
                 queue_exists=probe.exists,
+                queue_ops=QueueOps(connection),
             )
 
             def on_control(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
                 reply = self._answer(service, body)
-                if props.reply_to:
-                    ch.basic_publish(
-                        "",
-                        props.reply_to,
-                        encode(reply),
-                        pika.BasicProperties(
-                            content_type=CONTENT_TYPE, correlation_id=props.correlation_id
-                        ),
-                    )
-                ch.basic_ack(method.delivery_tag)
+                if not props.reply_to:
+                    ch.basic_ack(method.delivery_tag)
+                    return
+                # the ack goes out in the reply's write (the blocking channel flushes the
+                # socket once per call): queued on the wrapped channel, sent by the publish
+                ch._impl.basic_ack(method.delivery_tag)
+                ch.basic_publish(
+                    "",
+                    props.reply_to,
+                    encode(reply),
+                    pika.BasicProperties(
+                        content_type=CONTENT_TYPE, correlation_id=props.correlation_id
+                    ),
+                )
 
             channel.basic_consume(self.names.control_queue, on_control)
             log.info("broker_started", namespace=self.settings.namespace, broker_id=self.id)
@@ -146,12 +184,20 @@ class BrokerDaemon:
             self._next_queue_check = 0.0  # a reconnect may follow a RabbitMQ restart
             last = 0.0
             while not self.stopping.is_set():
-                connection.process_data_events(time_limit=0.2)
+                # returns as soon as control requests were answered, at the latest when the
+                # next periodic round is due
+                wait = min(max(last + RECONCILE_INTERVAL - time.monotonic(), 0.0), 0.2)
+                connection.process_data_events(time_limit=wait)
                 now = time.monotonic()
-                if self._dirty or now - last >= RECONCILE_INTERVAL:
+                if now - last >= RECONCILE_INTERVAL:
                     self._dirty = False
                     last = now
                     self.round(service, probe)
+                elif self._dirty:
+                    # a session was created or closed: allocate now (no poll interval on the
+                    # path create -> assignment), without the periodic phases
+                    self._dirty = False
+                    self.allocate_now(service, probe)
         finally:
             if connection.is_open:
                 connection.close()
@@ -165,12 +211,18 @@ class BrokerDaemon:
         try:
             leading = self.lease.hold()
         except redis.RedisError as e:
-            self._failed(f"redis_unreachable: {e}", None)
+            self._failed("lease", f"redis_unreachable: {e}", None)
             leading = False
+        else:
+            self._failing.pop("lease", None)
+        if leading:
+            self._held_at = time.monotonic()
         if leading != self.leading:
             self.leading = leading
             if leading:
                 self._next_queue_check = 0.0
+                self._next_sweep = 0.0
+                self.memo = RoundMemo()  # another daemon led meanwhile: read afresh
                 log.info("broker_leading", broker_id=self.id)
             else:
                 log.info("broker_following", broker_id=self.id, leader=self._leader())
@@ -178,43 +230,70 @@ class BrokerDaemon:
             return
         now = time.time()
         # each phase on its own: a failing sweep must not stop allocation, or the reverse
-        phases = [partial(expire_sessions, self.store, partial(_expire, service), now)]
-        if time.monotonic() >= self._next_queue_check:
-            phases.append(partial(self._check_queues, probe, now))
-        phases.append(partial(reconcile, self.store))
-        ok = True
-        for phase in phases:
-            ok = self._run_phase(phase) and ok
-        if ok:
-            self._last_failure = ""
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+            self._run_phase(
+                "sweep", partial(expire_sessions, self.store, partial(_expire, service), now)
+            )
+        if self._queue_pass or self._missing_since or time.monotonic() >= self._next_queue_check:
+            self._run_phase("queues", partial(self._check_queues, probe, now))
+        self._run_phase("allocate", partial(reconcile, self.store, self.memo))
 
-    def _run_phase(self, phase: Callable[[], object]) -> bool:
+    def allocate_now(self, service: SessionService, probe: QueueProbe) -> None:
+        """The allocator alone, at once (after a control request changed the sessions), if
+        this daemon leads; a daemon that has not renewed its lease lately runs a whole
+        round, which renews (or takes) the lease first."""
+        if not (self.leading and time.monotonic() - self._held_at < LEASE_FRESH):
+            self.round(service, probe)
+            return
+        self._run_phase("allocate", partial(reconcile, self.store, self.memo))
+
+    def _run_phase(self, name: str, phase: Callable[[], object]) -> None:
+        """Run one phase of a round; its failure is logged (see `_failed`), not raised."""
         try:
             phase()
         except AMQP_LOST:
             raise
         except redis.ResponseError as e:  # Redis answered: a value no store expected
-            self._failed(f"broker_round_failed: {e!r}", e)
+            self._failed(name, f"broker_round_failed: {e!r}", e)
         except redis.RedisError as e:  # keep answering; the next round retries
-            self._failed(f"redis_unreachable: {e}", None)
+            self._failed(name, f"redis_unreachable: {e}", None)
         except Exception as e:  # a bug: never stop the daemon for it
-            self._failed(f"broker_round_failed: {e!r}", e)
+            self._failed(name, f"broker_round_failed: {e!r}", e)
         else:
-            return True
-        return False
+            self._failing.pop(name, None)
 
     def _check_queues(self, probe: QueueProbe, now: float) -> None:
-        failed = fail_vanished_sessions(self.store, probe.exists, now, self._missing_since)
-        self.store.sessions.open_ids(prune=True)  # junk members of the sessions set go
-        self._next_queue_check = time.monotonic() + QUEUE_CHECK_INTERVAL
+        """Check the next slice of the current pass (the whole pass at once after a
+        (re)connect), and the queues found missing before; start a pass when one is due."""
+        size = QUEUE_CHECK_SLICE
+        if not self._queue_pass and time.monotonic() >= self._next_queue_check:
+            if self._next_queue_check == 0.0:  # (re)connected, or leading afresh
+                size = 0
+            self._next_queue_check = time.monotonic() + QUEUE_CHECK_INTERVAL
+            self._queue_pass = self.store.sessions.open_ids(prune=True)  # junk members go
+        if size:
+            checked, self._queue_pass = self._queue_pass[:size], self._queue_pass[size:]
+        else:
+            checked, self._queue_pass = self._queue_pass, []
+        only = {*checked, *self._missing_since}
+        present = probe.exists_many([self.names.request_queue(sid) for sid in sorted(only)])
+
+        def exists(queue: str) -> bool:
+            known = present.get(queue)
+            return probe.exists(queue) if known is None else known
+
+        failed = fail_vanished_sessions(self.store, exists, now, self._missing_since, only)
         if failed:
             self._dirty = True
 
-    def _failed(self, what: str, error: Exception | None) -> None:
-        """Log a failed round once until the failure changes (4 rounds a second)."""
-        if what == self._last_failure:
+    def _failed(self, phase: str, what: str, error: Exception | None) -> None:
+        """Log a failed phase once until it succeeds or fails otherwise (4 rounds a second),
+        and a failure another phase reported already (Redis down) not again."""
+        if what in self._failing.values():
+            self._failing[phase] = what
             return
-        self._last_failure = what
+        self._failing[phase] = what
         if error is None:
             log.warning("broker_round_skipped", error=what)
         else:

@@ -7,11 +7,12 @@ use, so the allocator, the life cycle and the control operations share one conne
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 
 from soafarm.names import Names
+from soafarm.state.batch import Batch
 from soafarm.state.clients import ProgressStore
 from soafarm.state.commondata import CommonDataStore
 from soafarm.state.hosts import HostStore
@@ -19,7 +20,12 @@ from soafarm.state.instances import InstanceStore
 from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord
 from soafarm.state.sessions import CLOSED_TOMBSTONE_SECONDS, IdMark, SessionStore
 
-__all__ = ["CLOSED_TOMBSTONE_SECONDS", "BrokerStore"]
+__all__ = ["CLOSED_TOMBSTONE_SECONDS", "RECORDS_MAX_AGE", "BrokerStore"]
+
+#: Seconds the broker daemon reuses the session records it read last while no session was
+#: written (the generation `SessionStore` keeps did not move): one short reply instead of
+#: every record, four times a second; only an edit made by hand waits this long to be seen.
+RECORDS_MAX_AGE = 5.0
 
 
 class BrokerStore:
@@ -33,6 +39,14 @@ class BrokerStore:
         self.instance_records = InstanceStore(client, names)
         self.common_data = CommonDataStore(client, names)
         self._client = client
+        #: Seconds `open_sessions` may answer with the records it read last while no
+        #: session was written since (`SessionStore.open_sessions`); 0 reads them every
+        #: time. The broker daemon sets RECORDS_MAX_AGE.
+        self.records_max_age = 0.0
+
+    def batch(self) -> Batch:
+        """Reads of several stores sent in one round trip (`soafarm.state.batch`)."""
+        return Batch(self._client)
 
     def progress(self, session_id: int, client_id: str) -> ProgressStore:
         """The progress counters of one client id of a session."""
@@ -63,8 +77,8 @@ class BrokerStore:
         return self.sessions.was_closed(session_id)
 
     def open_sessions(self) -> list[SessionRecord]:
-        """Every open session, oldest first."""
-        return self.sessions.open_sessions()
+        """Every open session, oldest first (see `records_max_age`)."""
+        return self.sessions.open_sessions(self.records_max_age)
 
     def add_client(self, session_id: int, client_id: str) -> None:
         """Remember a client id so its response queue is deleted with the session."""
@@ -94,10 +108,15 @@ class BrokerStore:
         """Drop a purged client id's keys."""
         self.sessions.forget_client(session_id, client_id)
 
-    def delete_session(self, session_id: int) -> list[str]:
+    def delete_session(
+        self,
+        session_id: int,
+        record: SessionRecord | None = None,
+        known: Sequence[str] | None = None,
+    ) -> list[str]:
         """Drop every key of the session and leave a tombstone saying it was closed; returns
-        the client ids it had."""
-        return self.sessions.delete(session_id)
+        the client ids it had (`record` and `known` client ids: as just read, if at hand)."""
+        return self.sessions.delete(session_id, record, known)
 
     def adopt_data(self, key: str) -> bool:
         """Keep uploaded common data for a session's lifetime; False if it expired first."""

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
+from kombu import Connection
 
 from soafarm.client.heartbeat import Heartbeat
 from soafarm.client.inbox import QueueInbox, StreamInbox
@@ -40,11 +41,11 @@ from soafarm.protocol import (
     Response,
 )
 from soafarm.state.clients import ClientProgress, ProgressStore
-from soafarm.state.control import AttachClientArgs, GetArgs
+from soafarm.state.control import AttachClientArgs, Attached, GetArgs
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.backoff import Outage
-from soafarm.transport.connections import outage, redis_client
+from soafarm.transport.connections import Opening, close_quietly, kombu_connection, outage
 from soafarm.transport.errors import REDIS_LOST
 
 log = structlog.get_logger(__name__)
@@ -68,22 +69,73 @@ class BrokerClient:
         self.session = session
         self.settings = session.settings
         self.client_id = check_client_id(client_id)
-        attached = session.control.request(
-            AttachClientArgs(session.id, self.client_id, create=create)
+        # the sender's connection opens while the broker attaches the client id
+        publishing = Opening(
+            lambda: kombu_connection(self.settings, confirm=session.durable),
+            close_quietly,
+            "connect-sender",
         )
+        try:
+            attached = session.control.request(
+                AttachClientArgs(session.id, self.client_id, create=create)
+            )
+        except BaseException:
+            publishing.discard()
+            raise
+        try:
+            self._start(session, client_id, attached, publishing)
+        except BaseException:
+            publishing.discard()
+            raise
+
+    def _start(
+        self, session: Session, client_id: str, attached: Attached, publishing: Opening[Connection]
+    ) -> None:
+        """The rest of `__init__`, once the client id is attached (`publishing`: the sender's
+        connection, opening)."""
         self.request_queue = attached.request_queue
         self.response_queue = attached.response_queue
         self.durable = attached.durable
         self.closed_session = attached.state == SessionState.CLOSED
         self._names = Names(self.settings.namespace)
-        state = redis_client(self.settings)
-        self.progress = ProgressStore(state, self._names, session.id, client_id)
-        self.sessions = SessionStore(state, self._names)
-        start = self.progress.load()
+        # the session's Redis client, not one of its own: a new client costs a TCP
+        # connect and a handshake on the path from create to the first response
+        self._redis = session.redis
+        state = self._redis.share()
+        self._released = False
+        try:
+            self.progress = ProgressStore(state, self._names, session.id, client_id)
+            self.sessions = SessionStore(state, self._names)
+            start = self.progress.load()
+            broker = session.broker_settings
+            self.heartbeat = Heartbeat(
+                self.sessions, session.id, broker.client_idle_timeout, "client"
+            )
+        except BaseException:
+            self._released = True
+            self._redis.release()
+            raise
+        try:
+            self._start_sender(session, start, publishing)
+        except BaseException:
+            self.heartbeat.stop()
+            self._released = True
+            self._redis.release()
+            raise
+
+    def _start_sender(
+        self, session: Session, start: ClientProgress, publishing: Opening[Connection]
+    ) -> None:
+        """The send side and the receive path (the rest of `__init__`)."""
         broker = session.broker_settings
-        self.heartbeat = Heartbeat(self.sessions, session.id, broker.client_idle_timeout, "client")
+        if self.durable == session.durable:
+            connection: Connection | None = publishing.result()
+        else:  # the session's record says otherwise: the sender connects as it says
+            publishing.discard()
+            connection = None
         self.sender = RequestSender(
             self.settings,
+            connection=connection,
             session_id=session.id,
             client_id=self.client_id,
             queues=(self.request_queue, self.response_queue),
@@ -384,7 +436,9 @@ class BrokerClient:
             if self._handler_thread is not None:
                 self._handler_thread.join(timeout=5)
             self.receiver.close()
-            self.sessions.close()
+            if not self._released:  # close() may be called again
+                self._released = True
+                self._redis.release()
         error, self._handler_error = self._handler_error, None
         if error is not None:
             raise ResponseHandlerError(

@@ -78,11 +78,14 @@ class RequestSender:
         start: ClientProgress,
         wake: Callable[[float], None],
         session_lost: Callable[[str], BaseException] | None = None,
+        connection: Connection | None = None,
     ) -> None:
         """`queues` is (request queue, response queue); `start` the client id's counters
         when it attached (a durable one continues at `accepted`); `wake(at)` has the client's
         linger thread call `on_linger()` at monotonic time `at`; `session_lost(what)` is the
-        error for an interactive session whose request queue RabbitMQ no longer has."""
+        error for an interactive session whose request queue RabbitMQ no longer has;
+        `connection`: one opened for it already (`kombu_connection(settings, confirm=
+        durable)`), which it then owns."""
         self.settings = settings
         self.session_id = session_id
         self.client_id = client_id
@@ -97,7 +100,7 @@ class RequestSender:
         self.connection: Connection | None = None
         #: The session's loss, once found: later sends raise it at once, close drops the buffer.
         self.lost: BaseException | None = None
-        self._connect()
+        self._connect(opened=connection)
         self.amqp_outage = outage(settings)
         self.redis_outage = outage(settings)
         self.lock = threading.RLock()
@@ -286,12 +289,14 @@ class RequestSender:
             self.amqp_outage.recovered()
             return
 
-    def _connect(self, check_queue: bool = False) -> None:
-        """Open the publishing connection; with `check_queue` (an interactive session
-        reconnecting), raise `session_lost` if the request queue is gone: RabbitMQ drops an
-        interactive session's queues when it restarts, and a publish to a missing queue
-        without `mandatory` would vanish silently."""
-        connection = kombu_connection(self.settings, confirm=self.durable)
+    def _connect(self, check_queue: bool = False, opened: Connection | None = None) -> None:
+        """Open the publishing connection (or take `opened`); with `check_queue` (an
+        interactive session reconnecting), raise `session_lost` if the request queue is
+        gone: RabbitMQ drops an interactive session's queues when it restarts, and a publish
+        to a missing queue without `mandatory` would vanish silently."""
+        connection = (
+            opened if opened is not None else kombu_connection(self.settings, confirm=self.durable)
+        )
         try:
             if check_queue:
                 probe = connection.channel()

@@ -9,8 +9,9 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
+from redis import Redis
 
-from soafarm.client.control import ControlClient
+from soafarm.client.control import Control, ControlClient, PooledControl
 from soafarm.client.heartbeat import Heartbeat
 from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
 from soafarm.errors import (
@@ -36,7 +37,7 @@ from soafarm.state.control import (
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.backoff import Backoff
-from soafarm.transport.connections import redis_client
+from soafarm.transport.connections import SharedRedis, process_redis_client, redis_client
 
 log = structlog.get_logger(__name__)
 
@@ -116,15 +117,27 @@ class Session:
     durable = False
 
     def __init__(
-        self, control: ControlClient, record: SessionInfo | Mapping[str, Any], settings: Settings
+        self,
+        control: Control,
+        record: SessionInfo | Mapping[str, Any],
+        settings: Settings,
+        state_client: Redis | None = None,
     ) -> None:
         """Wrap a session the broker created; prefer `Session.create`. While this object is
-        open it heartbeats, so the broker counts the session as in use."""
+        open it heartbeats, so the broker counts the session as in use. `state_client`: a
+        Redis client for it to own (closed with it), else it uses the process's
+        (`process_redis_client`)."""
         self.control = control
         self._set_record(record)
         self.settings = settings
         self.closed = False
-        self.sessions = SessionStore(redis_client(settings), Names(settings.namespace))
+        #: The session's Redis client, shared with its BrokerClients (each releases it).
+        self.redis = (
+            SharedRedis(process_redis_client(settings), owned=False)
+            if state_client is None
+            else SharedRedis(state_client)
+        )
+        self.sessions = SessionStore(self.redis.client, Names(settings.namespace))
         self.heartbeat = Heartbeat(
             self.sessions,
             self.id,
@@ -137,7 +150,9 @@ class Session:
         """Ask the broker daemon for a new session; raises if none answers or the service is
         unknown. `settings` default to `load_settings()` (the `SOAFARM_*` variables)."""
         settings = settings or load_settings()
-        control = ControlClient(settings)
+        # requests go on a connection borrowed from the process's pool for each: none is
+        # opened for the session (~5 ms) nor held by it while it is open
+        control = PooledControl(settings)
         try:
             data = _upload(settings, info.common_data) if info.common_data else None
             described = control.request(info.to_args(control.owner, cls.durable, data))
@@ -165,7 +180,7 @@ class Session:
     def find(cls, service: str, settings: Settings | None = None) -> Self:
         """Attach to the newest open shared session of `service`."""
         settings = settings or load_settings()
-        control = ControlClient(settings)
+        control = PooledControl(settings)
         try:
             shared = [
                 s.record
@@ -196,7 +211,7 @@ class Session:
     def attach(cls, info: SessionAttachInfo, settings: Settings | None = None) -> Self:
         """Attach to an existing session by id (from this or another process or machine)."""
         settings = settings or load_settings()
-        control = ControlClient(settings)
+        control = PooledControl(settings)
         try:
             described = control.request(GetArgs(info.session_id))
             if described.record.durable != cls.durable:
@@ -281,7 +296,7 @@ class Session:
         finally:
             self.heartbeat.stop()
             self.control.close()
-            self.sessions.close()
+            self.redis.release()
 
     def detach(self) -> None:
         """Disconnect, leaving the session running (reattach with its id)."""
@@ -289,7 +304,7 @@ class Session:
             self.closed = True
             self.heartbeat.stop()
             self.control.close()
-            self.sessions.close()
+            self.redis.release()
 
     def __enter__(self) -> Self:
         """Use as a context manager: the session closes on exit."""
@@ -326,7 +341,7 @@ class DurableSession(Session):
 def attach_session(session_id: int, settings: Settings | None = None) -> Session:
     """Attach to session `session_id` as a `Session` or `DurableSession`, whichever it is."""
     settings = settings or load_settings()
-    control = ControlClient(settings)
+    control = PooledControl(settings)
     try:
         described = control.request(GetArgs(session_id))
     except BaseException:

@@ -17,6 +17,7 @@ import redis
 
 from soafarm.names import Names
 from soafarm.state import garbage
+from soafarm.state.batch import Batch, Later
 from soafarm.state.records import as_text
 
 # KEYS: client hash, done bitmap. ARGV: runs of consecutive ids, each as three arguments:
@@ -132,12 +133,38 @@ class ProgressStore:
             pipe.hsetnx(self.key, field, 0)
         pipe.execute()
 
+    def create_in(self, batch: Batch) -> Later[None]:
+        """`create()`, sent with `batch` (idempotent, so safe outside a transaction); the
+        returned value raises what the commands raised."""
+
+        def queue(pipe: Any) -> None:
+            for field in ("accepted", "done", "faulted"):
+                pipe.hsetnx(self.key, field, 0)
+
+        def check(replies: list[Any]) -> None:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+
+        return batch.add(queue, check)
+
     def load(self) -> ClientProgress:
         """The current counters (a counter that is not an integer reads as 0, logged once)."""
         raw = garbage.tolerant(self.key, self._r.hgetall, {})
         return parse_progress(
             self.client_id, {as_text(k): as_text(v) for k, v in raw.items()}, self.key
         )
+
+    def read(self, batch: Batch) -> Later[ClientProgress]:
+        """`load()`, read with `batch`."""
+
+        def parse(replies: list[Any]) -> ClientProgress:
+            raw = garbage.reply(self.key, replies[0], {})
+            return parse_progress(
+                self.client_id, {as_text(k): as_text(v) for k, v in raw.items()}, self.key
+            )
+
+        return batch.add(lambda p: p.hgetall(self.key), parse)
 
     def record_accepted(self, count: int) -> None:
         """Requests 0..count-1 are safely in RabbitMQ (one writer per client id)."""

@@ -16,6 +16,7 @@ import redis
 from soafarm.errors import DecodeError
 from soafarm.names import Names
 from soafarm.state import garbage
+from soafarm.state.batch import Batch, Later
 from soafarm.state.records import HostRecord, as_text
 
 #: What `HostStore.wake` pushes by default: "look at your assignments now".
@@ -81,24 +82,36 @@ class HostStore:
         cannot: logged once; a live host overwrites its record at its next beat, and the
         broker's leader forgets the others)."""
         key = self.names.hosts_key
-        raw = garbage.tolerant(key, self._r.hgetall, {})
-        good: dict[str, HostRecord] = {}
-        bad: list[str] = []
-        for k, v in raw.items():
-            host_id = as_text(k)
-            try:
-                good[host_id] = HostRecord.from_json(v)
-            except DecodeError as e:
-                garbage.report(key, f"host {host_id!r}: {e}", v)
-                bad.append(host_id)
-        return good, sorted(bad)
+        return _hosts(key, garbage.tolerant(key, self._r.hgetall, {}))
+
+    def read_hosts(self, batch: Batch) -> Later[tuple[dict[str, HostRecord], list[str]]]:
+        """`scan_hosts()`, read with `batch`."""
+        key = self.names.hosts_key
+        return batch.add(
+            lambda p: p.hgetall(key), lambda r: _hosts(key, garbage.reply(key, r[0], {}))
+        )
 
     def alive(self, host_ids: list[str]) -> set[str]:
         """The subset of `host_ids` whose heartbeat key still exists."""
-        pipe = self._r.pipeline()
-        for h in host_ids:
-            pipe.exists(self.names.host_heartbeat_key(h))
-        return {h for h, ok in zip(host_ids, pipe.execute(), strict=True) if ok}
+        batch = Batch(self._r)
+        found = self.read_alive(batch, host_ids)
+        batch.run()
+        return found.value
+
+    def read_alive(self, batch: Batch, host_ids: list[str]) -> Later[set[str]]:
+        """`alive(host_ids)`, read with `batch`."""
+
+        def queue(pipe: Any) -> None:
+            for h in host_ids:
+                pipe.exists(self.names.host_heartbeat_key(h))
+
+        def alive(replies: list[Any]) -> set[str]:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return {h for h, ok in zip(host_ids, replies, strict=True) if ok}
+
+        return batch.add(queue, alive)
 
     def forget(self, host_id: str) -> None:
         """Broker side: remove a lost host, its assignments and its instances' load reports
@@ -132,21 +145,35 @@ class HostStore:
         """Current assignments (session id -> instances) of each host (broker side: a field
         that is not session id -> count is logged once and removed, as is a value of the
         wrong type; only the broker writes these)."""
-        pipe = self._r.pipeline()
-        for h in host_ids:
-            pipe.hgetall(self.names.host_assignments_key(h))
-        out: dict[str, dict[int, int]] = {}
-        for h, raw in zip(host_ids, pipe.execute(raise_on_error=False), strict=True):
-            key = self.names.host_assignments_key(h)
-            value = garbage.reply(key, raw, None)
-            if value is None:  # not a hash: only the broker writes it, so it goes
-                self._r.delete(key)
-                value = {}
-            out[h] = _assignment(key, value)
-            junk = [k for k in value if not _is_int(k) or not _is_int(value[k])]
-            if junk:  # the same fields `_assignment` skipped
-                self._r.hdel(key, *junk)
-        return out
+        batch = Batch(self._r)
+        found = self.read_assignments(batch, host_ids)
+        batch.run()
+        return found.value
+
+    def read_assignments(
+        self, batch: Batch, host_ids: list[str]
+    ) -> Later[dict[str, dict[int, int]]]:
+        """`assignments(host_ids)`, read with `batch` (garbage is removed as it is read)."""
+
+        def queue(pipe: Any) -> None:
+            for h in host_ids:
+                pipe.hgetall(self.names.host_assignments_key(h))
+
+        def decode(replies: list[Any]) -> dict[str, dict[int, int]]:
+            out: dict[str, dict[int, int]] = {}
+            for h, raw in zip(host_ids, replies, strict=True):
+                key = self.names.host_assignments_key(h)
+                value = garbage.reply(key, raw, None)
+                if value is None:  # not a hash: only the broker writes it, so it goes
+                    self._r.delete(key)
+                    value = {}
+                out[h] = _assignment(key, value)
+                junk = [k for k in value if not _is_int(k) or not _is_int(value[k])]
+                if junk:  # the same fields `_assignment` skipped
+                    self._r.hdel(key, *junk)
+            return out
+
+        return batch.add(queue, decode)
 
     def assignments_of(self, host_id: str) -> dict[int, int]:
         """One host's assignments: session id -> instances it should run (garbage skipped)."""
@@ -191,6 +218,20 @@ class HostStore:
             except DecodeError as e:
                 garbage.report(key, f"instance {as_text(k)!r}: {e}", v)
         return out
+
+
+def _hosts(key: str, raw: dict[Any, Any]) -> tuple[dict[str, HostRecord], list[str]]:
+    """(host records of the hosts hash, ids of those that cannot be decoded: reported)."""
+    good: dict[str, HostRecord] = {}
+    bad: list[str] = []
+    for k, v in raw.items():
+        host_id = as_text(k)
+        try:
+            good[host_id] = HostRecord.from_json(v)
+        except DecodeError as e:
+            garbage.report(key, f"host {host_id!r}: {e}", v)
+            bad.append(host_id)
+    return good, sorted(bad)
 
 
 def _is_int(value: Any) -> bool:

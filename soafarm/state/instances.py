@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 
 from soafarm.errors import DecodeError
 from soafarm.names import Names
 from soafarm.state import garbage
+from soafarm.state.batch import Batch, Later
 from soafarm.state.records import InstanceRecord, as_text
 
 
@@ -32,14 +34,14 @@ class InstanceStore:
         """Service instances currently serving this session, by id (a record that cannot be
         decoded is skipped, logged once)."""
         key = self.names.session_instances_key(session_id)
-        raws = garbage.tolerant(key, self._r.hgetall, {})
-        out = []
-        for field, raw in raws.items():
-            try:
-                out.append(InstanceRecord.from_json(raw))
-            except DecodeError as e:
-                garbage.report(key, f"instance {as_text(field)!r}: {e}", raw)
-        return sorted(out, key=lambda i: i.id)
+        return _instances(key, garbage.tolerant(key, self._r.hgetall, {}))
+
+    def read_of_session(self, batch: Batch, session_id: int) -> Later[list[InstanceRecord]]:
+        """`of_session(session_id)`, read with `batch`."""
+        key = self.names.session_instances_key(session_id)
+        return batch.add(
+            lambda p: p.hgetall(key), lambda r: _instances(key, garbage.reply(key, r[0], {}))
+        )
 
     def forget(self, session_id: int, host_id: str, instance_id: str) -> None:
         """Drop an instance that exited: its record, and its load report to its host (an
@@ -73,3 +75,15 @@ class InstanceStore:
             if fields:
                 gone += int(self._r.hdel(key, *fields))
         return gone
+
+
+def _instances(key: str, raws: dict[Any, Any]) -> list[InstanceRecord]:
+    """The instance records of a session's hash, by id (one that cannot be decoded is
+    skipped, logged once)."""
+    out = []
+    for field, raw in raws.items():
+        try:
+            out.append(InstanceRecord.from_json(raw))
+        except DecodeError as e:
+            garbage.report(key, f"instance {as_text(field)!r}: {e}", raw)
+    return sorted(out, key=lambda i: i.id)

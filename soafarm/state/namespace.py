@@ -27,7 +27,9 @@ from soafarm.state.sessions import SessionStore
 from soafarm.transport.errors import is_queue_gone
 from soafarm.transport.topology import control_queue, dead_letter_queue
 
-#: The client id tried for every session id when Redis lost the namespace's client ids.
+#: The client id tried for every session id when Redis lost the namespace's client ids (the
+#: client library's default; an interactive session's response queue for it is declared
+#: with the session).
 DEFAULT_CLIENT_ID = "default"
 
 
@@ -110,7 +112,9 @@ def delete_namespace_state(
     sessions = known_sessions(client, names)
     for sid, clients in sorted(sessions.items()):
         queues.append(names.request_queue(sid))
-        queues += [names.response_queue(sid, c) for c in sorted(clients)]
+        # an interactive session's default response queue exists from its creation, with or
+        # without a client attached by that id (soafarm.broker.sessions)
+        queues += [names.response_queue(sid, c) for c in sorted({*clients, DEFAULT_CLIENT_ID})]
     swept = 0
     store = SessionStore(client, names)
     if store.lost_below() or not store.ids_known():

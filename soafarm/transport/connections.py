@@ -8,9 +8,11 @@ error a user sees names the URL (password masked) and what to do.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pika
 import redis
@@ -23,6 +25,8 @@ from soafarm.transport.backoff import Outage
 from soafarm.transport.errors import REDIS_LOST, is_unroutable_return
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 RABBITMQ_HINT = (
     "is RabbitMQ running? start it with `rabbitmq-server -detached`, or use `soafarm up`"
@@ -200,6 +204,27 @@ def pika_connection(
     raise rabbitmq_unreachable(settings.amqp_url, last)
 
 
+def _driver_info() -> dict[str, Any]:
+    """The client's name and version for CLIENT SETINFO, worked out once per process.
+
+    redis-py 8 reads its own version from the package metadata (importlib.metadata, ~4 ms
+    here) for every new connection unless it is given; older versions, which read it once
+    at import, have no `driver_info` and need nothing.
+    """
+    global _DRIVER_INFO  # noqa: PLW0603 - a per-process cache
+    if _DRIVER_INFO is None:
+        try:
+            from redis.driver_info import DriverInfo  # redis-py >= 7.1
+        except ImportError:
+            _DRIVER_INFO = {}
+        else:
+            _DRIVER_INFO = {"driver_info": DriverInfo(lib_version=redis.__version__)}
+    return _DRIVER_INFO
+
+
+_DRIVER_INFO: dict[str, Any] | None = None
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A Redis client that has answered a PING, or ConnectionFailed naming the URL."""
     try:
@@ -208,6 +233,7 @@ def redis_client(settings: Settings) -> redis.Redis:
             socket_connect_timeout=settings.client.connect_timeout,
             health_check_interval=30,
             decode_responses=False,
+            **_driver_info(),
         )
         client.ping()
     except (redis.RedisError, ValueError, OSError) as e:
@@ -215,3 +241,122 @@ def redis_client(settings: Settings) -> redis.Redis:
             f"cannot connect to Redis at {mask_url(settings.redis_url)}: {e}; {REDIS_HINT}"
         ) from None
     return client
+
+
+_PROCESS_REDIS: dict[tuple[str, float], redis.Redis] = {}
+_PROCESS_REDIS_LOCK = threading.Lock()
+_PROCESS_REDIS_PID = os.getpid()
+
+
+def process_redis_client(settings: Settings) -> redis.Redis:
+    """This process's Redis client for `settings.redis_url`, made at the first call and
+    shared by every session after it (each command borrows a pooled connection: 1,000 open
+    sessions do not hold 1,000 connections, and a new session opens none). Each call checks
+    it with a PING, so an unreachable Redis is the same ConnectionFailed as `redis_client`'s.
+    """
+    global _PROCESS_REDIS_PID  # noqa: PLW0603 - reset in a forked child
+    key = (settings.redis_url, settings.client.connect_timeout)
+    with _PROCESS_REDIS_LOCK:
+        if os.getpid() != _PROCESS_REDIS_PID:  # forked: the parent's sockets are not ours
+            _PROCESS_REDIS.clear()
+            _PROCESS_REDIS_PID = os.getpid()
+        client = _PROCESS_REDIS.get(key)
+    if client is None:
+        made = redis_client(settings)
+        with _PROCESS_REDIS_LOCK:
+            client = _PROCESS_REDIS.setdefault(key, made)
+        if client is not made:  # another thread made one first
+            made.close()
+        return client
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as e:
+        raise ConnectionFailed(
+            f"cannot connect to Redis at {mask_url(settings.redis_url)}: {e}; {REDIS_HINT}"
+        ) from None
+    return client
+
+
+class SharedRedis:
+    """One Redis client (its connection pool) used by a session and its BrokerClients.
+
+    A `Session` makes it; each `BrokerClient` of the session `share()`s it instead of
+    opening a client of its own (a new client costs a TCP connect and three commands per
+    connection), and each `release()`s it when it closes. An `owned` client's connections
+    close with the last release, whichever closes last; the process's client
+    (`process_redis_client`) stays open for the next session. redis-py clients are
+    thread-safe (each command takes a pooled connection), so heartbeat, linger and reader
+    threads share it.
+    """
+
+    def __init__(self, client: redis.Redis, owned: bool = True) -> None:
+        """Hold `client` for its first user (the caller)."""
+        self.client = client
+        self.owned = owned
+        self._users = 1
+        self._lock = threading.Lock()
+
+    def share(self) -> redis.Redis:
+        """The client, for one more user (who must `release()` it)."""
+        with self._lock:
+            self._users += 1
+        return self.client
+
+    def release(self) -> None:
+        """One user is done with it; the last one closes its connections. A client used
+        again after that (a BrokerClient closed after its session) reconnects by itself."""
+        with self._lock:
+            self._users -= 1
+            last = self._users <= 0
+        if last and self.owned:
+            self.client.close()
+
+
+class Opening(Generic[T]):
+    """A connection opened on a thread of its own while the caller does something else
+    (sends a control request): connecting costs round trips to a server, not CPU, so the two
+    overlap. `result()` waits for it and returns it (or raises what opening raised);
+    `discard()` closes it, without waiting, if nobody took it."""
+
+    def __init__(self, open_: Callable[[], T], close: Callable[[T], None], name: str) -> None:
+        """Start opening with `open_()`; `close(it)` is how a discarded one is closed."""
+        self._open, self._close = open_, close
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._discarded = self._taken = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            value = self._open()
+        except BaseException as e:  # the caller's result() raises it
+            self._error = e
+            return
+        with self._lock:
+            self._value = value
+            discarded = self._discarded
+        if discarded:
+            self._close(value)
+
+    def result(self) -> T:
+        """The open connection, now the caller's (ConnectionFailed and the like as
+        opening raised them)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        self._taken = True
+        return self._value
+
+    def discard(self) -> None:
+        """Close the connection unless `result()` handed it out (at once if it is open
+        already, else as soon as it is)."""
+        with self._lock:
+            if self._taken or self._discarded:
+                return
+            self._discarded = True
+            value = self._value
+        if value is not None:
+            self._close(value)

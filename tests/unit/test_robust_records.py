@@ -561,6 +561,9 @@ class _Probe:
     def exists(self, _queue: str) -> bool:
         return True
 
+    def exists_many(self, queues: list[str]) -> dict[str, bool]:
+        return dict.fromkeys(queues, True)
+
 
 def daemons(monkeypatch: pytest.MonkeyPatch, r: redis.Redis, count: int) -> list[Any]:
     from soafarm.broker import daemon as module
