@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks.figures import SERVICES
 from soafarm import BrokerClient, Session, SessionStartInfo
 from soafarm.config import Settings, load_settings, with_section
-from soafarm.local.farm import LocalFarm
+from soafarm.local.farm import LocalFarm, delete_namespace
 
 HOPS = (
     ("create RPC -> session_created", "create", "session_created"),
@@ -155,8 +155,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "farm.log"
-        with stderr_to(log), LocalFarm(settings, workers=1, cores=2):
-            client = run_sessions(settings, args.sessions)
+        try:
+            with stderr_to(log), LocalFarm(settings, workers=1, cores=2):
+                client = run_sessions(settings, args.sessions)
+        finally:
+            delete_namespace(settings)
         sessions = match(log, client)[1:]  # the first is the service's first use here
     warm = sum(s.get("warm", 0.0) for s in sessions)
     print(f"{len(sessions)} sessions after the first ({warm:.0f} started warm), ms:")
