@@ -2,11 +2,13 @@
 
 Each session gets at least `min_units`, in priority order (then by age); a starting
 session's minimum is met whole or the session waits (queued); a running one keeps what it
-can get. What is left is shared in proportion to outstanding work, one unit at a time, never
-above `max_units`. A unit occupies 1 core, a socket's cores
-or a whole host, by the session's resource unit. Placement keeps instances where they
-already run, so a round with nothing new changes nothing, and packs new ones onto the
-fullest host that has room.
+can get. What is left goes one unit at a time, never above the session's `max_units` (its
+grow/shrink target, `broker.grow_shrink`): in `queued` mode to the sessions in order of
+priority, then age, each up to its maximum before the next gets more; in `balanced` mode
+shared in proportion to outstanding work. A unit occupies 1 core, a socket's cores or a
+whole host, by the session's resource unit. Placement keeps instances where they already
+run, so a round with nothing new changes nothing, and packs new ones onto the fullest host
+that has room. An offline host keeps what it runs and takes nothing new.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ class _Plan:
         hosts: Mapping[str, HostSize],
         current: Mapping[str, Mapping[int, int]],
         excluded: Mapping[int, set[str]],
+        offline: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         self.hosts = hosts
         self.current = current
         self.excluded = excluded
+        self.offline = offline
         self.free = {h: s.cores for h, s in hosts.items()}
         self.result: Assignments = {h: {} for h in hosts}
         self.units: dict[int, int] = {}
@@ -78,6 +82,8 @@ class _Plan:
             ):
                 continue
             moves = have >= self.current.get(h, {}).get(sid, 0)
+            if moves and h in self.offline:
+                continue  # offline: keeps its instances, takes no new one
             candidates.append((moves, self.free[h], h))
         if not candidates:
             return False
@@ -108,10 +114,14 @@ def allocate(
     current: Mapping[str, Mapping[int, int]],
     demands: list[Demand],
     excluded: Mapping[int, set[str]] | None = None,
+    *,
+    mode: str = "balanced",
+    offline: frozenset[str] | set[str] = frozenset(),
 ) -> Assignments:
     """Instances per host and session. `excluded` names hosts a session must not use (its
-    service failed to load there)."""
-    plan = _Plan(hosts, current, excluded or {})
+    service failed to load there, or the host is outside its node groups); `offline` hosts
+    keep their current instances and get no new one; `mode` is "queued" or "balanced"."""
+    plan = _Plan(hosts, current, excluded or {}, offline)
     order = sorted(demands, key=lambda d: (-d.priority, d.session_id))
     started: list[Demand] = []
     for d in order:  # minimums first, by priority; met whole or not at all when starting
@@ -126,8 +136,9 @@ def allocate(
     # open sessions the scan cost 0.8 s a round (every session that cannot grow is tried
     # once). Ties are broken by session id, so the order is the scan's exactly.
     # (the list index only keeps two equal keys from comparing Demands)
+    key = _queue_key if mode == "queued" else _share_key
     growing = [
-        (_share_key(d, plan.cores.get(d.session_id, 0)), i, d)
+        (key(d, plan.cores.get(d.session_id, 0)), i, d)
         for i, d in enumerate(started)
         if plan.units.get(d.session_id, 0) < d.max_units
     ]
@@ -135,7 +146,7 @@ def allocate(
     while growing and plan.has_room():
         _key, i, best = heapq.heappop(growing)
         if plan.add(best) and plan.units[best.session_id] < best.max_units:
-            heapq.heappush(growing, (_share_key(best, plan.cores[best.session_id]), i, best))
+            heapq.heappush(growing, (key(best, plan.cores[best.session_id]), i, best))
     return {h: {s: n for s, n in a.items() if n} for h, a in plan.result.items()}
 
 
@@ -143,6 +154,12 @@ def _share_key(demand: Demand, cores: int) -> tuple[float, int, int]:
     """Heap order of a growing session: the greatest quotient first, then the highest
     priority, then the oldest session (the smallest key pops first)."""
     return (-weight(demand.outstanding) / (cores + 1), -demand.priority, demand.session_id)
+
+
+def _queue_key(demand: Demand, _cores: int) -> tuple[float, int, int]:
+    """Heap order in queued mode: the highest priority, then the oldest session, whatever
+    it holds (it grows to its maximum before the next one grows)."""
+    return (0.0, -demand.priority, demand.session_id)
 
 
 def totals(assignments: Mapping[str, Mapping[int, int]]) -> dict[int, int]:

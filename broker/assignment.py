@@ -6,14 +6,24 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
+from soafarm.broker import grow_shrink, node_groups
 from soafarm.broker.allocator import Demand, allocate, totals
 from soafarm.broker.lifecycle import HOLDS_UNITS
 from soafarm.broker.store import BrokerStore
-from soafarm.resources import HostSize
-from soafarm.state.records import SessionRecord, SessionState
+from soafarm.broker.waiting import waiting_reason
+from soafarm.resources import HostSize, capacity, units_per_host
+from soafarm.state.batch import Batch, Later
+from soafarm.state.records import (
+    HostRecord,
+    LoadError,
+    SessionRecord,
+    SessionState,
+    SessionStatus,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +46,10 @@ class RoundMemo:
     #: Outstanding work and load errors per session, read at `facts_at` (monotonic).
     facts: Facts = field(default_factory=dict)
     facts_at: float = -math.inf
+    #: Every session's status as the leader last wrote it (None: read the hash). The leader
+    #: is their only writer, so it need not read them back each round (1,000 open sessions
+    #: made that a 1,000-field hash parsed after every create and close).
+    statuses: dict[int, SessionStatus] | None = None
     #: The allocator's last inputs and result.
     inputs: tuple[object, ...] | None = None
     result: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -58,23 +72,60 @@ class RoundMemo:
         current: dict[str, dict[int, int]],
         demands: list[Demand],
         excluded: dict[int, set[str]],
+        *,
+        mode: str = "balanced",
+        offline: frozenset[str] | set[str] = frozenset(),
     ) -> dict[str, dict[int, int]]:
         """`allocate(...)`, or its last result again when its inputs are the same."""
-        inputs = (sizes, current, demands, excluded)
+        inputs = (sizes, current, demands, excluded, mode, offline)
         if inputs != self.inputs:
-            self.inputs, self.result = inputs, allocate(sizes, current, demands, excluded)
+            self.inputs = inputs
+            self.result = allocate(sizes, current, demands, excluded, mode=mode, offline=offline)
         return {h: dict(a) for h, a in self.result.items()}
 
 
-def reconcile(store: BrokerStore, memo: RoundMemo | None = None) -> None:
-    """One allocation round. Idempotent: with nothing changed it writes nothing. With
-    `memo` (the leader's), it reuses what the previous rounds read as `RoundMemo` says."""
-    # the hosts and the targets in one round trip, the heartbeats and the assignments in
-    # one more (the assignments of hosts found dead are not used)
-    first = store.batch()
-    hosts_read = store.host_records.read_hosts(first)
-    targets_read = store.sessions.read_targets(first)
-    first.run()
+@dataclass(frozen=True)
+class _Hosts:
+    """The live hosts as a round sees them."""
+
+    records: dict[str, HostRecord]
+    #: Hosts taking work (not draining), with their sizes.
+    sizes: dict[str, HostSize]
+    #: Hosts an operator took offline: they keep what they run and take nothing new.
+    offline: set[str]
+    current: dict[str, dict[int, int]]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """One session as a round sees it."""
+
+    record: SessionRecord
+    outstanding: int
+    #: Live hosts outside its node groups, and those in them.
+    outside: set[str]
+    mine: set[str]
+    load_errors: dict[str, LoadError]
+    #: Host -> when its exclusion for a load failure ends (only hosts excluded now).
+    excluded_until: dict[str, float]
+
+    @property
+    def failed(self) -> str:
+        """The error of a session whose service failed to load on every live host it may
+        use, again after a retry (so twice on each); "" otherwise."""
+        return _failed_everywhere(self)
+
+
+def _read_hosts(store: BrokerStore, first: Batch) -> tuple[Later[Any], Later[dict[str, str]]]:
+    """Queue the reads of the hosts' records and their admin states on `first`."""
+    return store.host_records.read_hosts(first), store.host_records.read_admin(first)
+
+
+def _live_hosts(
+    store: BrokerStore, hosts_read: Later[Any], admin_read: Later[dict[str, str]]
+) -> _Hosts:
+    """The live hosts (one more round trip: heartbeats and assignments); lost hosts and
+    unreadable records of dead hosts are forgotten."""
     registered, unreadable = hosts_read.value
     second = store.batch()
     alive_read = store.host_records.read_alive(second, sorted({*registered, *unreadable}))
@@ -90,59 +141,185 @@ def reconcile(store: BrokerStore, memo: RoundMemo | None = None) -> None:
             store.forget_host(host_id)
             log.warning("host_record_removed", host_id=host_id, why="unreadable, no heartbeat")
     alive -= set(unreadable)
-    # a draining host (being shrunk) finishes what it holds and gets nothing new
+    admin = admin_read.value
+    # a draining host (being shrunk, or drained by an operator) finishes what it holds and
+    # gets nothing new; an offline one keeps what it runs and gets nothing new
     sizes = {
         h: HostSize(registered[h].cores, registered[h].sockets)
         for h in alive
-        if not registered[h].draining
+        if not registered[h].draining and admin.get(h) != "draining"
     }
+    return _Hosts(
+        records={h: registered[h] for h in alive},
+        sizes=sizes,
+        offline={h for h in sizes if admin.get(h) == "offline"},
+        current={h: a for h, a in assignments_read.value.items() if h in alive},
+    )
+
+
+def _session_facts(
+    store: BrokerStore,
+    memo: RoundMemo | None,
+    hosts: _Hosts,
+    sessions: list[SessionRecord],
+    now: float,
+) -> list[_Facts]:
+    """Each session's outstanding work, node-group and load-failure exclusions: outstanding
+    work and load errors of every session in one script call (per 250), so a round's Redis
+    calls do not grow with the number of open sessions."""
+    ids = [s.id for s in sessions]
+    facts = memo.facts_of(store, ids) if memo else store.sessions.demand_facts(ids)
+    out = []
+    for s in sessions:
+        outstanding, raw_errors = facts[s.id]
+        errors = {h: LoadError.parse(why) for h, why in raw_errors.items()}
+        # a host that failed to load the service is left out for the session's
+        # end_point_not_found_retry_period, then tried again
+        period = s.broker_settings.end_point_not_found_retry_period
+        until = {h: e.at + period for h, e in errors.items() if now < e.at + period}
+        outside = node_groups.outside(hosts.records, s.node_groups)
+        mine = set(hosts.records) - outside
+        out.append(_Facts(s, outstanding, outside, mine, errors, until))
+    return out
+
+
+def reconcile(
+    store: BrokerStore,
+    memo: RoundMemo | None = None,
+    mode: str = "queued",
+    now: float | None = None,
+) -> None:
+    """One allocation round. Idempotent: with nothing changed it writes nothing. With
+    `memo` (the leader's), it reuses what the previous rounds read as `RoundMemo` says;
+    `mode` is the scheduler's ("queued" or "balanced")."""
+    now = time.time() if now is None else now
+    # the hosts, the targets and the statuses in one round trip, the heartbeats and the
+    # assignments in one more (the assignments of hosts found dead are not used)
+    first = store.batch()
+    hosts_read, admin_read = _read_hosts(store, first)
+    targets_read = store.sessions.read_targets(first)
+    known = memo.statuses if memo else None
+    statuses_read = store.sessions.read_statuses(first) if known is None else None
+    first.run()
+    hosts = _live_hosts(store, hosts_read, admin_read)
     # a closed (not purged) durable session keeps its responses but runs nothing, as does a
     # released one (until a client sends more); a failed one could not load its service
     # anywhere, or lost its queue
-    sessions = [s for s in store.open_sessions() if s.state in HOLDS_UNITS]
-    # outstanding work and load errors of every session in one script call (per 250): a
-    # round's Redis calls do not grow with the number of open sessions
-    ids = [s.id for s in sessions]
-    facts = memo.facts_of(store, ids) if memo else store.sessions.demand_facts(ids)
-    load_errors = {sid: errors for sid, (_outstanding, errors) in facts.items()}
-    for s in sessions:
-        if alive and alive <= set(load_errors[s.id]):
-            why = next(iter(sorted(load_errors[s.id].items())))
-            error = f"the service could not be loaded on any host ({why[0]}: {why[1]})"
-            log.error("session_failed", session_id=s.id, error=error)
-            _set_state(store, s, SessionState.FAILED, error)
-    sessions = [s for s in sessions if not (alive and alive <= set(load_errors[s.id]))]
-    outstanding = {sid: n for sid, (n, _errors) in facts.items()}
+    open_ = [s for s in store.open_sessions() if s.state in HOLDS_UNITS]
+    sessions = []
+    for f in _session_facts(store, memo, hosts, open_, now):
+        if f.failed:
+            log.error("session_failed", session_id=f.record.id, error=f.failed)
+            _set_state(store, f.record, SessionState.FAILED, f.failed)
+        else:
+            sessions.append(f)
+    previous = (known or {}) if statuses_read is None else statuses_read.value
+    statuses = _next_statuses(hosts, sessions, previous, now)
     demands = [
         Demand(
-            s.id,
-            s.min_units,
-            s.max_units,
-            s.priority,
-            s.resource_unit,
-            outstanding[s.id],
-            running=s.state == SessionState.RUNNING,
+            f.record.id,
+            f.record.min_units,
+            statuses[f.record.id].target,
+            f.record.priority,
+            f.record.resource_unit,
+            f.outstanding,
+            running=f.record.state == SessionState.RUNNING,
         )
-        for s in sessions
+        for f in sessions
     ]
-    current = {h: a for h, a in assignments_read.value.items() if h in alive}
-    excluded = {sid: set(errors) for sid, errors in load_errors.items()}
-    new = (memo.allocate if memo else allocate)(sizes, current, demands, excluded)
-    new.update({h: {} for h in alive if h not in sizes})
+    excluded = {f.record.id: f.outside | set(f.excluded_until) for f in sessions}
+    place = memo.allocate if memo else allocate
+    new = place(hosts.sizes, hosts.current, demands, excluded, mode=mode, offline=hosts.offline)
+    new.update({h: {} for h in hosts.records if h not in hosts.sizes})
     wanted = totals(new)
     # sessions given no unit are left out: the hash stays as small as the farm, not as the
     # number of open sessions (readers take a missing session as 0)
-    targets = {s.id: wanted[s.id] for s in sessions if wanted.get(s.id, 0) > 0}
+    targets = {f.record.id: wanted[f.record.id] for f in sessions if wanted.get(f.record.id)}
     if targets != targets_read.value:
         store.set_targets(targets)
     for host_id, assignment in new.items():
-        if assignment != current.get(host_id, {}):
+        if assignment != hosts.current.get(host_id, {}):
             log.info("host_assigned", host_id=host_id, assignment=assignment)
             store.set_assignments(host_id, assignment)
-    for s in sessions:
-        state = SessionState.RUNNING if wanted.get(s.id, 0) > 0 else SessionState.QUEUED
-        if state != s.state:
-            _set_state(store, s, state)
+    written = _write_statuses(store, hosts, sessions, statuses, previous, wanted, now)
+    if memo:
+        memo.statuses = written
+    for f in sessions:
+        state = SessionState.RUNNING if wanted.get(f.record.id, 0) > 0 else SessionState.QUEUED
+        if state != f.record.state:
+            _set_state(store, f.record, state)
+
+
+def _next_statuses(
+    hosts: _Hosts, sessions: list[_Facts], previous: dict[int, SessionStatus], now: float
+) -> dict[int, SessionStatus]:
+    """Each session's grow/shrink target from its load (`broker.grow_shrink`)."""
+    held = totals(hosts.current)
+    largest = max(hosts.sizes.values(), key=lambda z: z.cores, default=HostSize(1))
+    return {
+        f.record.id: grow_shrink.next_status(
+            f.record,
+            previous.get(f.record.id),
+            units=held.get(f.record.id, 0),
+            outstanding=f.outstanding,
+            capacity=capacity(f.record.resource_unit, largest, f.record.max_concurrent_calls),
+            now=now,
+            ceiling=sum(units_per_host(f.record.resource_unit, z) for z in hosts.sizes.values()),
+        )
+        for f in sessions
+    }
+
+
+def _write_statuses(  # noqa: PLR0917 - the round's parts, in its order
+    store: BrokerStore,
+    hosts: _Hosts,
+    sessions: list[_Facts],
+    statuses: dict[int, SessionStatus],
+    previous: dict[int, SessionStatus],
+    wanted: dict[int, int],
+    now: float,
+) -> dict[int, SessionStatus]:
+    """Write the statuses worth writing (`grow_shrink.worth_writing`), each with why the
+    session waits when it got no unit, and drop those of sessions no longer open; return
+    every open session's status as stored now."""
+    changed: dict[int, SessionStatus] = {}
+    for f in sessions:
+        sid = f.record.id
+        waiting = ""
+        if not wanted.get(sid) and (f.record.min_units > 0 or f.outstanding > 0):
+            waiting = waiting_reason(
+                f.record,
+                hosts.records,
+                hosts.sizes,
+                outside=f.outside,
+                load_errors=f.load_errors,
+                excluded_until=f.excluded_until,
+                now=now,
+            )
+        status = dataclasses.replace(statuses[sid], waiting=waiting)
+        old = previous.get(sid)
+        if grow_shrink.worth_writing(
+            status, old, now, f.record.broker_settings.status_update_interval
+        ):
+            if old is not None and status.target != old.target:
+                log.info("session_target", session_id=sid, target=status.target, why=status.reason)
+            changed[sid] = dataclasses.replace(status, written=now)
+    gone = [sid for sid in previous if sid not in statuses]
+    if changed or gone:
+        store.sessions.set_statuses(changed, gone)
+    return {**{sid: previous[sid] for sid in statuses if sid in previous}, **changed}
+
+
+def _failed_everywhere(facts: _Facts) -> str:
+    """See `_Facts.failed`."""
+    mine, until, errors = facts.mine, facts.excluded_until, facts.load_errors
+    if not mine or not all(h in until and errors[h].tries >= 2 for h in mine):
+        return ""
+    host = sorted(mine)[0]
+    return (
+        "the service could not be loaded on any host it may use, twice each "
+        f"({host}: {errors[host].why})"
+    )
 
 
 def _set_state(

@@ -237,7 +237,9 @@ class BrokerDaemon:
             )
         if self._queue_pass or self._missing_since or time.monotonic() >= self._next_queue_check:
             self._run_phase("queues", partial(self._check_queues, probe, now))
-        self._run_phase("allocate", partial(reconcile, self.store, self.memo))
+        self._run_phase(
+            "allocate", partial(reconcile, self.store, self.memo, self.settings.scheduler.mode)
+        )
 
     def allocate_now(self, service: SessionService, probe: QueueProbe) -> None:
         """The allocator alone, at once (after a control request changed the sessions), if
@@ -246,7 +248,9 @@ class BrokerDaemon:
         if not (self.leading and time.monotonic() - self._held_at < LEASE_FRESH):
             self.round(service, probe)
             return
-        self._run_phase("allocate", partial(reconcile, self.store, self.memo))
+        self._run_phase(
+            "allocate", partial(reconcile, self.store, self.memo, self.settings.scheduler.mode)
+        )
 
     def _run_phase(self, name: str, phase: Callable[[], object]) -> None:
         """Run one phase of a round; its failure is logged (see `_failed`), not raised."""

@@ -3,7 +3,13 @@
 - `client_connection_timeout`: a session no client id attached to this long after creation
   is closed.
 - `client_idle_timeout`: a client handle (Session or BrokerClient) that has not beaten this
-  long is gone (its process died or lost its network).
+  long is gone (its process died or lost its network). And a client id (its BrokerClient
+  handles) that has sent nothing and read nothing for this long while it had nothing
+  outstanding is disconnected: its handles stop counting and its next send or read raises
+  `ClientIdleTimeout` (decided in the same script call that reads the handles, see
+  `SessionStore.sweep_activity`). Nothing of it is purged: a durable client id attaches
+  again and reads everything. 0: no limit (a silent handle is still gone after
+  SILENT_HANDLE_LIMIT: its process died).
 - `session_idle_timeout` (`durable_session_idle_timeout` for durable sessions): a session with
   no client handle left is closed after this long; 0 closes it at once.
 - `durable_release_timeout`: a durable session with nothing outstanding and no client handle
@@ -25,6 +31,7 @@ broker daemon is never undone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Collection
 
 import structlog
@@ -42,6 +49,37 @@ HOLDS_UNITS = (SessionState.QUEUED, SessionState.RUNNING)
 #: its session). An interactive session's queue is failed at the first miss: nothing
 #: recreates it.
 DURABLE_QUEUE_GRACE = 10.0
+
+
+#: With `client_idle_timeout` 0 (no idle limit), a client handle silent this long still
+#: counts as gone: its process died (its heartbeat beats every 10 s then).
+SILENT_HANDLE_LIMIT = 300.0
+
+
+#: A session's client ids are checked against `client_idle_timeout` about this many times
+#: per limit (and at least at every sweep's second): the times it compares are written by
+#: the clients and workers themselves, so a check that comes later only disconnects later
+#: (by a tenth of the limit at most), and 1,000 sessions of idle clients cost the sweep's
+#: script a tenth of what checking them every second would.
+IDLE_CHECKS_PER_LIMIT = 10
+
+
+def idle_check_due(record: SessionRecord, now: float, interval: float = 1.0) -> bool:
+    """True when this sweep (the previous one `interval` seconds ago) checks the session's
+    client ids for `client_idle_timeout`: once per tenth of the limit, at a phase of its
+    own (the sessions' checks spread over the rounds), no state kept between sweeps."""
+    limit = record.broker_settings.client_idle_timeout
+    if limit <= 0:
+        return False
+    period = max(limit / IDLE_CHECKS_PER_LIMIT, interval)
+    phase = (record.id * 0.6180339887) % 1.0 * period
+    return math.floor((now + phase) / period) != math.floor((now - interval + phase) / period)
+
+
+def silent_limit(record: SessionRecord) -> float:
+    """How long a client handle may go without beating before it no longer counts."""
+    limit = record.broker_settings.client_idle_timeout
+    return limit if limit > 0 else SILENT_HANDLE_LIMIT
 
 
 def idle_timeout(record: SessionRecord) -> float:
@@ -79,9 +117,23 @@ def expire_sessions(
     of a core.
     """
     records = store.open_sessions()
-    activity = store.sessions.activity(
-        {r.id: now - r.broker_settings.client_idle_timeout for r in records}
+    activity, disconnected = store.sessions.sweep_activity(
+        {r.id: now - silent_limit(r) for r in records},
+        {
+            r.id: now - r.broker_settings.client_idle_timeout
+            for r in records
+            if idle_check_due(r, now)
+        },
+        now,
     )
+    for gone in disconnected:
+        log.info(
+            "client_idle_disconnected",
+            session_id=gone.session_id,
+            client_id=gone.client_id,
+            idle_for=gone.idle_for,
+            why="nothing sent, read or outstanding for client_idle_timeout",
+        )
     durable = [
         r.id for r in records if r.durable and r.state in (*HOLDS_UNITS, SessionState.RELEASED)
     ]

@@ -19,6 +19,7 @@ import structlog
 
 from soafarm.broker.queues import QueueOps
 from soafarm.broker.store import BrokerStore
+from soafarm.broker.templates import apply_template, find_template
 from soafarm.config import BrokerSettings, Settings, broker_settings_with
 from soafarm.errors import (
     ConfigError,
@@ -26,13 +27,14 @@ from soafarm.errors import (
     SessionClosed,
     SessionFailed,
     SessionNotFound,
+    SoafarmError,
 )
 from soafarm.names import Names, check_client_id
 from soafarm.plain import from_plain
 from soafarm.registration import Registration, Registry
-from soafarm.resources import check_unit
 from soafarm.state.batch import Later
 from soafarm.state.control import (
+    HOST_ACTIONS,
     AddDataArgs,
     AttachClientArgs,
     Attached,
@@ -44,6 +46,8 @@ from soafarm.state.control import (
     CreateArgs,
     DataAdded,
     GetArgs,
+    HostActionArgs,
+    HostActionDone,
     HostInfo,
     HostList,
     HostsArgs,
@@ -54,9 +58,11 @@ from soafarm.state.control import (
     Reply,
     SessionInfo,
     SessionList,
+    TemplateList,
+    TemplatesArgs,
 )
 from soafarm.state.namespace import DEFAULT_CLIENT_ID
-from soafarm.state.records import SessionRecord, SessionState
+from soafarm.state.records import LoadError, SessionRecord, SessionState
 from soafarm.state.sessions import IdMark
 from soafarm.transport.topology import request_queue, response_queue
 
@@ -204,8 +210,12 @@ class SessionService:
                 return self.add_data(args)
             case HostsArgs():
                 return self.hosts(args)
+            case HostActionArgs():
+                return self.host_action(args)
             case PingArgs():
                 return Pong(self.settings.namespace)
+            case TemplatesArgs():
+                return self.templates()
             case _:
                 assert_never(args)
 
@@ -250,19 +260,15 @@ class SessionService:
         )
 
     def create(self, args: CreateArgs) -> SessionInfo:
-        """Resolve the service, declare the session's queues, record it, allocate hosts."""
+        """Resolve the service and the job template, declare the session's queues, record
+        it, allocate hosts."""
         registration = self.resolved.resolve(args.service, args.version)
-        min_units = args.min_units
-        max_units = min_units if args.max_units is None else args.max_units
-        if min_units < 0 or max_units < max(min_units, 1):
-            raise ConfigError(
-                f"need 0 <= min_units <= max_units and max_units >= 1 "
-                f"(got {min_units}..{max_units})"
-            )
-        unit = check_unit(args.resource_unit)
-        effective = self.resolved.broker_settings(
-            self.settings.broker, registration, args.broker_settings
+        asked = apply_template(self.settings.scheduler, args)
+        overrides = (
+            {**asked.broker, **args.broker_settings} if asked.broker else args.broker_settings
         )
+        effective = self.resolved.broker_settings(self.settings.broker, registration, overrides)
+        min_units, max_units, unit = asked.min_units, asked.max_units, asked.resource_unit
         data = self._adopt_data(args.data)
         sid = self.store.new_session_id(self.ids)
         record = SessionRecord(
@@ -272,7 +278,7 @@ class SessionService:
             state=SessionState.QUEUED,
             min_units=min_units,
             max_units=max_units,
-            priority=args.priority,
+            priority=asked.priority,
             resource_unit=unit,
             created=time.time(),
             owner=args.owner,
@@ -282,6 +288,8 @@ class SessionService:
             durable=args.durable,
             shared=args.shared,
             data=data,
+            job_template=asked.template,
+            node_groups=asked.node_groups,
         )
         declares = [
             ("queue_declare", request_queue(self.names, sid, args.durable).declare_kwargs())
@@ -302,6 +310,8 @@ class SessionService:
             service=registration.label,
             min_units=min_units,
             max_units=max_units,
+            template=asked.template,
+            node_groups=list(asked.node_groups),
         )
         self.on_change()
         # described as saved, without reading it back: nothing can have attached to it,
@@ -342,6 +352,7 @@ class SessionService:
                 self.store.sessions.read_clients(batch, r.id),
                 self.store.sessions.read_load_errors(batch, r.id),
                 self.store.sessions.read_target(batch, r.id),
+                self.store.sessions.read_status(batch, r.id),
             )
             for r in records
         ]
@@ -349,11 +360,11 @@ class SessionService:
         progress = self.store.batch()
         counters = [
             [self.store.progress(r.id, c).read(progress) for c in clients.value]
-            for r, (_i, clients, _e, _t) in zip(records, reads, strict=True)
+            for r, (_i, clients, _e, _t, _s) in zip(records, reads, strict=True)
         ]
         progress.run()
         out = []
-        for r, (instances, _c, load_errors, target), of_clients in zip(
+        for r, (instances, _c, load_errors, target, status), of_clients in zip(
             records, reads, counters, strict=True
         ):
             clients = tuple(
@@ -365,9 +376,10 @@ class SessionService:
                     request_queue=self.names.request_queue(r.id),
                     instances=tuple(instances.value),
                     clients=clients,
-                    load_errors=load_errors.value,
+                    load_errors={h: LoadError.parse(v).why for h, v in load_errors.value.items()},
                     allocated_units=len(instances.value),
                     target_units=target.value,
+                    status=status.value,
                     outstanding=sum(c.outstanding for c in clients),
                 )
             )
@@ -391,6 +403,14 @@ class SessionService:
             )
         )
 
+    def templates(self) -> TemplateList:
+        """The job templates this daemon applies, `Default` first (the built-in one when
+        the settings define none)."""
+        configured = self.settings.scheduler.job_templates
+        default = find_template(self.settings.scheduler, "")
+        rest = tuple(t for t in configured if t.name.lower() != "default")
+        return TemplateList((default, *rest))
+
     def hosts(self, _args: HostsArgs) -> HostList:
         """Every live worker host with its pool, size, assigned and running instances per
         session, utilisation and heartbeat age."""
@@ -403,6 +423,7 @@ class SessionService:
                 if instance.host_id in running:
                     per = running[instance.host_id]
                     per[str(session.id)] = per.get(str(session.id), 0) + 1
+        admin = self.store.host_records.admin_states()
         now = time.time()
         return HostList(
             tuple(
@@ -412,10 +433,31 @@ class SessionService:
                     instances=running[h],
                     uptime=round(now - registered[h].started, 1),
                     heartbeat_age=round(max(0.0, now - registered[h].beat), 1),
+                    admin=admin.get(h, ""),
                 )
                 for h in sorted(alive)
             )
         )
+
+    def host_action(self, args: HostActionArgs) -> HostActionDone:
+        """Set or clear a live host's operator state and run the allocator at once. `online`
+        also clears the state of a host that is not live (it would come back with it)."""
+        state = HOST_ACTIONS[args.action]
+        hosts = self.store.host_records
+        registered = self.store.hosts()
+        live = self.store.alive(sorted(registered))
+        if args.host_id not in live and not (
+            state is None and args.host_id in hosts.admin_states()
+        ):
+            raise SoafarmError(
+                f"no live worker host {args.host_id!r} in namespace "
+                f"{self.settings.namespace!r}; live hosts: {', '.join(sorted(live)) or 'none'} "
+                "(see `soafarm hosts`)"
+            )
+        previous = hosts.set_admin(args.host_id, state)
+        log.info("host_admin_set", host_id=args.host_id, state=state, previous=previous)
+        self.on_change()
+        return HostActionDone(args.host_id, state or "", previous or "")
 
     def attach_client(self, args: AttachClientArgs) -> Attached:
         """Declare the response queue of a client id; returns its name.

@@ -49,9 +49,20 @@ class BrokerSettings:
     message_throttle_start_threshold: int = 5_120
     message_throttle_stop_threshold: int = 3_840
     load_sampling_interval: float = 1.0
-    allocation_adjust_interval: float = 30.0
+    #: Seconds between a session's shrink decisions (and the autoscaler's pool decisions):
+    #: a session whose load ratio is below `allocation_shrink_load_ratio_threshold` hands
+    #: units back at most this often; one above `allocation_grow_load_ratio_threshold` grows
+    #: at the next allocation round.
+    allocation_adjust_interval: float = 60.0
     allocation_grow_load_ratio_threshold: int = 125
     allocation_shrink_load_ratio_threshold: int = 75
+    #: Seconds between writes of a session's status (load ratio, target units, reason) when
+    #: nothing but the load changed; a change of target or state is written at once.
+    status_update_interval: float = 15.0
+    #: Seconds a host that failed to load the session's service is excluded for it before it
+    #: is tried again; a session whose service failed again on every live host after that
+    #: retry fails.
+    end_point_not_found_retry_period: float = 300.0
     #: Seconds a durable session with nothing outstanding and no client keeps its units
     #: (then it is `released`, still readable, and gets units again when a client sends).
     durable_release_timeout: float = 60.0
@@ -182,6 +193,93 @@ class AutoscalerSettings:
     pools: tuple[PoolSettings, ...] = (PoolSettings(),)
 
 
+#: HPC Pack's named job priorities and their values (a priority may be given either way).
+PRIORITIES: dict[str, int] = {
+    "lowest": 0,
+    "below_normal": 1000,
+    "normal": 2000,
+    "above_normal": 3000,
+    "highest": 4000,
+}
+SCHEDULER_MODES = ("queued", "balanced")
+
+
+def priority_value(priority: int | str, where: str = "priority") -> int:
+    """`priority` as an integer: a named priority (`lowest` ... `highest`, any case, with
+    `-`, `_` or nothing between words) or an integer 0..4000 as is."""
+    if isinstance(priority, bool):
+        raise ConfigError(f"{where} must be a name or an integer, not {priority!r}")
+    if isinstance(priority, int):
+        if not 0 <= priority <= PRIORITIES["highest"]:
+            raise ConfigError(f"{where} must be between 0 and 4000, not {priority}")
+        return priority
+    text = str(priority).strip().lower().replace("-", "_")
+    folded = {k.replace("_", ""): v for k, v in PRIORITIES.items()}
+    if text.isdigit():
+        return priority_value(int(text), where)
+    if text in PRIORITIES or text.replace("_", "") in folded:
+        return PRIORITIES.get(text, folded.get(text.replace("_", ""), 0))
+    raise ConfigError(
+        f"{where} {priority!r} is not a priority; use one of {', '.join(PRIORITIES)} "
+        "or an integer 0..4000"
+    )
+
+
+@dataclass(frozen=True)
+class JobTemplate:
+    """A named job template: defaults and limits applied to the sessions that name it
+    (`SessionStartInfo(job_template=...)`; sessions naming none use `Default`).
+
+    Defaults fill what a session leaves unset; limits refuse a session that asks for more.
+    """
+
+    name: str = "Default"
+    description: str = ""
+    #: Default units when the session gives none (`max_units` 0: as many as the farm has).
+    min_units: int = 1
+    max_units: int = 0
+    #: The most units a session of this template may ask for as `max_units` and `min_units`
+    #: (0: no limit).
+    units_limit: int = 0
+    #: Default resource unit, and the units allowed (comma-separated; empty: any).
+    resource_unit: str = "core"
+    allowed_resource_units: str = ""
+    #: Default priority, and the highest a session may ask for (names or 0..4000).
+    priority: str = "normal"
+    max_priority: str = "highest"
+    #: Default node groups (comma-separated); with `force_node_groups` a session may not
+    #: name others.
+    node_groups: str = ""
+    force_node_groups: bool = False
+    #: Broker settings applied under the session's own (above the service registration's).
+    # (left out of the hash: settings are hashed as a whole to key connection pools)
+    broker: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def node_group_list(self) -> tuple[str, ...]:
+        """`node_groups` split on commas."""
+        return _split(self.node_groups)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How the broker shares the farm's units between sessions (one policy per farm)."""
+
+    #: "queued": spare units go to sessions in order of priority, then age, each up to its
+    #: target; "balanced": spare units are shared evenly between the sessions that want
+    #: more, higher priority first on ties. Minimums come first in both.
+    mode: str = "queued"
+    #: Job templates by name; `Default` applies to sessions that name none.
+    job_templates: tuple[JobTemplate, ...] = (JobTemplate(),)
+
+    def template(self, name: str) -> JobTemplate | None:
+        """The template called `name` (case-insensitive), or None."""
+        return next((t for t in self.job_templates if t.name.lower() == name.lower()), None)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable in soafarm. Build it with `load_settings()`."""
@@ -198,6 +296,7 @@ class Settings:
     client: ClientSettings = field(default_factory=ClientSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def __repr__(self) -> str:
         shown = {**self.as_dict()}
@@ -227,6 +326,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "client": ClientSettings,
     "worker": WorkerSettings,
     "autoscaler": AutoscalerSettings,
+    "scheduler": SchedulerSettings,
 }
 
 
@@ -269,30 +369,48 @@ def _to_paths(value: Any) -> tuple[Path, ...]:
 _CONVERTERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
-def _to_pools(value: Any, where: str) -> tuple[PoolSettings, ...]:
-    """Pools from TOML (`[[autoscaler.pools]]` tables) or an env var (a JSON list of tables)."""
+_TABLE_LISTS: tuple[type[Any], ...] = (PoolSettings, JobTemplate)
+
+
+def _to_tables(kind: type[Any], value: Any, where: str) -> tuple[Any, ...]:
+    """Tables from TOML (`[[autoscaler.pools]]`, `[[scheduler.job_templates]]`) or an env
+    var (a JSON list of tables)."""
+    what = "pool" if kind is PoolSettings else "job template"
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected a JSON list of pool tables") from None
+            raise ConfigError(f"{where}: expected a JSON list of {what} tables") from None
     if not isinstance(value, list | tuple) or not value:
-        raise ConfigError(f"{where}: expected a non-empty list of pool tables")
-    pools: list[PoolSettings] = []
+        raise ConfigError(f"{where}: expected a non-empty list of {what} tables")
+    tables: list[Any] = []
     for i, table in enumerate(value):
-        if isinstance(table, PoolSettings):
-            pools.append(table)
+        if isinstance(table, kind):
+            tables.append(table)
             continue
         if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}[{i}]: each pool must be a table")
-        pools.append(_apply(PoolSettings, PoolSettings(), table, f"{where}[{i}]"))
-    return tuple(pools)
+            raise ConfigError(f"{where}[{i}]: each {what} must be a table")
+        tables.append(_apply(kind, kind(), table, f"{where}[{i}]"))
+    return tuple(tables)
+
+
+def _to_table(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(value)
+    return dict(value)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Convert a TOML or env value to the annotated type, or raise ConfigError naming `where`."""
-    if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is PoolSettings:
-        return _to_pools(value, where)
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] in _TABLE_LISTS:
+        return _to_tables(typing.get_args(kind)[0], value, where)
+    if typing.get_origin(kind) is dict:
+        try:
+            return _to_table(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a table, got {value!r}") from None
     convert = _to_paths if typing.get_origin(kind) is tuple else _CONVERTERS.get(kind)
     if convert is None:
         raise ConfigError(f"{where}: unsupported setting type {kind!r}")
@@ -433,6 +551,28 @@ def _validate(settings: Settings) -> None:
     if settings.worker.warm_instances < 0:
         raise ConfigError("worker.warm_instances must be 0 (warm starts off) or more")
     _validate_pools(settings.autoscaler.pools)
+    _validate_scheduler(settings.scheduler)
+
+
+def _validate_scheduler(scheduler: SchedulerSettings) -> None:
+    if scheduler.mode not in SCHEDULER_MODES:
+        raise ConfigError(f"scheduler.mode must be 'queued' or 'balanced', not {scheduler.mode!r}")
+    names = [t.name.lower() for t in scheduler.job_templates]
+    if len(set(names)) != len(names) or not all(names):
+        raise ConfigError("scheduler.job_templates: template names must be non-empty and unique")
+    for t in scheduler.job_templates:
+        where = f"job template {t.name!r}"
+        priority_value(t.priority, f"{where}: priority")
+        priority_value(t.max_priority, f"{where}: max_priority")
+        units = ("core", "socket", "node")
+        for unit in (t.resource_unit, *_split(t.allowed_resource_units)):
+            if unit not in units:
+                raise ConfigError(f"{where}: resource unit {unit!r} is not one of {units}")
+        if t.min_units < 0 or t.max_units < 0 or t.units_limit < 0:
+            raise ConfigError(f"{where}: min_units, max_units and units_limit must be >= 0")
+        if t.max_units and t.max_units < max(t.min_units, 1):
+            raise ConfigError(f"{where}: max_units must be 0 (unbounded) or >= min_units")
+        broker_settings_with(BrokerSettings(), t.broker, f"{where}: broker")
 
 
 def _validate_pools(pools: tuple[PoolSettings, ...]) -> None:
@@ -459,8 +599,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """
 
     def text(value: Any) -> str:
-        if isinstance(value, tuple) and value and isinstance(value[0], PoolSettings):
+        if isinstance(value, tuple) and value and isinstance(value[0], _TABLE_LISTS):
             return json.dumps([dataclasses.asdict(p) for p in value])
+        if isinstance(value, dict):
+            return json.dumps(value)
         if isinstance(value, tuple):
             return os.pathsep.join(str(p) for p in value)
         if isinstance(value, bool):

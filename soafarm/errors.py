@@ -28,6 +28,11 @@ class ConfigError(SoafarmError):
     exit_code = EXIT_USAGE
 
 
+class TemplateLimitExceeded(ConfigError):
+    """A session asks for more than its job template allows (units, unit, priority, node
+    groups): the message names the limit and the template."""
+
+
 class ConnectionFailed(SoafarmError):
     """RabbitMQ or Redis could not be reached (the message names the masked URL)."""
 
@@ -68,12 +73,24 @@ class SessionFailed(SessionError):
     """The session cannot run: its service could not be loaded on any host."""
 
 
+class ResourcesUnavailable(SessionError):
+    """The farm cannot give a session its minimum now (`SessionStartInfo(fail_if_queued=
+    True)`): the message says why (too few live hosts in its node groups, units held by
+    other sessions...). The session was closed."""
+
+
 class Throttled(SessionError):
     """send_request waited longer than its throttle timeout for the session's queue to drain."""
 
 
 class SessionClosed(SessionError):
     """The session was closed; it cannot be used any more."""
+
+
+class ClientIdleTimeout(SessionError):
+    """The broker disconnected this client: it sent nothing, read nothing and had nothing
+    outstanding for the session's `client_idle_timeout`. Its responses are kept; attach the
+    client id again (a new BrokerClient), or raise the limit (the message says how)."""
 
 
 class ReaderTakenOver(SessionError):
@@ -121,8 +138,12 @@ class MessageTooLarge(PayloadError):
 class ServiceFault(SoafarmError):
     """A request failed in the service; raised by `Response.result`.
 
-    `fault_type` is the service exception's class name, `detail` the traceback when the
-    registration sets `include_exception_detail_in_faults`, else an empty string.
+    `fault_type` is the service exception's class name. When the registration sets
+    `include_exception_detail_in_faults = true`, `message` is the exception's message and
+    `detail` its traceback; by default (false, as WCF's IncludeExceptionDetailInFaults)
+    `message` only names the type and says how to see more, and `detail` is empty (the
+    worker host logs the full error). The farm's own faults (RetryLimitExceeded,
+    UnknownOperation, an unencodable result) always say what happened.
     """
 
     def __init__(self, fault_type: str, message: str, detail: str = "", retries: int = 0) -> None:

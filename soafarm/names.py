@@ -107,9 +107,20 @@ class Names:
         return f"{self.namespace}:targets"
 
     @property
+    def statuses_key(self) -> str:
+        """Hash: session id -> its SessionStatus (grow/shrink target, load, reason)."""
+        return f"{self.namespace}:statuses"
+
+    @property
     def hosts_key(self) -> str:
         """Hash: host id -> JSON of the registered worker hosts."""
         return f"{self.namespace}:hosts"
+
+    @property
+    def host_admin_key(self) -> str:
+        """Hash: host id -> the state an operator set ("offline" or "draining"); apart from
+        the host's record, which the host rewrites at every beat."""
+        return f"{self.namespace}:hosts:admin"
 
     def host_heartbeat_key(self, host_id: str) -> str:
         """String with a TTL: present while the host is alive."""

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from soafarm.errors import ConfigError
 
 RESOURCE_UNITS = ("core", "socket", "node")
+#: Stored for "no upper bound" on a session's units: the allocator never gives more than the
+#: farm has.
+UNBOUNDED_UNITS = 2**31 - 1
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import structlog
+
 from soafarm.errors import PayloadError, RetryOperationError, SoafarmError
 from soafarm.protocol import Fault, Request, Response, check_size, encode_response
+
+log = structlog.get_logger(__name__)
+
+
+def hidden_message(fault_type: str) -> str:
+    """A fault's message when the registration keeps exception detail out of faults (its
+    default, as WCF's IncludeExceptionDetailInFaults=false): the type, and how to see more."""
+    return (
+        f"the service raised {fault_type}; set include_exception_detail_in_faults = true in "
+        "its registration to see the message (the worker host's log has it)"
+    )
 
 
 @dataclass(frozen=True)
@@ -79,10 +92,17 @@ class CallRunner:
         include_detail: bool,
         limit: int,
         resend_limit: int = 3,
+        *,
+        where: dict[str, Any] | None = None,
     ) -> None:
-        """`limit` is the largest encoded response allowed (max_message_bytes);
-        `resend_limit` how often a RetryOperationError may re-run a request."""
+        """`include_detail` (the registration's `include_exception_detail_in_faults`): a
+        service exception's fault carries its message and traceback; without it, only its
+        type and `hidden_message` (the full error is logged here either way). `limit` is the
+        largest encoded response allowed (max_message_bytes); `resend_limit` how often a
+        RetryOperationError may re-run a request; `where` names the session and instance
+        in the log."""
         self.service = service
+        self.log = log.bind(**(where or {}))
         self.operations = operations
         self.include_detail = include_detail
         self.limit = limit
@@ -101,11 +121,12 @@ class CallRunner:
                 break
             except RetryOperationError as e:
                 if retries >= self.resend_limit:
-                    return self.retry_limit_fault(request, retries, f"the service asked: {e}")
+                    why = f"the service asked: {e}" if self.include_detail else "the service asked"
+                    self._log_service_error(request, e, retries)
+                    return self.retry_limit_fault(request, retries, why)
                 retries += 1
             except Exception as e:  # the service's failure becomes the caller's fault response
-                detail = traceback.format_exc() if self.include_detail else ""
-                return self._fault(request, Fault(type(e).__name__, str(e), detail))
+                return self._service_fault(request, e)
         try:
             body = encode_response(Response(request.id, value, None, request.user_data))
             checked = check_size(body, self.limit, f"response to request {request.id}")
@@ -120,6 +141,28 @@ class CallRunner:
             f"(message_resend_limit {self.resend_limit}): {why}"
         )
         return self._fault(request, Fault("RetryLimitExceeded", message, "", retries))
+
+    def _service_fault(self, request: Request, error: Exception) -> Outcome:
+        """The fault for a service exception (call from its `except` block): its message
+        and traceback only with `include_detail`, as WCF does; logged in full either way,
+        so an operator sees what the client is not shown."""
+        name = type(error).__name__
+        self._log_service_error(request, error, 0)
+        if self.include_detail:
+            return self._fault(request, Fault(name, str(error), traceback.format_exc()))
+        return self._fault(request, Fault(name, hidden_message(name)))
+
+    def _log_service_error(self, request: Request, error: Exception, retries: int) -> None:
+        """Log a service exception that became a fault, with its message and traceback."""
+        self.log.warning(
+            "service_fault",
+            request_id=request.id,
+            op=request.op,
+            fault_type=type(error).__name__,
+            error=str(error),
+            retries=retries,
+            exc_info=error,
+        )
 
     def _fault(self, request: Request, fault: Fault) -> Outcome:
         body = encode_response(Response(request.id, None, fault, request.user_data))

@@ -195,6 +195,7 @@ class ServiceInstance:
             record.include_exception_detail_in_faults,
             self.settings.max_message_bytes,
             record.broker_settings.message_resend_limit,
+            where={"session_id": record.id, "instance": self.spec.instance_id},
         )
 
     def run(self) -> None:

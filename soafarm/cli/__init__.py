@@ -88,7 +88,15 @@ def main() -> None:
     cli(prog_name="soafarm")
 
 
-from soafarm.cli import batch, call, farm, info, namespace, sessions  # noqa: E402  (commands register on `cli`)
+from soafarm.cli import (  # noqa: E402  (commands register on `cli`)
+    batch,
+    call,
+    farm,
+    info,
+    namespace,
+    sessions,
+    templates,
+)
 
 __all__ = [
     "batch",
@@ -99,5 +107,6 @@ __all__ = [
     "main",
     "namespace",
     "sessions",
+    "templates",
     "with_settings",
 ]

@@ -158,8 +158,28 @@ def _progress() -> Progress:
     help="Add to (or resume) this session instead of creating one.",
 )
 @click.option("--version", "version", help="Service version, like 1.0.")
-@click.option("--min-units", default=1, show_default=True, type=click.IntRange(min=0))
-@click.option("--max-units", type=click.IntRange(min=1), help="Default: as many as the farm has.")
+@click.option("--min-units", type=click.IntRange(min=0), help="Default: the job template's (1).")
+@click.option("--max-units", type=click.IntRange(min=1), help="Default: the job template's (all).")
+@click.option(
+    "--job-template", default="", help="Job template to apply (`soafarm templates list`)."
+)
+@click.option(
+    "--priority",
+    help="lowest, below_normal, normal, above_normal, highest or 0..4000 (default: the "
+    "job template's, normal).",
+)
+@click.option(
+    "--node-group",
+    "node_groups",
+    multiple=True,
+    help="Run only on hosts in this node group (a pool, a label key or key=value); repeat "
+    "for hosts in all of them.",
+)
+@click.option(
+    "--fail-if-queued",
+    is_flag=True,
+    help="Fail (and close the session) if the farm cannot give its minimum now.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def submit(  # noqa: PLR0917 - click passes every option by name
     settings: Settings,
@@ -170,8 +190,12 @@ def submit(  # noqa: PLR0917 - click passes every option by name
     sweep: tuple[str, str] | None,
     session_id: int | None,
     version: str | None,
-    min_units: int,
+    min_units: int | None,
     max_units: int | None,
+    job_template: str,
+    priority: str | None,
+    node_groups: tuple[str, ...],
+    fail_if_queued: bool,
     as_json: bool,
 ) -> None:
     """Send a batch of requests to SERVICE, seal it, print the session id and exit.
@@ -199,7 +223,14 @@ def submit(  # noqa: PLR0917 - click passes every option by name
         else:
             kind = DurableSession if durable else Session
             info = SessionStartInfo(
-                service, version=version, min_units=min_units, max_units=max_units
+                service,
+                version=version,
+                min_units=min_units,
+                max_units=max_units,
+                job_template=job_template,
+                priority=priority,
+                node_groups=node_groups or None,
+                fail_if_queued=fail_if_queued,
             )
             session = kind.create(info, settings)
         resume = _resume_command(service, session.id, client_id, input_file, sweep)

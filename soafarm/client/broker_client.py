@@ -20,7 +20,7 @@ from typing import Any, Self
 import structlog
 from kombu import Connection
 
-from soafarm.client.heartbeat import Heartbeat
+from soafarm.client.heartbeat import Heartbeat, IdleGuard
 from soafarm.client.inbox import QueueInbox, StreamInbox
 from soafarm.client.linger import Linger
 from soafarm.client.queue_reader import COMMIT_INTERVAL, QueueReader
@@ -108,8 +108,10 @@ class BrokerClient:
             self.sessions = SessionStore(state, self._names)
             start = self.progress.load()
             broker = session.broker_settings
+            self.idle = IdleGuard(self.progress, session.id, client_id, broker.client_idle_timeout)
+            # its first beat clears a previous idle disconnection of this client id
             self.heartbeat = Heartbeat(
-                self.sessions, session.id, broker.client_idle_timeout, "client"
+                self.sessions, session.id, broker.client_idle_timeout, "client", self.idle
             )
         except BaseException:
             self._released = True
@@ -152,6 +154,7 @@ class BrokerClient:
             start=start,
             wake=self._wake,
             session_lost=self._session_lost,
+            idle=self.idle,
         )
         self._linger: Linger | None = None
         self._handler_error: BaseException | None = None
@@ -306,6 +309,7 @@ class BrokerClient:
         """
         if self._handler_thread is not None:
             raise SessionError("a response handler is set; get_responses() cannot be used too")
+        self.idle.check()
         self.sender.raise_failed()
         self.sender.flush_unless_sending()  # a sending thread may wait for this very read
         target = StreamTarget(
@@ -332,7 +336,9 @@ class BrokerClient:
         self._wake(time.monotonic() + COMMIT_INTERVAL)
 
     def _check_session(self) -> None:
-        """Raise if the session failed or was closed while this client waits for it."""
+        """Raise if the session failed or was closed while this client waits for it, or the
+        broker disconnected this client for `client_idle_timeout`."""
+        self.idle.check()
         record = self.sessions.get(self.session.id)
         if record is None:
             # closed, or its record lost with Redis: the broker's answer tells which
@@ -369,6 +375,9 @@ class BrokerClient:
         except Exception as e:  # the timeout is the error to report; status is a hint
             return f"session status unavailable ({e})"
         where = f"session {self.session.id} has {len(status['instances'])} service instance(s)"
+        waiting = (status.get("status") or {}).get("waiting", "")
+        if waiting:  # the allocator's own words: why it has no unit (or too few)
+            return f"{where}; it is {status.get('state', 'queued')}: {waiting}"
         for host, why in sorted(status.get("load_errors", {}).items())[:1]:
             where += f"; the service failed to load on {host}: {why}"
         return where + "; are worker hosts running (`soafarm hosts`)?"
@@ -388,6 +397,7 @@ class BrokerClient:
         """
         if self._handler_thread is not None or self._receiving:
             raise SessionError("responses are already being received by this client")
+        self.idle.check()
         self._receiving = True
         self.sender.raise_failed()
         self.sender.flush_unless_sending()  # a sending thread may wait for this very handler

@@ -30,7 +30,9 @@ from soafarm.transport.connections import close_quietly, kombu_connection, repor
 from soafarm.transport.topology import control_queue
 
 #: Control operations safe to send twice.
-IDEMPOTENT_OPS = frozenset({"get", "list", "hosts", "ping", "attach_client"})
+IDEMPOTENT_OPS = frozenset(
+    {"get", "list", "hosts", "ping", "attach_client", "templates", "host_action"}
+)
 
 #: RabbitMQ's pseudo-queue for RPC replies: consumed (no-ack) and named as `reply_to` on the
 #: same channel, the reply is delivered to that consumer without any queue.

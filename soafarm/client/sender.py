@@ -26,6 +26,7 @@ import amqp.exceptions
 import structlog
 from kombu import Connection, Producer
 
+from soafarm.client.heartbeat import IdleGuard
 from soafarm.client.throttle import Throttle
 from soafarm.config import Settings
 from soafarm.errors import SessionError
@@ -79,13 +80,15 @@ class RequestSender:
         wake: Callable[[float], None],
         session_lost: Callable[[str], BaseException] | None = None,
         connection: Connection | None = None,
+        idle: IdleGuard | None = None,
     ) -> None:
         """`queues` is (request queue, response queue); `start` the client id's counters
         when it attached (a durable one continues at `accepted`); `wake(at)` has the client's
         linger thread call `on_linger()` at monotonic time `at`; `session_lost(what)` is the
         error for an interactive session whose request queue RabbitMQ no longer has;
         `connection`: one opened for it already (`kombu_connection(settings, confirm=
-        durable)`), which it then owns."""
+        durable)`), which it then owns; `idle`: the client's `client_idle_timeout` guard
+        (nothing is sent once the broker disconnected the client id)."""
         self.settings = settings
         self.session_id = session_id
         self.client_id = client_id
@@ -94,6 +97,7 @@ class RequestSender:
         self.progress = progress
         self.throttle = throttle
         self.wake = wake
+        self.idle = idle
         self.session_lost = session_lost or (
             lambda what: SessionError(f"session {session_id} has no {what} in RabbitMQ")
         )
@@ -118,6 +122,8 @@ class RequestSender:
     def send(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], user_data: Any) -> int:
         """Buffer one request (sending what is due); returns its id."""
         self.raise_failed()
+        if self.idle is not None:
+            self.idle.check()
         if self.sealed:
             raise SessionError(
                 f"client id {self.client_id!r} is sealed (end_requests() was called)"
@@ -159,6 +165,8 @@ class RequestSender:
         (retried through a Redis outage: a reader waits for the seal)."""
         with self.lock:
             self.flush()
+            if self.idle is not None:
+                self.idle.before_publish()  # a seal after a quiet spell: still connected?
             while True:
                 try:
                     self.progress.seal(self.next_id)
@@ -167,6 +175,8 @@ class RequestSender:
                     self.redis_outage.retry(e)
             self.redis_outage.recovered()
             self.sealed = True
+            if self.idle is not None:
+                self.idle.sent()
 
     def on_linger(self) -> None:
         """On the linger thread: send a buffer the caller stopped adding to, or that waited
@@ -220,7 +230,8 @@ class RequestSender:
         """Send what is buffered (or drop it), record `accepted`, close the connection."""
         try:
             with self.lock:
-                if discard or self.lost is not None:
+                disconnected = self.idle is not None and self.idle.idle_for is not None
+                if discard or self.lost is not None or disconnected:
                     self.buffer, self.buffer_bytes = [], 0
                 self._flush()
                 if self.sent_here and not self.sealed:
@@ -236,6 +247,10 @@ class RequestSender:
         if not self.buffer:
             return
         self.throttle.wait(self.next_id - len(self.buffer))  # what is already published
+        if self.idle is not None:
+            # after the throttle's wait, right before the publish: the last moment the
+            # broker may have disconnected this client id for client_idle_timeout
+            self.idle.before_publish()
         body = encode_request_batch(
             self.session_id, self.client_id, self.response_queue, self.buffer
         )
@@ -341,5 +356,7 @@ class RequestSender:
                 self.wake(now + RECORD_RETRY)
                 return
             self.recorded, self.recorded_at = self.next_id, now
+            if self.idle is not None:
+                self.idle.sent()
         else:
             self.wake(self.recorded_at + ACCEPTED_RECORD_INTERVAL)

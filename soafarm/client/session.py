@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -13,12 +13,20 @@ from redis import Redis
 
 from soafarm.client.control import Control, ControlClient, PooledControl
 from soafarm.client.heartbeat import Heartbeat
-from soafarm.config import BrokerSettings, Settings, broker_settings_with, load_settings
+from soafarm.config import (
+    BrokerSettings,
+    Settings,
+    broker_settings_with,
+    load_settings,
+    priority_value,
+)
 from soafarm.errors import (
     BrokerNoAnswer,
     ConfigError,
+    ResourcesUnavailable,
     SessionClosed,
     SessionError,
+    SessionFailed,
     SessionNotFound,
 )
 from soafarm.names import Names
@@ -41,40 +49,53 @@ from soafarm.transport.connections import SharedRedis, process_redis_client, red
 
 log = structlog.get_logger(__name__)
 
-#: Sent for "no upper bound" on units: the allocator never gives more than the farm has.
-UNBOUNDED_UNITS = 2**31 - 1
-
 
 @dataclass(frozen=True)
 class SessionStartInfo:
-    """What a session asks for: a service (and version), units, priority, broker settings.
+    """What a session asks for: a service (and version), units, priority, node groups,
+    broker settings, and the job template that supplies defaults and limits.
 
-    `max_units=None` means as many units as the farm can give.
+    A field left `None` takes the job template's default (the `Default` template's, unless
+    `job_template` names another): by default 1..as many units as the farm can give, of
+    cores, at priority `normal` (2000), on any host.
     """
 
     service: str
     version: str | None = None
-    min_units: int = 1
+    min_units: int | None = None
     max_units: int | None = None
-    resource_unit: str = "core"
-    priority: int = 2000
+    resource_unit: str | None = None
+    #: A name (`lowest`, `below_normal`, `normal`, `above_normal`, `highest`) or 0..4000.
+    priority: int | str | None = None
     broker_settings: Mapping[str, Any] = field(default_factory=dict)
     #: Other clients may find this session by service name and send their own batches.
     share_session: bool = False
     #: Named values every service instance can read with `context.common_data(name)`.
     common_data: Mapping[str, Any] = field(default_factory=dict)
+    #: The job template (see `soafarm templates list`); "" means `Default`.
+    job_template: str = ""
+    #: Node groups every host serving the session must be in: a host's pool, one of its
+    #: label keys, or a `key=value` label.
+    node_groups: Sequence[str] | None = None
+    #: Raise `ResourcesUnavailable` (and close the session) when the farm cannot give its
+    #: minimum at once, rather than leave it queued until it can.
+    fail_if_queued: bool = False
 
     def __post_init__(self) -> None:
         """Reject bad values now, with the field's name, rather than at the broker."""
         if not self.service:
             raise ConfigError("SessionStartInfo.service must name a registered service")
-        if self.min_units < 0:
+        if self.min_units is not None and self.min_units < 0:
             raise ConfigError(f"SessionStartInfo.min_units must be >= 0, not {self.min_units}")
-        if self.max_units is not None and self.max_units < max(self.min_units, 1):
+        if self.max_units is not None and self.max_units < max(self.min_units or 0, 1):
             raise ConfigError(
                 f"SessionStartInfo.max_units ({self.max_units}) must be >= min_units "
-                f"({self.min_units}) and >= 1"
+                f"({self.min_units or 0}) and >= 1"
             )
+        if self.priority is not None:
+            priority_value(self.priority, "SessionStartInfo.priority")
+        if isinstance(self.node_groups, str):
+            raise ConfigError("SessionStartInfo.node_groups must be a list of names, not a string")
         broker_settings_with(
             BrokerSettings(), self.broker_settings, "SessionStartInfo.broker_settings"
         )
@@ -90,12 +111,14 @@ class SessionStartInfo:
             service=self.service,
             version=self.version,
             min_units=self.min_units,
-            max_units=UNBOUNDED_UNITS if self.max_units is None else self.max_units,
+            max_units=self.max_units,
             resource_unit=self.resource_unit,
-            priority=self.priority,
+            priority=None if self.priority is None else priority_value(self.priority),
             broker_settings=dict(self.broker_settings),
             owner=owner,
             data=dict(data or {}),
+            job_template=self.job_template,
+            node_groups=None if self.node_groups is None else tuple(self.node_groups),
         )
 
     def to_params(self, owner: str, durable: bool = False) -> dict[str, Any]:
@@ -166,6 +189,8 @@ class Session:
             control.close()
             raise
         try:
+            if info.fail_if_queued:
+                described = _placed_or_refused(control, described, settings)
             return cls(control, described, settings)
         except BaseException as e:
             # the session exists and nothing holds it (Redis went away between the broker's
@@ -414,3 +439,32 @@ def _upload(settings: Settings, values: Mapping[str, Any]) -> dict[str, str]:
         return upload(client, Names(settings.namespace), values, settings.max_common_data_bytes)
     finally:
         client.close()
+
+
+#: Seconds between looks at a new session while `fail_if_queued` waits for its first
+#: allocation round (the leading broker runs one at once after a create: ~5-10 ms).
+PLACEMENT_POLL = 0.01
+
+
+def _placed_or_refused(control: Control, described: SessionInfo, settings: Settings) -> SessionInfo:
+    """Wait for the allocator's first decision on a new session: its description once it
+    runs, else ResourcesUnavailable with the allocator's reason (the caller closes it)."""
+    deadline = time.monotonic() + settings.client.control_timeout
+    sid = described.record.id
+    while True:
+        if described.record.state == SessionState.FAILED:
+            raise SessionFailed(f"session {sid} failed: {described.record.error}")
+        if described.status is not None:  # the allocator has decided
+            if described.record.state == SessionState.QUEUED and described.status.waiting:
+                raise ResourcesUnavailable(
+                    f"session {sid} cannot start now: {described.status.waiting}"
+                )
+            return described
+        if time.monotonic() >= deadline:
+            raise ResourcesUnavailable(
+                f"session {sid} was not placed within client.control_timeout "
+                f"({settings.client.control_timeout:g}s): is a broker daemon leading?"
+            )
+        time.sleep(PLACEMENT_POLL)  # the allocator's decision is in Redis, made elsewhere
+        described = control.request(GetArgs(sid))
+    return described

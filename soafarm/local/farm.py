@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -83,6 +83,8 @@ class Child:
 
     #: The back-off before its latest restart, in seconds.
     delay: float = 0.0
+    #: Settings of its own (`SOAFARM_*` variables over the farm's), restarts included.
+    env: dict[str, str] = field(default_factory=dict)
 
     def command(self) -> list[str]:
         """The command line of its next start."""
@@ -146,17 +148,57 @@ class LocalFarm:
         with self._lock:
             return sum(c.restarts for c in self.children)
 
-    def _popen(self, args: list[str]) -> subprocess.Popen[bytes]:
+    def _popen(self, args: list[str], own: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = with_parent(child_environment(self.settings))
         if self.cores:
             env["SOAFARM_WORKER_CORES"] = str(self.cores)
+        env.update(own or {})
         return subprocess.Popen([sys.executable, "-m", "soafarm", *args], env=env)
 
-    def _spawn(self, what: str, *args: str, host_id: str | None = None) -> None:
-        proc = self._popen(command_line(args, host_id, 0))
-        child = Child(what, args, proc, time.monotonic(), host_id)
+    def _spawn(
+        self, what: str, *args: str, host_id: str | None = None, env: dict[str, str] | None = None
+    ) -> Child:
+        proc = self._popen(command_line(args, host_id, 0), env)
+        child = Child(what, args, proc, time.monotonic(), host_id, env=env or {})
         with self._lock:
             self.children.append(child)
+        return child
+
+    def add_worker(
+        self,
+        host_id: str,
+        cores: int = 1,
+        pool: str = "default",
+        labels: str = "",
+        *,
+        timeout: float = 60.0,
+    ) -> None:
+        """Start one more worker host named `host_id` with settings of its own (`cores`,
+        `pool`, `labels` as "key=value,key=value"), tracked like the others (supervised,
+        stopped by `stop()`); return once its heartbeat is in Redis. Works before or after
+        `start()`."""
+        env = {
+            "SOAFARM_WORKER_CORES": str(cores),
+            "SOAFARM_WORKER_POOL": pool,
+            "SOAFARM_WORKER_LABELS": labels,
+        }
+        child = self._spawn(f"worker {host_id}", "worker", host_id=host_id, env=env)
+        hosts = HostStore(redis_client(self.settings), Names(self.settings.namespace))
+        try:
+            deadline = time.monotonic() + timeout
+            while not hosts.alive([host_id]):
+                code = child.proc.poll()
+                if code is not None and not self.supervise:
+                    raise SoafarmError(
+                        f"worker host {host_id} exited with code {code}; see its log above"
+                    )
+                if time.monotonic() > deadline:
+                    raise SoafarmError(
+                        f"worker host {host_id} did not register within {timeout:g}s"
+                    )
+                time.sleep(0.05)  # polling Redis for the registration, with a deadline
+        finally:
+            hosts.close()
 
     def check(self) -> None:
         """Raise if a child process has exited (it logged why on stderr)."""
@@ -259,7 +301,7 @@ class LocalFarm:
                         self._expire_host(child.proc.pid)
                 if now >= child.due:
                     child.restarts += 1
-                    child.proc = self._popen(child.command())
+                    child.proc = self._popen(child.command(), child.env)
                     child.started, child.due = now, None
                     log.warning(
                         "process_restarted",
@@ -292,7 +334,7 @@ class LocalFarm:
                     if child.proc.poll() is None:
                         child.proc.kill()
                         child.proc.wait()
-                    child.proc = self._popen(child.command())
+                    child.proc = self._popen(child.command(), child.env)
                     child.started, child.due = time.monotonic(), None
 
     def wait(self) -> None:

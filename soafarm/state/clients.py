@@ -8,6 +8,7 @@ lease makes a second reader of the same client id take over from the first.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,16 +21,18 @@ from soafarm.state import garbage
 from soafarm.state.batch import Batch, Later
 from soafarm.state.records import as_text
 
-# KEYS: client hash, done bitmap. ARGV: runs of consecutive ids, each as three arguments:
-# first id, count, one '0'/'1' fault flag per id. Request ids in a batch are consecutive, so
-# one GETRANGE/SETRANGE covers a run: no Redis command per id (a SETBIT per id costs ~2 us
-# each inside the script).
+# KEYS: client hash, done bitmap. ARGV: the time (epoch seconds), then runs of consecutive
+# ids, each as three arguments: first id, count, one '0'/'1' fault flag per id. Request ids
+# in a batch are consecutive, so one GETRANGE/SETRANGE covers a run: no Redis command per id
+# (a SETBIT per id costs ~2 us each inside the script). When the client id's done count
+# reaches its accepted count, the time is kept as `quiet_at`: its last request answered,
+# where `client_idle_timeout` starts (a client waiting for a long call is not idle).
 #: Runs of ids per call of _MARK_DONE, to bound the time one script holds Redis.
 MARK_RUNS_PER_CALL = 256
 _MARK_DONE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local new, faulted = 0, 0
-for run = 1, #ARGV, 3 do
+for run = 2, #ARGV, 3 do
   local start, count, flags = tonumber(ARGV[run]), tonumber(ARGV[run + 1]), ARGV[run + 2]
   local first, last = math.floor(start / 8), math.floor((start + count - 1) / 8)
   local old = redis.call('GETRANGE', KEYS[2], first, last)
@@ -49,26 +52,54 @@ for run = 1, #ARGV, 3 do
   end
   redis.call('SETRANGE', KEYS[2], first, table.concat(out))
 end
-if new > 0 then redis.call('HINCRBY', KEYS[1], 'done', new) end
+if new > 0 then
+  local done = redis.call('HINCRBY', KEYS[1], 'done', new)
+  if done >= (tonumber(redis.call('HGET', KEYS[1], 'accepted')) or 0) then
+    redis.call('HSET', KEYS[1], 'quiet_at', ARGV[1])
+  end
+end
 if faulted > 0 then redis.call('HINCRBY', KEYS[1], 'faulted', faulted) end
 return new
 """
 
-# KEYS: client hash, read bitmap. ARGV: reader token, next offset, then runs of ids as
-# (first id, count): a response batch's ids are mostly consecutive, and one argument per id
-# cost the client more CPU than the rest of its read.
+# KEYS: client hash, read bitmap. ARGV: reader token, next offset, the time (epoch seconds),
+# then runs of ids as (first id, count): a response batch's ids are mostly consecutive, and
+# one argument per id cost the client more CPU than the rest of its read.
 # The ids are recorded even for a reader that was taken over (it did hand them out, and the
-# new reader must not wait for them); only the lease holder moves the offset.
+# new reader must not wait for them); only the lease holder moves the offset, and records
+# when it last handed something out (`read_at`: a client id reading is not idle).
 _COMMIT_READ = """
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local first = tonumber(ARGV[i])
   for id = first, first + tonumber(ARGV[i + 1]) - 1 do redis.call('SETBIT', KEYS[2], id, 1) end
 end
 if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'read_offset') or '-1')
 if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], 'read_offset', ARGV[2]) end
+if #ARGV > 3 then redis.call('HSET', KEYS[1], 'read_at', ARGV[3]) end
 return 1
 """
+
+# KEYS: client hash. ARGV: the time (epoch seconds). A sender about to publish after a quiet
+# spell asks whether the broker disconnected its client id for `client_idle_timeout`: if so
+# it gets `idle_out` (how long it was idle) and sends nothing; else its `sent_at` is moved
+# now, in the same script, so the broker cannot disconnect it between the answer and the
+# publish. A client id without counters (purged) is left alone.
+_TOUCH_SENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local idle = redis.call('HGET', KEYS[1], 'idle_out')
+if idle then return idle end
+redis.call('HSET', KEYS[1], 'sent_at', ARGV[1])
+return false
+"""
+
+
+#: Fields of a client hash that the idle rule (`client_idle_timeout`) reads: when the
+#: client id last sent (written by its sender with `accepted`, and when it attaches), last
+#: handed out a response (its reader's commit), last had every request answered (the
+#: worker's count of done), and, once the broker disconnected it, how long it had been idle
+#: (cleared when it attaches again).
+SENT_AT, READ_AT, QUIET_AT, IDLE_OUT = "sent_at", "read_at", "quiet_at", "idle_out"
 
 
 @dataclass(frozen=True)
@@ -121,6 +152,7 @@ class ProgressStore:
         self.done_key = names.client_done_key(session_id, client_id)
         self.read_key = names.client_read_key(session_id, client_id)
         self._commit_read: Any = client.register_script(_COMMIT_READ)
+        self._touch_sent: Any = client.register_script(_TOUCH_SENT)
 
     def close(self) -> None:
         """Release the Redis client's connections (its owner is done with it)."""
@@ -167,12 +199,24 @@ class ProgressStore:
         return batch.add(lambda p: p.hgetall(self.key), parse)
 
     def record_accepted(self, count: int) -> None:
-        """Requests 0..count-1 are safely in RabbitMQ (one writer per client id)."""
-        self._r.hset(self.key, "accepted", count)
+        """Requests 0..count-1 are safely in RabbitMQ (one writer per client id); the time
+        goes with the count, in the same command (`sent_at`: the broker's
+        `client_idle_timeout` runs from the client id's last send)."""
+        self._r.hset(self.key, mapping={"accepted": count, SENT_AT: time.time()})
 
     def seal(self, total: int) -> None:
         """end_requests(): the batch has exactly `total` requests."""
-        self._r.hset(self.key, mapping={"accepted": total, "total": total, "sealed": 1})
+        self._r.hset(
+            self.key,
+            mapping={"accepted": total, "total": total, "sealed": 1, SENT_AT: time.time()},
+        )
+
+    def touch_sent(self) -> float | None:
+        """Before a send after a quiet spell: how long the client id was idle when the
+        broker disconnected it (`client_idle_timeout`), or None, and then its last send is
+        recorded as now (atomically: the broker cannot disconnect it in between)."""
+        idle = self._touch_sent(keys=[self.key], args=[time.time()])
+        return None if idle is None else _seconds(idle)
 
     def take_reader(self) -> str:
         """Become the one reader of this client id; the previous reader's next commit fails."""
@@ -187,7 +231,7 @@ class ProgressStore:
     def commit_read(self, token: str, next_offset: int, ids: Iterable[int]) -> bool:
         """Record responses handed out, and (for the lease holder) that the stream is read up to
         offset `next_offset`; False if another reader took over."""
-        args: list[Any] = [token, next_offset]
+        args: list[Any] = [token, next_offset, time.time()]
         for first, count in id_runs(ids):
             args += (first, count)
         return bool(self._commit_read(keys=[self.key, self.read_key], args=args))
@@ -216,6 +260,14 @@ class ProgressStore:
             )
         done = garbage.as_int(garbage.reply(self.key, replies[0], None), self.key, "done")
         return done, outstanding
+
+
+def _seconds(raw: Any) -> float:
+    """A number of seconds a script answered (0.0 if it is not one)."""
+    try:
+        return float(as_text(raw))
+    except ValueError:
+        return 0.0
 
 
 def client_keys(names: Names, session_id: int, client_id: str) -> list[str]:
@@ -306,7 +358,8 @@ class DoneMarker:
         # an instance's coalesced responses (workers/calls.py, MARK_LINGER) are rarely
         # consecutive
         for i in range(0, len(runs), MARK_RUNS_PER_CALL):
-            args = [
+            args: list[Any] = [time.time()]
+            args += [
                 a
                 for start, flags in runs[i : i + MARK_RUNS_PER_CALL]
                 for a in (start, len(flags), flags)

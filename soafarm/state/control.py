@@ -13,10 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
+from soafarm.config import JobTemplate
 from soafarm.errors import ControlRequestError, DecodeError
 from soafarm.plain import FLAT, from_plain, to_plain
 from soafarm.protocol import ControlRequest
-from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord, SessionState
+from soafarm.state.hosts import DRAINING, OFFLINE
+from soafarm.state.records import (
+    HostRecord,
+    InstanceRecord,
+    SessionRecord,
+    SessionState,
+    SessionStatus,
+)
 
 
 class Reply:
@@ -74,6 +82,8 @@ class SessionInfo(Reply):
     #: Instances running now, against what the allocator gives the session.
     allocated_units: int = 0
     target_units: int = 0
+    #: The allocator's last decision for it and why (None until its first round).
+    status: SessionStatus | None = None
     #: Requests of every client id without a response yet.
     outstanding: int = 0
 
@@ -95,6 +105,9 @@ class HostInfo:
     instances: dict[str, int] = field(default_factory=dict)
     uptime: float = 0.0
     heartbeat_age: float = 0.0
+    #: The state an operator set (`soafarm hosts offline|drain`): "offline", "draining", or
+    #: "" for none (apart from `draining`, which the host sets on itself when it stops).
+    admin: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,15 @@ class HostList(_ListReply):
     """Reply to hosts: every live worker host."""
 
     items: tuple[HostInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostActionDone(Reply):
+    """Reply to host_action: the host's operator state now and before ("" for none)."""
+
+    host_id: str
+    state: str
+    previous: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,12 +200,12 @@ class CreateArgs(ControlCall[SessionInfo]):
     reply_type = SessionInfo
 
     service: str
+    #: None (in the fields below too): the job template's default.
     version: str | None = None
-    min_units: int = 1
-    #: None: as many as min_units.
+    min_units: int | None = None
     max_units: int | None = None
-    resource_unit: str = "core"
-    priority: int = 2000
+    resource_unit: str | None = None
+    priority: int | None = None
     #: Per-session overrides (SessionStartInfo.broker_settings), layered by the broker.
     broker_settings: dict[str, Any] = field(default_factory=dict)
     owner: str = ""
@@ -191,6 +213,9 @@ class CreateArgs(ControlCall[SessionInfo]):
     shared: bool = False
     #: Common data: name -> Redis key made by `soafarm.state.commondata.upload`.
     data: dict[str, str] = field(default_factory=dict)
+    #: The job template to apply ("": `Default`).
+    job_template: str = ""
+    node_groups: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """A session needs a service to resolve."""
@@ -274,12 +299,54 @@ class HostsArgs(ControlCall[HostList]):
     reply_type = HostList
 
 
+#: `soafarm hosts ACTION HOST`: the operator state each action sets (None: clears it).
+HOST_ACTIONS: dict[str, str | None] = {"offline": OFFLINE, "drain": DRAINING, "online": None}
+
+
+@dataclass(frozen=True)
+class HostActionArgs(ControlCall[HostActionDone]):
+    """Take a worker host offline (no new instances; it keeps those it runs), drain it (its
+    instances also stop after their calls, and their sessions move elsewhere), or bring it
+    back online."""
+
+    op: ClassVar[str] = "host_action"
+    reply_type = HostActionDone
+
+    host_id: str
+    #: One of HOST_ACTIONS.
+    action: str
+
+    def __post_init__(self) -> None:
+        """Only the known actions, on a named host."""
+        if not self.host_id:
+            raise ValueError("host_id must be a non-empty string")
+        if self.action not in HOST_ACTIONS:
+            raise ValueError(
+                f"action must be one of {', '.join(HOST_ACTIONS)}, not {self.action!r}"
+            )
+
+
 @dataclass(frozen=True)
 class PingArgs(ControlCall[Pong]):
     """Check a broker daemon answers."""
 
     op: ClassVar[str] = "ping"
     reply_type = Pong
+
+
+@dataclass(frozen=True)
+class TemplateList(_ListReply):
+    """Reply to templates: the broker's job templates, `Default` first."""
+
+    items: tuple[JobTemplate, ...] = ()
+
+
+@dataclass(frozen=True)
+class TemplatesArgs(ControlCall[TemplateList]):
+    """List the job templates the broker applies (from its settings)."""
+
+    op: ClassVar[str] = "templates"
+    reply_type = TemplateList
 
 
 ControlArgs = (
@@ -291,7 +358,9 @@ ControlArgs = (
     | PurgeClientArgs
     | AddDataArgs
     | HostsArgs
+    | HostActionArgs
     | PingArgs
+    | TemplatesArgs
 )
 
 _BY_OP: dict[str, type[ControlArgs]] = {
@@ -305,7 +374,9 @@ _BY_OP: dict[str, type[ControlArgs]] = {
         PurgeClientArgs,
         AddDataArgs,
         HostsArgs,
+        HostActionArgs,
         PingArgs,
+        TemplatesArgs,
     )
 }
 

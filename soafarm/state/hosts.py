@@ -1,8 +1,13 @@
-"""Worker hosts in Redis: host records, heartbeat keys, assignments, wake lists, load reports.
+"""Worker hosts in Redis: host records, heartbeat keys, assignments, wake lists, load reports,
+and the states an operator set (`soafarm hosts offline|drain|online`).
 
 The broker writes a host's assignments and pushes to its wake list; the host blocks on that
 list (at most one heartbeat interval), so one call gives both instant reaction and the
 heartbeat tick. Its instances report their busy time into the host's load hash.
+
+An operator's state lives in one hash of its own, not in the host's record: the host rewrites
+its record at every beat, and the state must outlive the host (a host restarted with the same
+id comes back offline), so only `online` removes it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from soafarm.state.records import HostRecord, as_text
 
 #: What `HostStore.wake` pushes by default: "look at your assignments now".
 WAKE = "1"
+
+#: Operator states (`set_admin`): an offline host gets no new instances and keeps those it
+#: runs until their sessions end or shrink; a draining one also has its instances stopped
+#: gracefully (calls in flight finish) while the allocator moves their units elsewhere.
+OFFLINE = "offline"
+DRAINING = "draining"
+ADMIN_STATES = (OFFLINE, DRAINING)
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,52 @@ class HostStore:
         )
         pipe.execute()
 
+    # --- states an operator set ----------------------------------------------------------
+    def admin_states(self) -> dict[str, str]:
+        """Host id -> "offline" or "draining", for every host an operator set one on (live or
+        not); a field holding anything else is skipped, logged once."""
+        batch = Batch(self._r)
+        found = self.read_admin(batch)
+        batch.run()
+        return found.value
+
+    def read_admin(self, batch: Batch) -> Later[dict[str, str]]:
+        """`admin_states()`, read with `batch`."""
+        key = self.names.host_admin_key
+        return batch.add(
+            lambda p: p.hgetall(key), lambda r: _admin(key, garbage.reply(key, r[0], {}))
+        )
+
+    def set_admin(self, host_id: str, state: str | None) -> str | None:
+        """Set a host's operator state (`OFFLINE` or `DRAINING`), or with None clear it;
+        returns the state it had before (None: none, or garbage). A key of the wrong type
+        (only this method writes it) is reported and replaced."""
+        if state is not None and state not in ADMIN_STATES:
+            raise ValueError(f"host state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
+        key = self.names.host_admin_key
+
+        def write() -> list[Any]:
+            pipe = self._r.pipeline()  # MULTI: the state before is the one replaced
+            pipe.hget(key, host_id)
+            if state is None:
+                pipe.hdel(key, host_id)
+            else:
+                pipe.hset(key, host_id, state)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
+
+        replies = write()
+        if isinstance(replies[0], redis.ResponseError) and garbage.is_wrong_type(replies[0]):
+            garbage.report(key, "holds the wrong type of value", str(replies[0]))
+            self._r.delete(key)
+            replies = write()
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        before = replies[0]
+        text = None if before is None else as_text(before)
+        return text if text in ADMIN_STATES else None
+
     # --- assignments and wake-ups ---------------------------------------------------------
     def assignments(self, host_ids: list[str]) -> dict[str, dict[int, int]]:
         """Current assignments (session id -> instances) of each host (broker side: a field
@@ -232,6 +290,19 @@ def _hosts(key: str, raw: dict[Any, Any]) -> tuple[dict[str, HostRecord], list[s
             garbage.report(key, f"host {host_id!r}: {e}", v)
             bad.append(host_id)
     return good, sorted(bad)
+
+
+def _admin(key: str, raw: dict[Any, Any]) -> dict[str, str]:
+    """Host id -> operator state of the admin hash; other values are reported and skipped
+    (the host is then treated as online: nobody meant a value no one can read)."""
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        host_id, state = as_text(k), as_text(v)
+        if state in ADMIN_STATES:
+            out[host_id] = state
+        else:
+            garbage.report(key, f"host {host_id!r}: state is not one of {ADMIN_STATES}", v)
+    return out
 
 
 def _is_int(value: Any) -> bool:

@@ -97,6 +97,52 @@ class SessionRecord(_JsonRecord):
     #: Durable sessions: since when it has had nothing outstanding and no client handle
     #: (0 while busy); its units are released `durable_release_timeout` after that.
     quiet_since: float = 0.0
+    #: The job template whose defaults and limits were applied at creation.
+    job_template: str = "Default"
+    #: Node groups a host must all be in to serve it (its pool, a label key or key=value);
+    #: empty: any host.
+    node_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionStatus(_JsonRecord):
+    """What the allocator last decided for a session and why (`sessions show` prints it):
+    written by the leading broker daemon only."""
+
+    #: Units the session's load asks for (min_units..max_units): grows at once above the
+    #: grow threshold, shrinks at most every `allocation_adjust_interval` below the shrink one.
+    target: int
+    #: Why its target is what it is (the last grow or shrink; "" before the first).
+    reason: str = ""
+    #: Why it is queued (or holds fewer units than its target): "" when it is not waiting.
+    waiting: str = ""
+    #: 100 x outstanding / (units x capacity per unit) at the last write; None with no unit.
+    load_ratio: int | None = None
+    #: When `target` last changed and when this status was written (seconds since the epoch).
+    changed: float = 0.0
+    written: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadError(_JsonRecord):
+    """Why a session's service failed to load on one host, when, and how many times in a row
+    (the allocator excludes the host for `end_point_not_found_retry_period` after each)."""
+
+    why: str
+    at: float = 0.0
+    tries: int = 1
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> LoadError:
+        """A stored load error; plain text (written before errors had times) counts as one
+        failure long ago."""
+        text = as_text(raw)
+        if text.startswith("{"):
+            try:
+                return cls.from_json(text)
+            except DecodeError:
+                pass
+        return cls(text)
 
 
 @dataclass(frozen=True)

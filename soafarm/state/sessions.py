@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -31,7 +32,7 @@ from soafarm.names import Names, check_client_id
 from soafarm.state import garbage
 from soafarm.state.batch import Batch, Later
 from soafarm.state.clients import client_keys
-from soafarm.state.records import SessionRecord, as_text
+from soafarm.state.records import LoadError, SessionRecord, SessionStatus, as_text
 
 log = structlog.get_logger(__name__)
 
@@ -148,20 +149,69 @@ return table.concat(out, ',')
 
 # ARGV: the session ids ("1,2,3"), the exclusive lower bound of a live handle's score per
 # session ("t1,t2,t3"), then the parts around the session id of its handles set's key and of
-# its clients set's key. Drops older handles; returns per session: its live handles (-1:
-# wrong type), its members that are client ids, and those that are not (-1: the clients set
-# has the wrong type).
+# its clients set's key; then per session the idle cutoff of its client ids ("c1,-,c3": '-'
+# when `client_idle_timeout` is 0, no limit), the time now, and the parts around the session
+# id of its client hashes' keys (the client id follows). Drops older handles; returns per
+# session: its live handles (-1: wrong type), its members that are client ids, and those
+# that are not (-1: the clients set has the wrong type); then the client ids disconnected
+# for being idle, as "sid client-id seconds" joined by commas.
+#
+# The idle rule (`client_idle_timeout`), for each client id with a live handle (a member
+# "client:<client id>:<tag>", see `client_handle`): a client id with requests outstanding
+# (accepted > done) is busy, never idle; else it is idle since the latest of its last send
+# or attach (`sent_at`, its client's), its last read (`read_at`, its reader's) and its last
+# request answered (`quiet_at`, the worker's: a long call ending starts the clock). Each
+# time is written by whoever acted, so a sweep that comes late only disconnects late. Idle
+# up to its cutoff, its handles are dropped and `idle_out` records for how long, which its
+# heartbeat and its next send read. Nothing else of it is touched: its responses stay (a
+# durable client id attaches again and reads them).
 _ACTIVITY = """
-local cutoffs = {}
-for t in string.gmatch(ARGV[2], '[^,]+') do cutoffs[#cutoffs + 1] = t end
-local out = {}
+local function split(text)
+  local t = {}
+  for x in string.gmatch(text, '[^,]+') do t[#t + 1] = x end
+  return t
+end
+local cutoffs, idle_cutoffs = split(ARGV[2]), split(ARGV[7])
+local now = tonumber(ARGV[8])
+local out, gone = {}, {}
 local i = 0
 for sid in string.gmatch(ARGV[1], '%d+') do
   i = i + 1
   local handles = ARGV[3] .. sid .. ARGV[4]
   local live = -1
   if type(redis.pcall('ZREMRANGEBYSCORE', handles, '-inf', '(' .. cutoffs[i])) == 'number' then
-    live = redis.call('ZCARD', handles)
+    local limit = tonumber(idle_cutoffs[i] or '-')
+    if not limit then
+      live = redis.call('ZCARD', handles)
+    else
+      local members = redis.call('ZRANGE', handles, 0, -1)
+      live = #members
+      local of, order = {}, {}
+      for _, m in ipairs(members) do
+        local c = string.match(m, '^client:([%w_%.%-]+):')
+        if c and #c <= 64 then
+          if not of[c] then
+            of[c] = {}
+            order[#order + 1] = c
+          end
+          table.insert(of[c], m)
+        end
+      end
+      for _, c in ipairs(order) do
+        local key = ARGV[9] .. sid .. ARGV[10] .. c
+        local v = redis.pcall('HMGET', key, 'accepted', 'done', 'sent_at', 'read_at', 'quiet_at')
+        if not v['err'] and v[1] and (tonumber(v[1]) or 0) <= (tonumber(v[2]) or 0) then
+          local since = math.max(tonumber(v[3]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0)
+          if since > 0 and since <= limit then
+            local idle = string.format('%.1f', now - since)
+            redis.call('HSET', key, 'idle_out', idle)
+            redis.call('ZREM', handles, unpack(of[c]))
+            live = live - #of[c]
+            gone[#gone + 1] = sid .. ' ' .. c .. ' ' .. idle
+          end
+        end
+      end
+    end
   end
   local valid, junk = 0, 0
   local members = redis.pcall('SMEMBERS', ARGV[5] .. sid .. ARGV[6])
@@ -178,7 +228,29 @@ for sid in string.gmatch(ARGV[1], '%d+') do
   end
   out[#out + 1] = string.format('%d,%d,%d', live, valid, junk)
 end
-return table.concat(out, ',')
+return {table.concat(out, ','), table.concat(gone, ',')}
+"""
+
+# KEYS: a session's handles set, the client id's hash. ARGV: the handle, the time (epoch
+# seconds), '1' when the handle is attaching. A client handle's beat: an attaching handle
+# clears the client id's `idle_out` and starts its idle clock (`sent_at`); a later beat of a
+# client id the broker disconnected for `client_idle_timeout` answers how long it was idle
+# and leaves its handle out, so it stops counting. Counters missing (purged): just beats.
+_BEAT_CLIENT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if ARGV[3] == '1' then
+    redis.pcall('HDEL', KEYS[2], 'idle_out')
+    redis.pcall('HSET', KEYS[2], 'sent_at', ARGV[2])
+  else
+    local idle = redis.pcall('HGET', KEYS[2], 'idle_out')
+    if type(idle) == 'string' then
+      redis.call('ZREM', KEYS[1], ARGV[1])
+      return idle
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return false
 """
 
 # KEYS: the open sessions set, the sessions' generation. ARGV: the parts of a session
@@ -264,6 +336,7 @@ class SessionStore:
         self._replace: Any = client.register_script(_REPLACE)
         self._demand_facts: Any = client.register_script(_DEMAND_FACTS)
         self._activity: Any = client.register_script(_ACTIVITY)
+        self._beat_client: Any = client.register_script(_BEAT_CLIENT)
         self._open_records: Any = client.register_script(_OPEN_RECORDS)
         self._retire: Any = client.register_script(_RETIRE)
         # session id -> (record text, its decoding): the broker reads every open session's
@@ -563,6 +636,7 @@ class SessionStore:
         pipe.smembers(n.session_clients_key(session_id))
         pipe.srem(n.sessions_key, session_id)
         pipe.hdel(n.targets_key, session_id)
+        pipe.hdel(n.statuses_key, session_id)
         pipe.delete(
             n.session_key(session_id),
             n.session_clients_key(session_id),
@@ -685,14 +759,34 @@ class SessionStore:
         id) of each session in `cutoffs`; older handles are dropped. What
         `connected_handles` and `clients` say, in one script call per SCRIPT_CHUNK sessions
         (plus a read of any key holding garbage, which is reported as they report it)."""
+        return self.sweep_activity(cutoffs, {}, time.time())[0]
+
+    def sweep_activity(
+        self, cutoffs: Mapping[int, float], idle_cutoffs: Mapping[int, float], now: float
+    ) -> tuple[dict[int, tuple[int, bool]], list[IdleClient]]:
+        """`activity(cutoffs)`, and in the same script calls the idle rule of
+        `client_idle_timeout` (see `_ACTIVITY`): in each session of `idle_cutoffs`, a client
+        id with nothing outstanding whose last send, last read and last outstanding request
+        are all at or before its cutoff time is disconnected (its handles dropped, the
+        reason kept for it). Returns the activity with the counts of handles left, and the
+        client ids disconnected now."""
         session_ids = list(cutoffs)
         n = self.names
         parts = [*_around_id(n.session_handles_key), *_around_id(n.session_clients_key)]
+        clients = _around_id(lambda sid: _client_key_prefix(n, sid))
         out: dict[int, tuple[int, bool]] = {}
+        gone: list[IdleClient] = []
         for i in range(0, len(session_ids), SCRIPT_CHUNK):
             chunk = session_ids[i : i + SCRIPT_CHUNK]
             times = ",".join(repr(float(cutoffs[sid])) for sid in chunk)
-            rows = _integers(self._activity(args=[_joined(chunk), times, *parts]), 3 * len(chunk))
+            idle = ",".join(
+                repr(float(idle_cutoffs[sid])) if sid in idle_cutoffs else "-" for sid in chunk
+            )
+            reply = self._activity(
+                args=[_joined(chunk), times, *parts, idle, repr(float(now)), *clients]
+            )
+            counts, disconnected = (reply[0], reply[1]) if isinstance(reply, list) else (reply, "")
+            rows = _integers(counts, 3 * len(chunk))
             for j, sid in enumerate(chunk):
                 live, valid, junk = rows[3 * j : 3 * j + 3]
                 if live < 0:
@@ -701,13 +795,41 @@ class SessionStore:
                 if junk:  # the set holds garbage: read it alone, which reports it
                     has_clients = bool(self.clients(sid))
                 out[sid] = (max(live, 0), has_clients)
-        return out
+            gone += _idle_clients(disconnected)
+        return out, gone
 
     # --- client handles (heartbeats) ------------------------------------------------------
     def beat(self, session_id: int, handle: str, at: float | None = None) -> None:
         """Record that client handle `handle` is alive (now, or at `at`)."""
         when = time.time() if at is None else at
         self._r.zadd(self.names.session_handles_key(session_id), {handle: when})
+
+    def beat_client(
+        self,
+        session_id: int,
+        handle: str,
+        client_id: str,
+        attaching: bool = False,
+        at: float | None = None,
+    ) -> float | None:
+        """A client handle's beat (now, or at `at`; see `_BEAT_CLIENT`): None while its
+        client id is connected; else how long the client id was idle when the broker
+        disconnected it for `client_idle_timeout` (the handle is left out). `attaching` (its
+        first beat) clears a previous disconnection and starts the client id's idle
+        clock."""
+        idle = self._beat_client(
+            keys=[
+                self.names.session_handles_key(session_id),
+                self.names.client_key(session_id, client_id),
+            ],
+            args=[handle, time.time() if at is None else at, "1" if attaching else "0"],
+        )
+        if idle is None:
+            return None
+        try:
+            return float(as_text(idle))
+        except ValueError:
+            return 0.0
 
     def drop_handle(self, session_id: int, handle: str) -> None:
         """Forget a client handle that closed."""
@@ -735,17 +857,31 @@ class SessionStore:
 
     # --- load errors and targets ----------------------------------------------------------
     def record_load_error(self, session_id: int, host_id: str, why: str) -> None:
-        """Say why the service could not be loaded on `host_id` (the allocator excludes it)."""
-        self._r.hset(self.names.session_load_errors_key(session_id), host_id, why)
+        """Say why the service could not be loaded on `host_id`, now (the allocator excludes
+        it for the session's `end_point_not_found_retry_period`, then tries it again).
+
+        Failures closer together than half that period are one try: the instances a host
+        starts side by side fail together."""
+        key = self.names.session_load_errors_key(session_id)
+        # only this host writes its field: a read, then a write, cannot lose a count
+        before = garbage.tolerant(key, lambda k: self._r.hget(k, host_id), None)
+        now = time.time()
+        tries = 1
+        if before is not None:
+            last = LoadError.parse(before)
+            record = self.get(session_id)
+            period = record.broker_settings.end_point_not_found_retry_period if record else 0.0
+            tries = last.tries + 1 if now - last.at >= period / 2 else last.tries
+        self._r.hset(key, host_id, LoadError(why, now, tries).to_json())
 
     def load_errors(self, session_id: int) -> dict[str, str]:
         """Why the service failed to load, per host (empty when it loaded everywhere)."""
         key = self.names.session_load_errors_key(session_id)
         raw = garbage.tolerant(key, self._r.hgetall, {})
-        return {as_text(k): as_text(v) for k, v in raw.items()}
+        return {as_text(k): LoadError.parse(v).why for k, v in raw.items()}
 
     def read_load_errors(self, batch: Batch, session_id: int) -> Later[dict[str, str]]:
-        """`load_errors(session_id)`, read with `batch`."""
+        """Each host's stored load error (`LoadError.parse` reads one), read with `batch`."""
         key = self.names.session_load_errors_key(session_id)
         return batch.add(
             lambda p: p.hgetall(key),
@@ -790,7 +926,71 @@ class SessionStore:
             pipe.hset(self.names.targets_key, mapping={str(k): v for k, v in targets.items()})
         pipe.execute()
 
+    # --- statuses (the allocator's decisions and reasons) ----------------------------------
+    def read_statuses(self, batch: Batch) -> Later[dict[int, SessionStatus]]:
+        """Every session's last SessionStatus, read with `batch` (garbage fields skipped:
+        the leader writes them again)."""
+        key = self.names.statuses_key
+        return batch.add(
+            lambda p: p.hgetall(key), lambda r: _statuses(key, garbage.reply(key, r[0], {}))
+        )
+
+    def read_status(self, batch: Batch, session_id: int) -> Later[SessionStatus | None]:
+        """One session's SessionStatus (None before its first allocation round)."""
+        key = self.names.statuses_key
+
+        def parse(replies: list[Any]) -> SessionStatus | None:
+            raw = garbage.reply(key, replies[0], None)
+            return None if raw is None else _statuses(key, {str(session_id): raw}).get(session_id)
+
+        return batch.add(lambda p: p.hget(key, str(session_id)), parse)
+
+    def set_statuses(self, changed: Mapping[int, SessionStatus], gone: Iterable[int]) -> None:
+        """Write the statuses that changed and drop those of sessions no longer open."""
+        key = self.names.statuses_key
+        pipe = self._r.pipeline(transaction=False)
+        if changed:
+            pipe.hset(key, mapping={str(k): v.to_json() for k, v in changed.items()})
+        fields = [str(g) for g in gone]
+        if fields:
+            pipe.hdel(key, *fields)
+        pipe.execute()
+
     # --- helpers --------------------------------------------------------------------------
+
+
+def _statuses(key: str, raw: Mapping[Any, Any]) -> dict[int, SessionStatus]:
+    out: dict[int, SessionStatus] = {}
+    for field_, value in raw.items():
+        try:
+            out[int(as_text(field_))] = SessionStatus.from_json(value)
+        except (ValueError, DecodeError):
+            garbage.report(key, f"field {as_text(field_)!r} is not session id -> status", value)
+    return out
+
+
+@dataclass(frozen=True)
+class IdleClient:
+    """A client id the life-cycle sweep disconnected for `client_idle_timeout`."""
+
+    session_id: int
+    client_id: str
+    idle_for: float
+
+
+def client_handle(client_id: str, tag: str) -> str:
+    """The handle of one `BrokerClient` of `client_id` (`tag` tells its handles apart): the
+    sweep finds a handle's client id in it to apply `client_idle_timeout`."""
+    return f"client:{check_client_id(client_id)}:{tag}"
+
+
+def _idle_clients(text: Any) -> list[IdleClient]:
+    """The client ids `_ACTIVITY` disconnected ("sid client-id seconds,...")."""
+    out = []
+    for item in as_text(text).split(",") if text else []:
+        sid, client_id, idle = item.split(" ")
+        out.append(IdleClient(int(sid), client_id, float(idle)))
+    return out
 
 
 def _decode(key: str, raw: bytes | str) -> SessionRecord | None:

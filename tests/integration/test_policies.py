@@ -109,6 +109,7 @@ def test_service_init_timeout_fails_the_session(settings: Settings, farm: LocalF
     (folder / "slowstart.toml").write_text(
         f'entry_point = "faulty:FaultyService"\npython_path = ["{faulty}"]\n'
         'service_init_timeout = 1\n[environment]\nFAULTY_INIT_SECONDS = "30"\n'
+        "[broker]\nend_point_not_found_retry_period = 1\n"
     )
     with (
         Session.create(SessionStartInfo("slowstart"), settings) as session,

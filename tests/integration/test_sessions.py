@@ -211,7 +211,10 @@ def test_a_service_no_host_can_load_fails_the_session_with_the_error(
     settings: Settings, farm: LocalFarm
 ) -> None:
     folder: Path = settings.service_registration_path[0]
-    (folder / "noload.toml").write_text('entry_point = "does_not_exist:Nothing"\n')
+    # excluded, tried again after a second, failed again: the session fails
+    (folder / "noload.toml").write_text(
+        'entry_point = "does_not_exist:Nothing"\n[broker]\nend_point_not_found_retry_period = 1\n'
+    )
     with (
         Session.create(SessionStartInfo("noload"), settings) as session,
         BrokerClient(session) as client,

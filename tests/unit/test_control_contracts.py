@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
-from soafarm.config import BrokerSettings
+from soafarm.config import BrokerSettings, JobTemplate
 from soafarm.errors import ControlRequestError, DecodeError
 from soafarm.protocol import ControlRequest, decode, encode
 from soafarm.state.control import (
@@ -22,6 +23,8 @@ from soafarm.state.control import (
     CreateArgs,
     DataAdded,
     GetArgs,
+    HostActionArgs,
+    HostActionDone,
     HostInfo,
     HostList,
     HostsArgs,
@@ -32,9 +35,17 @@ from soafarm.state.control import (
     Reply,
     SessionInfo,
     SessionList,
+    TemplateList,
+    TemplatesArgs,
     decode_request,
 )
-from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord, SessionState
+from soafarm.state.records import (
+    HostRecord,
+    InstanceRecord,
+    SessionRecord,
+    SessionState,
+    SessionStatus,
+)
 
 SESSION = SessionRecord(
     id=3,
@@ -85,7 +96,10 @@ ARGS: list[ControlCall[Any]] = [
     PurgeClientArgs(3, "client-a"),
     AddDataArgs(3, {"curves": "ns.data.abc"}),
     HostsArgs(),
+    HostActionArgs("h1", "drain"),
     PingArgs(),
+    TemplatesArgs(),
+    CreateArgs("echo", priority=4000, job_template="gpu", node_groups=("gpu", "zone=a")),
 ]
 
 
@@ -108,7 +122,9 @@ def test_plain_params_of_create_keep_their_names() -> None:
 
 def test_omitted_arguments_take_defaults() -> None:
     got = decode_request(ControlRequest("create", {"service": "echo"}))
-    assert got == CreateArgs("echo", min_units=1, max_units=None, priority=2000)
+    # unset: the job template supplies them at the broker
+    assert got == CreateArgs("echo", min_units=None, max_units=None, priority=None)
+    assert got.job_template == "" and got.node_groups is None
     assert decode_request(ControlRequest("close", {"session_id": 1})) == CloseArgs(1, True)
 
 
@@ -131,6 +147,9 @@ def test_omitted_arguments_take_defaults() -> None:
         ("purge_client", {"session_id": 3, "client_id": b"x"}, r"client_id: expected str"),
         ("list", {"service": ["echo"]}, r"service: expected str"),
         ("hosts", {"all": True}, r"unknown key\(s\) all; allowed: none"),
+        ("host_action", {"host_id": "h"}, r"'host_action': missing 'action'"),
+        ("host_action", {"host_id": "h", "action": "reboot"}, r"one of offline, drain, online"),
+        ("host_action", {"host_id": "", "action": "drain"}, r"host_id must be a non-empty"),
         ("ping", {"x": 1}, r"'ping': unknown key\(s\) x"),
     ],
 )
@@ -156,7 +175,16 @@ REPLIES: list[tuple[ControlCall[Any], Reply]] = [
     (PurgeClientArgs(3, "a"), ClientPurged(3, "a", True)),
     (AddDataArgs(3, {}), DataAdded(3, ("a", "b"))),
     (HostsArgs(), HostList((HOST,))),
+    (HostActionArgs("h1", "online"), HostActionDone("h1", "", "offline")),
     (PingArgs(), Pong("ns")),
+    (
+        TemplatesArgs(),
+        TemplateList((JobTemplate(), JobTemplate("gpu", node_groups="gpu", broker={"a": 1}))),
+    ),
+    (
+        GetArgs(3),
+        dataclasses.replace(INFO, status=SessionStatus(4, "grew", "waiting", 200, 1.0, 2.0)),
+    ),
 ]
 
 
@@ -169,13 +197,14 @@ def test_every_reply_round_trips_through_msgpack(args: ControlCall[Any], reply: 
 def test_session_description_is_the_flat_map_of_before() -> None:
     wire = INFO.to_wire()
     assert list(wire)[:3] == ["id", "service", "version"]
-    assert list(wire)[-7:] == [
+    assert list(wire)[-8:] == [
         "request_queue",
         "instances",
         "clients",
         "load_errors",
         "allocated_units",
         "target_units",
+        "status",
         "outstanding",
     ]
     assert wire["state"] == "running"
@@ -194,6 +223,7 @@ def test_host_list_is_a_list_of_flat_maps() -> None:
     assert wire[0]["id"] == "h1"
     assert wire[0]["assignments"] == {"3": 1}
     assert wire[0]["heartbeat_age"] == 0.2
+    assert wire[0]["admin"] == ""  # no operator state: `soafarm hosts --json` says ""
 
 
 def test_replies_ignore_keys_a_newer_broker_adds() -> None:

@@ -27,7 +27,7 @@ from soafarm.state import garbage
 from soafarm.state.batch import Batch
 from soafarm.state.clients import DoneMarker, ProgressStore
 from soafarm.state.hosts import HostStore
-from soafarm.state.records import HostRecord, SessionRecord, SessionState
+from soafarm.state.records import HostRecord, LoadError, SessionRecord, SessionState
 from soafarm.state.sessions import SCRIPT_CHUNK, SessionStore
 from soafarm.transport.connections import SharedRedis
 from tests.unit.fakes import NAMES, fake_redis
@@ -93,7 +93,9 @@ def test_demand_facts_match_the_reads_one_key_at_a_time(
     with_client(r, sessions, 2, "a", 0)
     sessions.record_load_error(2, "h1", "no module")
     facts = sessions.demand_facts([1, 2, 3])
-    assert facts == {1: (7 + 4, {}), 2: (0, {"h1": "no module"}), 3: (0, {})}
+    assert LoadError.parse(facts[2][1].pop("h1")).why == "no module"
+    assert sessions.load_errors(2) == {"h1": "no module"}
+    assert facts == {1: (7 + 4, {}), 2: (0, {}), 3: (0, {})}
     assert {sid: n for sid, (n, _e) in facts.items()} == sessions.outstanding([1, 2, 3])
 
 
@@ -484,7 +486,11 @@ def test_the_memo_reads_new_sessions_facts_at_once_and_the_rest_once_a_second(
     assert memo.facts_of(store, [1, 2]) == {1: (0, {}), 2: (0, {})}
     clock[0] += 0.25
     store.sessions.record_load_error(3, "h1", "boom")
-    assert memo.facts_of(store, [1, 3])[3] == (0, {"h1": "boom"})
+    outstanding, errors = memo.facts_of(store, [1, 3])[3]
+    assert (outstanding, {h: LoadError.parse(e).why for h, e in errors.items()}) == (
+        0,
+        {"h1": "boom"},
+    )
     assert read == [[1, 2], [3]]
     clock[0] += 1.0
     memo.facts_of(store, [1, 3])
@@ -492,7 +498,7 @@ def test_the_memo_reads_new_sessions_facts_at_once_and_the_rest_once_a_second(
     # the allocator runs again only when its inputs changed
     calls: list[int] = []
 
-    def counted_allocate(*_args: Any) -> dict[str, dict[int, int]]:
+    def counted_allocate(*_args: Any, **_kwargs: Any) -> dict[str, dict[int, int]]:
         calls.append(1)
         return {"h": {1: 1}}
 

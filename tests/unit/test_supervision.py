@@ -92,7 +92,7 @@ def fake_farm(monkeypatch: pytest.MonkeyPatch) -> tuple[LocalFarm, list[FakeProc
     r = fake_redis()
     farm = LocalFarm(Settings(namespace=NAMES.namespace), workers=1, supervise=True)
 
-    def popen(args: list[str]) -> FakeProc:
+    def popen(args: list[str], own: dict[str, str] | None = None) -> FakeProc:
         started.append(FakeProc(args, pid=1000 + len(started)))
         return started[-1]
 
