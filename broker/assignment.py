@@ -15,7 +15,7 @@ from soafarm.broker.allocator import Demand, allocate, totals
 from soafarm.broker.lifecycle import HOLDS_UNITS
 from soafarm.broker.store import BrokerStore
 from soafarm.broker.waiting import waiting_reason
-from soafarm.resources import HostSize, capacity, units_per_host
+from soafarm.resources import RESOURCE_UNITS, HostSize, capacity, units_per_host
 from soafarm.state.batch import Batch, Later
 from soafarm.state.records import (
     HostRecord,
@@ -50,6 +50,10 @@ class RoundMemo:
     #: is their only writer, so it need not read them back each round (1,000 open sessions
     #: made that a 1,000-field hash parsed after every create and close).
     statuses: dict[int, SessionStatus] | None = None
+    #: When every session's status was last worked out (`time.time()`): between two such
+    #: rounds (facts_max_age apart, when the outstanding work they depend on is read again)
+    #: only new sessions' are.
+    statuses_at: float = -math.inf
     #: The allocator's last inputs and result.
     inputs: tuple[object, ...] | None = None
     result: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -96,7 +100,7 @@ class _Hosts:
     current: dict[str, dict[int, int]]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: see Demand
 class _Facts:
     """One session as a round sees it."""
 
@@ -170,15 +174,22 @@ def _session_facts(
     ids = [s.id for s in sessions]
     facts = memo.facts_of(store, ids) if memo else store.sessions.demand_facts(ids)
     out = []
+    # shared by the sessions with no node group and no load error, most of them: a round
+    # over 1,000 idle sessions must not build 4,000 empty containers
+    everywhere, nowhere = set(hosts.records), set[str]()
     for s in sessions:
         outstanding, raw_errors = facts[s.id]
-        errors = {h: LoadError.parse(why) for h, why in raw_errors.items()}
-        # a host that failed to load the service is left out for the session's
-        # end_point_not_found_retry_period, then tried again
-        period = s.broker_settings.end_point_not_found_retry_period
-        until = {h: e.at + period for h, e in errors.items() if now < e.at + period}
-        outside = node_groups.outside(hosts.records, s.node_groups)
-        mine = set(hosts.records) - outside
+        errors, until = {}, {}
+        if raw_errors:
+            errors = {h: LoadError.parse(why) for h, why in raw_errors.items()}
+            # a host that failed to load the service is left out for the session's
+            # end_point_not_found_retry_period, then tried again
+            period = s.broker_settings.end_point_not_found_retry_period
+            until = {h: e.at + period for h, e in errors.items() if now < e.at + period}
+        outside, mine = nowhere, everywhere
+        if s.node_groups:
+            outside = node_groups.outside(hosts.records, s.node_groups)
+            mine = everywhere - outside
         out.append(_Facts(s, outstanding, outside, mine, errors, until))
     return out
 
@@ -214,7 +225,10 @@ def reconcile(
         else:
             sessions.append(f)
     previous = (known or {}) if statuses_read is None else statuses_read.value
-    statuses = _next_statuses(hosts, sessions, previous, now)
+    every = memo is None or now - memo.statuses_at >= memo.facts_max_age
+    statuses = _next_statuses(hosts, sessions, previous, now, every)
+    if memo and every:
+        memo.statuses_at = now
     demands = [
         Demand(
             f.record.id,
@@ -227,7 +241,11 @@ def reconcile(
         )
         for f in sessions
     ]
-    excluded = {f.record.id: f.outside | set(f.excluded_until) for f in sessions}
+    excluded = {
+        f.record.id: f.outside | set(f.excluded_until)
+        for f in sessions
+        if f.outside or f.excluded_until
+    }
     place = memo.allocate if memo else allocate
     new = place(hosts.sizes, hosts.current, demands, excluded, mode=mode, offline=hosts.offline)
     new.update({h: {} for h in hosts.records if h not in hosts.sizes})
@@ -251,20 +269,32 @@ def reconcile(
 
 
 def _next_statuses(
-    hosts: _Hosts, sessions: list[_Facts], previous: dict[int, SessionStatus], now: float
+    hosts: _Hosts,
+    sessions: list[_Facts],
+    previous: dict[int, SessionStatus],
+    now: float,
+    every: bool = True,
 ) -> dict[int, SessionStatus]:
-    """Each session's grow/shrink target from its load (`broker.grow_shrink`)."""
+    """Each session's grow/shrink target from its load (`broker.grow_shrink`); unless
+    `every`, only of the sessions with no status yet (the others keep theirs)."""
+    if not every:
+        stale = [f for f in sessions if f.record.id not in previous]
+        kept = {f.record.id: previous[f.record.id] for f in sessions if f.record.id in previous}
+        return {**kept, **(_next_statuses(hosts, stale, previous, now) if stale else {})}
     held = totals(hosts.current)
     largest = max(hosts.sizes.values(), key=lambda z: z.cores, default=HostSize(1))
+    # per resource unit, not per session: 1,000 sessions of one unit share the answers
+    ceilings = {u: sum(units_per_host(u, z) for z in hosts.sizes.values()) for u in RESOURCE_UNITS}
+    capacities = {u: capacity(u, largest) for u in RESOURCE_UNITS}
     return {
         f.record.id: grow_shrink.next_status(
             f.record,
             previous.get(f.record.id),
             units=held.get(f.record.id, 0),
             outstanding=f.outstanding,
-            capacity=capacity(f.record.resource_unit, largest, f.record.max_concurrent_calls),
+            capacity=f.record.max_concurrent_calls or capacities[f.record.resource_unit],
             now=now,
-            ceiling=sum(units_per_host(f.record.resource_unit, z) for z in hosts.sizes.values()),
+            ceiling=ceilings[f.record.resource_unit],
         )
         for f in sessions
     }
@@ -296,7 +326,9 @@ def _write_statuses(  # noqa: PLR0917 - the round's parts, in its order
                 excluded_until=f.excluded_until,
                 now=now,
             )
-        status = dataclasses.replace(statuses[sid], waiting=waiting)
+        status = statuses[sid]
+        if status.waiting != waiting:
+            status = dataclasses.replace(status, waiting=waiting)
         old = previous.get(sid)
         if grow_shrink.worth_writing(
             status, old, now, f.record.broker_settings.status_update_interval
@@ -313,7 +345,7 @@ def _write_statuses(  # noqa: PLR0917 - the round's parts, in its order
 def _failed_everywhere(facts: _Facts) -> str:
     """See `_Facts.failed`."""
     mine, until, errors = facts.mine, facts.excluded_until, facts.load_errors
-    if not mine or not all(h in until and errors[h].tries >= 2 for h in mine):
+    if not until or not mine or not all(h in until and errors[h].tries >= 2 for h in mine):
         return ""
     host = sorted(mine)[0]
     return (

@@ -53,6 +53,16 @@ def next_status(
     top = max(record.min_units, min(record.max_units, ceiling))
     if previous is None:
         return SessionStatus(top, load_ratio=ratio, changed=now, written=now)
+    if (
+        outstanding == 0
+        and ratio == previous.load_ratio
+        and record.min_units <= previous.target <= record.max_units
+        and (
+            previous.target == record.min_units
+            or now - previous.changed < settings.allocation_adjust_interval
+        )
+    ):
+        return previous  # idle, and not due to shrink: most sessions of a big farm
     target = max(record.min_units, min(record.max_units, previous.target))
     need = needed_units(record, outstanding, capacity, ceiling)
     reason, changed = previous.reason, previous.changed
@@ -74,6 +84,13 @@ def next_status(
                 f"{settings.allocation_shrink_load_ratio_threshold}%: shrank to {need}"
             )
             target, changed = need, now
+    if (target, reason, ratio, changed) == (
+        previous.target,
+        previous.reason,
+        previous.load_ratio,
+        previous.changed,
+    ):
+        return previous  # the common case, an idle session: no new object a round
     return dataclasses.replace(
         previous, target=target, reason=reason, load_ratio=ratio, changed=changed
     )

@@ -293,3 +293,19 @@ def test_waiting_reasons_say_what_to_do() -> None:
     assert "held by sessions of higher priority" in waiting_reason(
         session(min_units=2), live, sizes, outside=set(), load_errors={}, excluded_until={}
     )
+
+
+def test_between_facts_reads_only_new_sessions_statuses_are_worked_out() -> None:
+    from soafarm.broker import assignment
+
+    hosts = assignment._Hosts({}, {"h": HostSize(4)}, set(), {})
+    old = assignment._Facts(session(id=1), 50, set(), {"h"}, {}, {})
+    new = assignment._Facts(session(id=2), 0, set(), {"h"}, {}, {})
+    kept = dataclasses.replace(
+        next_status(session(), None, units=1, outstanding=0, capacity=1, now=0.0), target=1
+    )
+    between = assignment._next_statuses(hosts, [old, new], {1: kept}, 5.0, every=False)
+    assert between[1] is kept  # its load (50 outstanding) waits for the next full round
+    assert between[2].target == 4  # a new session starts at its maximum (the farm's 4)
+    full = assignment._next_statuses(hosts, [old, new], {1: kept}, 5.0)
+    assert full[1].target == 4 and "grew from 1 to 4" in full[1].reason  # the farm has 4
