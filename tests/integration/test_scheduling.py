@@ -191,6 +191,25 @@ def test_an_idle_session_hands_its_spare_units_to_a_busy_one(settings: Settings)
             assert len(list(client.get_responses(timeout=60))) == 8
 
 
+def test_balanced_mode_gives_spare_units_to_the_busy_session_at_once(settings: Settings) -> None:
+    settings = settings.replace(scheduler=SchedulerSettings(mode="balanced"))
+    with LocalFarm(settings, workers=1, cores=4):
+        named = SessionStartInfo("echo", priority="below_normal")
+        with (
+            Session.create(named, settings) as idle,
+            Session.create(SessionStartInfo("faulty", priority="Highest"), settings) as busy,
+            BrokerClient(busy) as client,
+        ):
+            assert (idle.refresh().record.priority, busy.refresh().record.priority) == (1000, 4000)
+            for _ in range(12):
+                client.send_request("sleep", 0.5)
+            client.end_requests()
+            # no shrink interval to wait for: spare units follow the outstanding work
+            wait_until("the busy one holds 3", lambda: len(busy.refresh().instances) == 3)
+            assert _target(idle) == 4  # its target did not shrink: the mode shared them
+            assert len(list(client.get_responses(timeout=60))) == 12
+
+
 def _target(session: Session) -> int:
     status = session.refresh().status
     return -1 if status is None else status.target
