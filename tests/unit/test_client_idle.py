@@ -17,15 +17,10 @@ from soafarm.errors import ClientIdleTimeout
 from soafarm.state.clients import IDLE_OUT, QUIET_AT, SENT_AT, DoneMarker, ProgressStore
 from soafarm.state.records import SessionRecord, SessionState, as_text
 from soafarm.state.sessions import client_handle
-from tests.unit.fakes import NAMES, fake_redis
+from tests.unit.fakes import NAMES
 
 CREATED = 1_000.0
 LIMIT = 30.0
-
-
-@pytest.fixture
-def r() -> redis.Redis:
-    return fake_redis()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import dataclasses
 import random
 import time
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +23,13 @@ from soafarm.broker.store import BrokerStore
 from soafarm.config import BrokerSettings
 from soafarm.errors import DecodeError
 from soafarm.resources import HostSize, unit_cores, units_per_host
-from soafarm.state import garbage
 from soafarm.state.batch import Batch
 from soafarm.state.clients import DoneMarker, ProgressStore
 from soafarm.state.hosts import HostStore
 from soafarm.state.records import HostRecord, LoadError, SessionRecord, SessionState
 from soafarm.state.sessions import SCRIPT_CHUNK, SessionStore
 from soafarm.transport.connections import SharedRedis
-from tests.unit.fakes import NAMES, fake_redis
-
-
-@pytest.fixture(autouse=True)
-def fresh_reports() -> Iterator[None]:
-    garbage.forget_reports()
-    yield
-    garbage.forget_reports()
-
-
-@pytest.fixture
-def r() -> redis.Redis:
-    return fake_redis()
+from tests.unit.fakes import NAMES
 
 
 @pytest.fixture

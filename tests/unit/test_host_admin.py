@@ -3,30 +3,15 @@ the record the host rewrites, outliving the host, read in a batch, tolerant of g
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 import structlog.testing
 
-from soafarm.state import garbage
 from soafarm.state.batch import Batch
 from soafarm.state.hosts import DRAINING, OFFLINE, HostStore
 from soafarm.state.namespace import delete_namespace_keys
 from soafarm.state.records import HostRecord
-from tests.unit.fakes import NAMES, fake_redis
-
-
-@pytest.fixture(autouse=True)
-def fresh_reports() -> Iterator[None]:
-    garbage.forget_reports()
-    yield
-    garbage.forget_reports()
-
-
-@pytest.fixture
-def r() -> redis.Redis:
-    return fake_redis()
+from tests.unit.fakes import NAMES
 
 
 @pytest.fixture

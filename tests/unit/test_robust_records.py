@@ -7,7 +7,7 @@ idle durable sessions release their units."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,14 +23,13 @@ from soafarm.broker.lifecycle import (
 from soafarm.broker.store import BrokerStore
 from soafarm.config import BrokerSettings
 from soafarm.errors import DecodeError
-from soafarm.state import garbage
 from soafarm.state.clients import ProgressStore
 from soafarm.state.hosts import HostStore, InstanceLoad
 from soafarm.state.instances import InstanceStore
 from soafarm.state.leases import Lease, leader_key
 from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord, SessionState
 from soafarm.state.sessions import ID_BLOCK, SessionStore
-from tests.unit.fakes import NAMES, fake_redis
+from tests.unit.fakes import NAMES
 
 NOW = 10_000.0
 
@@ -48,18 +47,6 @@ class MemoryMark:
     def write(self, ceiling: int) -> None:
         self.writes += 1
         self.ceiling = max(self.ceiling, ceiling)
-
-
-@pytest.fixture(autouse=True)
-def fresh_reports() -> Iterator[None]:
-    garbage.forget_reports()
-    yield
-    garbage.forget_reports()
-
-
-@pytest.fixture
-def r() -> redis.Redis:
-    return fake_redis()
 
 
 @pytest.fixture
