@@ -233,6 +233,18 @@ class CallLoop:
         while self.deliveries:  # handed back: draining is set
             self._run(*self.deliveries.popleft())
 
+    def describe(self) -> dict[str, object]:
+        """What this loop is doing, for a log line about a slow drain: a call running (for
+        how long), a publish waiting for its confirm, batches held, the connection's state."""
+        started = self.watch.started
+        connection = self.connection
+        return {
+            "call_running_s": None if started is None else round(time.monotonic() - started, 1),
+            "publish_waiting_s": round(self.publish_watch.stuck_for(), 1),
+            "batches_held": len(self.deliveries),
+            "connected": connection is not None and connection.is_open,
+        }
+
     def _on_delivery(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         self.deliveries.append((method.delivery_tag, body, bool(method.redelivered)))
 
@@ -297,9 +309,7 @@ class CallLoop:
         assert channel is not None and connection is not None
         with self.publish_watch.running():
             return publish_routed(
-                partial(
-                    channel.basic_publish, "", queue, body, self.props, self.link.durable
-                ),
+                partial(channel.basic_publish, "", queue, body, self.props, self.link.durable),
                 queue,
                 wanted=wanted,
                 pause=connection.sleep,  # serving heartbeats meanwhile

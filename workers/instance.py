@@ -66,6 +66,8 @@ EXIT_RECYCLED = 6
 #: itself (RabbitMQ redelivers what it held): the grace a host gives its instances when it
 #: stops, so a SIGKILLed host leaves nothing behind for longer than a stopped one.
 DRAIN_GRACE_SECONDS = 30.0
+#: An orphan's drain taking longer than this is logged with what each call loop holds.
+DRAIN_SLOW_SECONDS = 5.0
 
 
 def resident_mb() -> float | None:
@@ -275,12 +277,21 @@ class ServiceInstance:
         finally:
             self.stop()
             orphaned: float | None = None
+            slow_logged = False
             for thread in calls:  # drain: running calls finish, unstarted work goes back
                 while thread.is_alive():
                     thread.join(timeout=TEND_INTERVAL)
                     self._tend(timeout)
                     if os.getppid() != self.parent:
                         orphaned = orphaned or time.monotonic()
+                        if not slow_logged and time.monotonic() - orphaned > DRAIN_SLOW_SECONDS:
+                            slow_logged = True  # what holds an orphan's drain, for the record
+                            log.warning(
+                                "host_gone_drain_slow",
+                                instance=self.spec.instance_id,
+                                seconds=round(time.monotonic() - orphaned, 1),
+                                loops=[loop.describe() for loop in self.loops],
+                            )
                         if time.monotonic() - orphaned > DRAIN_GRACE_SECONDS:
                             log.error("host_gone_drain_abandoned", instance=self.spec.instance_id)
                             os._exit(1)
@@ -316,16 +327,22 @@ class ServiceInstance:
         """Each second: report busy time for the host's utilisation figure, and end the
         process if a publish waits for its confirm past PUBLISH_STALL_LIMIT."""
         hosts = HostStore(r, self.names)
-        while not self.stopping.wait(1.0):
+        while True:
             loops = self.loops
-            load = InstanceLoad(
-                session=session_id,
-                capacity=self.spec.capacity,
-                busy=round(sum(loop.watch.busy_seconds() for loop in loops), 4),
-                at=round(time.monotonic(), 4),
-            )
-            with contextlib.suppress(redis.RedisError):
-                hosts.report_load(self.spec.host_id, self.spec.instance_id, load)
+            if self.stopping.wait(1.0):
+                # draining: no load to report, but a publish stalled in the drain (a
+                # hand-back, a last response) must still end the process, or it would wait
+                # for a confirm forever
+                time.sleep(1.0)
+            else:
+                load = InstanceLoad(
+                    session=session_id,
+                    capacity=self.spec.capacity,
+                    busy=round(sum(loop.watch.busy_seconds() for loop in loops), 4),
+                    at=round(time.monotonic(), 4),
+                )
+                with contextlib.suppress(redis.RedisError):
+                    hosts.report_load(self.spec.host_id, self.spec.instance_id, load)
             stuck = max((loop.publish_watch.stuck_for() for loop in loops), default=0.0)
             if stuck > PUBLISH_STALL_LIMIT:
                 log.error("publish_stalled", instance=self.spec.instance_id, seconds=stuck)
