@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Protocol
 
 import structlog
@@ -178,6 +179,24 @@ class AdoptedProcess:
     def kill(self) -> None:
         """SIGKILL it."""
         self.send_signal(signal.SIGKILL)
+
+
+def stop_on_signals(stop: Callable[[], object]) -> None:
+    """Route SIGTERM and SIGINT to `stop()`, called on a thread of its own.
+
+    A Python signal handler runs in the main thread between two bytecodes, which may be
+    inside `Event.wait()` with the event's (non-reentrant) lock held; a `stop()` that sets
+    that event from the handler would then wait for the lock its own thread holds, for
+    ever. That is how a SIGTERMed instance (its host SIGKILLed) once stayed up draining
+    nothing, with its main thread, the one that would have ended it, hung.
+    """
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        name = f"on-{signal.Signals(signum).name}"
+        threading.Thread(target=stop, name=name, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def with_parent(env: Mapping[str, str]) -> dict[str, str]:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
-from types import FrameType
 
 import pika
 import redis
@@ -37,7 +35,7 @@ from soafarm.errors import (
 )
 from soafarm.logs import configure_logging
 from soafarm.names import Names
-from soafarm.processes import follow_parent
+from soafarm.processes import follow_parent, stop_on_signals
 from soafarm.registration import Registration, Registry
 from soafarm.registration.registry import load_service_class
 from soafarm.service import CallRunner, ServiceContext, construct, operations_of
@@ -379,11 +377,7 @@ def serve(settings: Settings, spec: InstanceSpec, prepared: Prepared | None = No
     for memory."""
     instance = ServiceInstance(settings, spec, prepared)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        instance.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(instance.stop)
     try:
         instance.run()
     except RegistrationError as e:

@@ -14,18 +14,8 @@ from soafarm.config import Settings, with_section
 from soafarm.errors import SoafarmError
 from soafarm.local.embedded import EmbeddedServers
 from soafarm.logs import configure_logging
-from soafarm.processes import follow_parent
+from soafarm.processes import follow_parent, stop_on_signals
 from soafarm.state.control import HostsArgs
-
-
-def _stop_on_signals(stop: object) -> None:
-    """Route SIGTERM and SIGINT to `stop()`, so daemons drain instead of dying mid-call."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop()  # type: ignore[operator]
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 @cli.command()
@@ -36,7 +26,7 @@ def broker(settings: Settings) -> None:
 
     follow_parent()
     daemon = BrokerDaemon(settings)
-    _stop_on_signals(daemon.stop)
+    stop_on_signals(daemon.stop)
     daemon.run()
 
 
@@ -69,7 +59,7 @@ def worker(  # noqa: PLR0917 - click passes every option by name
     if changes:
         settings = with_section(settings, "worker", changes)
     host = WorkerHost(settings, name, stop_with_parent or supervised)
-    _stop_on_signals(host.stop)
+    stop_on_signals(host.stop)
     host.run()
 
 
@@ -88,7 +78,7 @@ def autoscaler(settings: Settings) -> None:
     provisioners = [make_provisioner(p, settings) for p in settings.autoscaler.pools]
     try:
         scaler = Autoscaler(settings, provisioners)
-        _stop_on_signals(scaler.stop)
+        stop_on_signals(scaler.stop)
         scaler.run()
     finally:
         for p in provisioners:

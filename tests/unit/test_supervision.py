@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import redis
 import soafarm.local.farm as farm_module
 from soafarm.config import Settings
 from soafarm.local.farm import Child, LocalFarm
-from soafarm.processes import PARENT_ENV, Restart, RestartPolicy, with_parent
+from soafarm.processes import PARENT_ENV, Restart, RestartPolicy, stop_on_signals, with_parent
 from soafarm.state.hosts import HostStore
 from soafarm.state.records import HostRecord
 from soafarm.workers.host import EXTERNAL_SIGNALS, INSTANCE_CRASH_POLICY, instance_restart
@@ -215,3 +216,21 @@ def test_resident_memory_is_read_from_proc() -> None:
     after = resident_mb()
     assert after is not None and after - before > 50
     del ballast
+
+
+def test_a_stop_signal_never_deadlocks_on_a_lock_the_main_thread_holds() -> None:
+    # a handler runs in the main thread between two bytecodes, possibly inside Event.wait()
+    # with the event's lock held: stop() must not take that lock on the same thread
+    stopped = threading.Event()
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop_on_signals(stopped.set)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        with stopped._cond:  # type: ignore[attr-defined]  # as inside Event.wait()
+            handler(signal.SIGTERM, None)  # returns: the set waits on a thread of its own
+            assert not stopped.is_set()
+        assert stopped.wait(timeout=10)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
