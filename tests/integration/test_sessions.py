@@ -251,7 +251,9 @@ def test_rabbitmq_connection_lost_mid_session_is_one_clear_error(
             str(e.value)
         )
         client.close(discard=True)  # its connections are gone: closing them raises nothing
-        session.control.close()
+        # (detached, not only its control closed: its heartbeat would otherwise beat into
+        # the namespace after the test deleted it, until pytest exits)
+        session.detach()
     # the session itself lives on in the broker: close it over a working connection
     with Session(ControlClient(settings), {"id": session.id}, settings):
         pass
