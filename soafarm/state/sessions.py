@@ -231,12 +231,15 @@ end
 return {table.concat(out, ','), table.concat(gone, ',')}
 """
 
-# KEYS: a session's handles set, the client id's hash. ARGV: the handle, the time (epoch
-# seconds), '1' when the handle is attaching. A client handle's beat: an attaching handle
-# clears the client id's `idle_out` and starts its idle clock (`sent_at`); a later beat of a
-# client id the broker disconnected for `client_idle_timeout` answers how long it was idle
-# and leaves its handle out, so it stops counting. Counters missing (purged): just beats.
+# KEYS: a session's handles set, the client id's hash, the session's record. ARGV: the
+# handle, the time (epoch seconds), '1' when the handle is attaching. A client handle's
+# beat: an attaching handle clears the client id's `idle_out` and starts its idle clock
+# (`sent_at`); a later beat of a client id the broker disconnected for
+# `client_idle_timeout` answers how long it was idle and leaves its handle out, so it stops
+# counting. Counters missing (purged): just beats. A session deleted meanwhile (its close
+# raced this beat): nothing is written.
 _BEAT_CLIENT = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   if ARGV[3] == '1' then
     redis.pcall('HDEL', KEYS[2], 'idle_out')
@@ -250,6 +253,14 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   end
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return false
+"""
+
+# KEYS: the session's handles, its record. ARGV: the handle, the time. A beat that comes
+# after the session was deleted (its client's close() raced its heartbeat thread) writes
+# nothing: the handle would outlive the session's other keys.
+_BEAT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
 return false
 """
 
@@ -337,6 +348,7 @@ class SessionStore:
         self._demand_facts: Any = client.register_script(_DEMAND_FACTS)
         self._activity: Any = client.register_script(_ACTIVITY)
         self._beat_client: Any = client.register_script(_BEAT_CLIENT)
+        self._beat: Any = client.register_script(_BEAT)
         self._open_records: Any = client.register_script(_OPEN_RECORDS)
         self._retire: Any = client.register_script(_RETIRE)
         # session id -> (record text, its decoding): the broker reads every open session's
@@ -802,7 +814,8 @@ class SessionStore:
     def beat(self, session_id: int, handle: str, at: float | None = None) -> None:
         """Record that client handle `handle` is alive (now, or at `at`)."""
         when = time.time() if at is None else at
-        self._r.zadd(self.names.session_handles_key(session_id), {handle: when})
+        keys = [self.names.session_handles_key(session_id), self.names.session_key(session_id)]
+        self._beat(keys=keys, args=[handle, when])
 
     def beat_client(
         self,
@@ -821,6 +834,7 @@ class SessionStore:
             keys=[
                 self.names.session_handles_key(session_id),
                 self.names.client_key(session_id, client_id),
+                self.names.session_key(session_id),
             ],
             args=[handle, time.time() if at is None else at, "1" if attaching else "0"],
         )

@@ -87,11 +87,25 @@ def test_outstanding_and_throttle_view_count_every_client() -> None:
 
 def test_handles_older_than_the_idle_limit_are_dropped() -> None:
     sessions = SessionStore(fake_redis(), NAMES)
+    sessions.save(session_record(1))
     sessions.beat(1, "old", at=100.0)
     sessions.beat(1, "new", at=200.0)
     assert sessions.connected_handles(1, since=150.0) == 1
     sessions.drop_handle(1, "new")
     assert sessions.connected_handles(1, since=0.0) == 0
+
+
+def test_a_beat_after_the_session_was_deleted_writes_nothing() -> None:
+    # a client's close() deletes the session, then stops its heartbeat thread: a beat in
+    # between must not leave a handles key behind the session
+    r = fake_redis()
+    sessions = SessionStore(r, NAMES)
+    sessions.save(session_record(1))
+    sessions.beat(1, "session:a")
+    sessions.delete(1)
+    sessions.beat(1, "session:a")
+    assert sessions.beat_client(1, "client:c:x", "c") is None
+    assert not r.exists(NAMES.session_handles_key(1))
 
 
 def test_done_marker_counts_each_response_once_and_readers_take_over() -> None:
