@@ -219,9 +219,10 @@ def reconcile(
     open_ = [s for s in store.open_sessions() if s.state in HOLDS_UNITS]
     sessions = []
     for f in _session_facts(store, memo, hosts, open_, now):
-        if f.failed:
-            log.error("session_failed", session_id=f.record.id, error=f.failed)
-            _set_state(store, f.record, SessionState.FAILED, f.failed)
+        failed = f.failed
+        if failed:
+            log.error("session_failed", session_id=f.record.id, error=failed)
+            _set_state(store, f.record, SessionState.FAILED, failed)
         else:
             sessions.append(f)
     previous = (known or {}) if statuses_read is None else statuses_read.value

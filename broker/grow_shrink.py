@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from soafarm.resources import UNBOUNDED_UNITS
 from soafarm.state.records import SessionRecord, SessionStatus
 
 
@@ -41,7 +42,7 @@ def next_status(
     outstanding: int,
     capacity: int,
     now: float,
-    ceiling: int = 2**31 - 1,
+    ceiling: int = UNBOUNDED_UNITS,
 ) -> SessionStatus:
     """The session's status after this round: its target units and why.
 
