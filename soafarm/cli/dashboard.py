@@ -1,0 +1,3 @@
+"""placeholder: filled by the dashboard command"""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""placeholder: filled by the diagnose command"""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""placeholder: filled by the report command"""
+
+from __future__ import annotations
