@@ -17,10 +17,12 @@ from collections.abc import Sequence
 import redis
 import structlog
 
+from soafarm.broker.metrics import AutoscalerMetrics
 from soafarm.broker.scaling import SessionLoad, load_ratio, pool_targets
 from soafarm.broker.store import BrokerStore
 from soafarm.config import Settings
 from soafarm.errors import SoafarmError
+from soafarm.metrics import Health, serve_metrics
 from soafarm.names import Names
 from soafarm.provisioning import Provisioner
 from soafarm.resources import HostSize
@@ -51,6 +53,15 @@ class Autoscaler:
         self.sessions: list[SessionRecord] = []
         self.last_busy = time.monotonic()
         self.targets: dict[str, int] = {}
+        self.metrics = AutoscalerMetrics() if settings.metrics.enabled else None
+        #: Monotonic time of the last round that read Redis (`/healthz`).
+        self.round_at = -float("inf")
+
+    def health(self) -> Health:
+        """Healthy while its rounds read Redis (`/healthz`)."""
+        age = time.monotonic() - self.round_at
+        limit = 3 * self.settings.broker.load_sampling_interval + 10.0
+        return age < limit, {"round_age": round(age, 3) if age != float("inf") else None}
 
     def stop(self) -> None:
         """Ask `run()` to return (the provisioners are closed by their owner)."""
@@ -59,13 +70,26 @@ class Autoscaler:
     def run(self) -> None:
         """Sample and adjust until stopped; Redis outages are logged and waited out."""
         broker = self.settings.broker
-        last_adjust = 0.0
         log.info("autoscaler_started", pools=[p.name for p in self.pools])
+        server = None
+        if self.metrics is not None:
+            m = self.settings.metrics
+            server = serve_metrics(
+                self.metrics.registry, self.health, m.bind, m.autoscaler_port, "autoscaler"
+            )
+        try:
+            self._loop(broker.allocation_adjust_interval, broker.load_sampling_interval)
+        finally:
+            if server is not None:
+                server.close()
+
+    def _loop(self, adjust_interval: float, sampling_interval: float) -> None:
+        last_adjust = 0.0
         while not self.stopping.is_set():
             try:
                 starved = self.sample()
-                now = time.monotonic()
-                if starved or now - last_adjust >= broker.allocation_adjust_interval:
+                now = self.round_at = time.monotonic()
+                if starved or now - last_adjust >= adjust_interval:
                     self.adjust()
                     last_adjust = now
             except redis.RedisError as e:
@@ -74,7 +98,7 @@ class Autoscaler:
                 log.error("provisioner_failed", error=str(e))
             except Exception:  # a bug must not stop scaling (or leave hosts running forever)
                 log.exception("autoscaler_round_failed")
-            self.stopping.wait(broker.load_sampling_interval)
+            self.stopping.wait(sampling_interval)
 
     def sample(self) -> bool:
         """Record each session's outstanding requests; True when some session has work and
@@ -123,6 +147,8 @@ class Autoscaler:
         for pool in self.pools:
             provisioner = self.provisioners[pool.name]
             have = provisioner.hosts()
+            if self.metrics is not None:
+                self.metrics.adjusted(pool.name, have, targets[pool.name])
             if targets[pool.name] != have:
                 log.info(
                     "pool_adjusted",

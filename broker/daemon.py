@@ -37,11 +37,13 @@ import structlog
 
 from soafarm.broker.assignment import RoundMemo, reconcile
 from soafarm.broker.lifecycle import expire_sessions, fail_vanished_sessions
+from soafarm.broker.metrics import BrokerMetrics, round_timer
 from soafarm.broker.queues import QueueOps, QueueProbe
 from soafarm.broker.sessions import SessionService
 from soafarm.broker.store import RECORDS_MAX_AGE, BrokerStore
 from soafarm.config import Settings, mask_url
 from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
+from soafarm.metrics import Health, MetricsServer, serve_metrics
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
 from soafarm.registration import Registry
@@ -84,6 +86,10 @@ QUEUE_CHECK_INTERVAL = 30.0
 #: ~20 ms.
 QUEUE_CHECK_SLICE = 100
 
+#: `/healthz` fails when the serve loop has not turned for this long (it turns at least
+#: every 0.2 s while connected): RabbitMQ lost, or the daemon stuck.
+HEALTHY_LOOP_AGE = 10.0
+
 
 class BrokerDaemon:
     """One broker daemon process. `run()` blocks until `stop()` (or a signal) is called."""
@@ -112,6 +118,24 @@ class BrokerDaemon:
         #: Phase name -> its failure as last logged, while it keeps failing.
         self._failing: dict[str, str] = {}
         self.backoff = Backoff()
+        #: Monotonic time the serve loop last turned (its RabbitMQ connection is alive).
+        self.alive_at = -float("inf")
+        self.metrics = (
+            BrokerMetrics(settings, self.store, lambda: self.leading)
+            if settings.metrics.enabled
+            else None
+        )
+        self.metrics_server: MetricsServer | None = None
+
+    def health(self) -> Health:
+        """Healthy while connected to RabbitMQ and turning its loop (`/healthz`)."""
+        age = time.monotonic() - self.alive_at
+        ok = self.ready.is_set() and age < HEALTHY_LOOP_AGE
+        return ok, {
+            "broker_id": self.id,
+            "leading": self.leading,
+            "loop_age": round(age, 3) if age != float("inf") else None,
+        }
 
     def stop(self) -> None:
         """Ask `run()` to return (safe from a signal handler or another thread)."""
@@ -120,6 +144,11 @@ class BrokerDaemon:
     def run(self) -> None:
         """Serve until stopped, reconnecting to RabbitMQ after a lost connection."""
         backoff = self.backoff
+        if self.metrics is not None:
+            m = self.settings.metrics
+            self.metrics_server = serve_metrics(
+                self.metrics.registry, self.health, m.bind, m.broker_port, "broker"
+            )
         try:
             while not self.stopping.is_set():
                 try:
@@ -139,6 +168,10 @@ class BrokerDaemon:
                 with contextlib.suppress(redis.RedisError):
                     self.lease.release()
                 self.leading = False
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _serve(self) -> None:
         connection = pika_connection(self.settings, f"soafarm-broker {self.settings.namespace}")
@@ -188,7 +221,7 @@ class BrokerDaemon:
                 # next periodic round is due
                 wait = min(max(last + RECONCILE_INTERVAL - time.monotonic(), 0.0), 0.2)
                 connection.process_data_events(time_limit=wait)
-                now = time.monotonic()
+                now = self.alive_at = time.monotonic()
                 if now - last >= RECONCILE_INTERVAL:
                     self._dirty = False
                     last = now
@@ -228,6 +261,11 @@ class BrokerDaemon:
                 log.info("broker_following", broker_id=self.id, leader=self._leader())
         if not leading:
             return
+        with round_timer(self.metrics):
+            self._lead(service, probe)
+
+    def _lead(self, service: SessionService, probe: QueueProbe) -> None:
+        """The leader's phases of a round."""
         now = time.time()
         # each phase on its own: a failing sweep must not stop allocation, or the reverse
         if time.monotonic() >= self._next_sweep:

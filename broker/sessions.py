@@ -152,6 +152,81 @@ class Resolved:
         return found
 
 
+def describe_sessions(
+    store: BrokerStore, names: Names, records: list[SessionRecord]
+) -> list[SessionInfo]:
+    """Each session record beside its live facts (instances, clients' counters, load errors,
+    target, status), in two round trips to Redis for all of them."""
+    batch = store.batch()
+    reads = [
+        (
+            store.instance_records.read_of_session(batch, r.id),
+            store.sessions.read_clients(batch, r.id),
+            store.sessions.read_load_errors(batch, r.id),
+            store.sessions.read_target(batch, r.id),
+            store.sessions.read_status(batch, r.id),
+        )
+        for r in records
+    ]
+    batch.run()
+    progress = store.batch()
+    counters = [
+        [store.progress(r.id, c).read(progress) for c in clients.value]
+        for r, (_i, clients, _e, _t, _s) in zip(records, reads, strict=True)
+    ]
+    progress.run()
+    out = []
+    for r, (instances, _c, load_errors, target, status), of_clients in zip(
+        records, reads, counters, strict=True
+    ):
+        clients = tuple(
+            from_plain(ClientStatus, c.value.as_dict(), "client progress") for c in of_clients
+        )
+        out.append(
+            SessionInfo(
+                record=r,
+                request_queue=names.request_queue(r.id),
+                instances=tuple(instances.value),
+                clients=clients,
+                load_errors={h: LoadError.parse(v).why for h, v in load_errors.value.items()},
+                allocated_units=len(instances.value),
+                target_units=target.value,
+                status=status.value,
+                outstanding=sum(c.outstanding for c in clients),
+            )
+        )
+    return out
+
+
+def describe_hosts(store: BrokerStore) -> HostList:
+    """Every live worker host with its pool, size, assigned and running instances per
+    session, utilisation and heartbeat age."""
+    registered = store.hosts()
+    alive = store.alive(sorted(registered))
+    assignments = store.assignments(sorted(alive))
+    running: dict[str, dict[str, int]] = {h: {} for h in alive}
+    for session in store.open_sessions():
+        for instance in store.instances(session.id):
+            if instance.host_id in running:
+                per = running[instance.host_id]
+                per[str(session.id)] = per.get(str(session.id), 0) + 1
+    admin = store.host_records.admin_states()
+    now = time.time()
+    return HostList(
+        tuple(
+            HostInfo(
+                record=registered[h],
+                assignments={str(k): v for k, v in assignments[h].items()},
+                instances=running[h],
+                uptime=round(now - registered[h].started, 1),
+                heartbeat_age=round(max(0.0, now - registered[h].beat), 1),
+                admin=admin.get(h, ""),
+            )
+            for h in sorted(alive)
+        )
+    )
+
+
 class SessionService:
     """Answers control requests; owns session queues and records."""
 
@@ -345,45 +420,7 @@ class SessionService:
 
     def describe_all(self, records: list[SessionRecord]) -> list[SessionInfo]:
         """`describe` of each record, in two round trips to Redis for all of them."""
-        batch = self.store.batch()
-        reads = [
-            (
-                self.store.instance_records.read_of_session(batch, r.id),
-                self.store.sessions.read_clients(batch, r.id),
-                self.store.sessions.read_load_errors(batch, r.id),
-                self.store.sessions.read_target(batch, r.id),
-                self.store.sessions.read_status(batch, r.id),
-            )
-            for r in records
-        ]
-        batch.run()
-        progress = self.store.batch()
-        counters = [
-            [self.store.progress(r.id, c).read(progress) for c in clients.value]
-            for r, (_i, clients, _e, _t, _s) in zip(records, reads, strict=True)
-        ]
-        progress.run()
-        out = []
-        for r, (instances, _c, load_errors, target, status), of_clients in zip(
-            records, reads, counters, strict=True
-        ):
-            clients = tuple(
-                from_plain(ClientStatus, c.value.as_dict(), "client progress") for c in of_clients
-            )
-            out.append(
-                SessionInfo(
-                    record=r,
-                    request_queue=self.names.request_queue(r.id),
-                    instances=tuple(instances.value),
-                    clients=clients,
-                    load_errors={h: LoadError.parse(v).why for h, v in load_errors.value.items()},
-                    allocated_units=len(instances.value),
-                    target_units=target.value,
-                    status=status.value,
-                    outstanding=sum(c.outstanding for c in clients),
-                )
-            )
-        return out
+        return describe_sessions(self.store, self.names, records)
 
     def get(self, args: GetArgs) -> SessionInfo:
         """One session's record, instances and clients."""
@@ -414,30 +451,7 @@ class SessionService:
     def hosts(self, _args: HostsArgs) -> HostList:
         """Every live worker host with its pool, size, assigned and running instances per
         session, utilisation and heartbeat age."""
-        registered = self.store.hosts()
-        alive = self.store.alive(sorted(registered))
-        assignments = self.store.assignments(sorted(alive))
-        running: dict[str, dict[str, int]] = {h: {} for h in alive}
-        for session in self.store.open_sessions():
-            for instance in self.store.instances(session.id):
-                if instance.host_id in running:
-                    per = running[instance.host_id]
-                    per[str(session.id)] = per.get(str(session.id), 0) + 1
-        admin = self.store.host_records.admin_states()
-        now = time.time()
-        return HostList(
-            tuple(
-                HostInfo(
-                    record=registered[h],
-                    assignments={str(k): v for k, v in assignments[h].items()},
-                    instances=running[h],
-                    uptime=round(now - registered[h].started, 1),
-                    heartbeat_age=round(max(0.0, now - registered[h].beat), 1),
-                    admin=admin.get(h, ""),
-                )
-                for h in sorted(alive)
-            )
-        )
+        return describe_hosts(self.store)
 
     def host_action(self, args: HostActionArgs) -> HostActionDone:
         """Set or clear a live host's operator state and run the allocator at once. `online`

@@ -281,6 +281,36 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoints (`/metrics`, and `/healthz` beside it) of the broker daemon,
+    each worker host and the autoscaler."""
+
+    enabled: bool = True
+    #: Address the endpoints listen on ("0.0.0.0" in a container, for Prometheus to reach).
+    bind: str = "127.0.0.1"
+    #: A port already taken (several hosts on one machine, as `soafarm up` runs them) falls
+    #: back to one the system picks; the URL is logged (`metrics_serving`) and a host's shows
+    #: in `soafarm hosts --json` (`metrics_url`). 0: always let the system pick.
+    broker_port: int = 9464
+    worker_port: int = 9465
+    autoscaler_port: int = 9466
+    #: Upper bounds (seconds) of the call-duration histogram's buckets.
+    call_duration_buckets: tuple[float, ...] = (
+        0.001,
+        0.005,
+        0.01,
+        0.05,
+        0.1,
+        0.5,
+        1.0,
+        5.0,
+        10.0,
+        60.0,
+        300.0,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything configurable in soafarm. Build it with `load_settings()`."""
 
@@ -297,6 +327,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __repr__(self) -> str:
         shown = {**self.as_dict()}
@@ -327,6 +358,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "worker": WorkerSettings,
     "autoscaler": AutoscalerSettings,
     "scheduler": SchedulerSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -367,6 +399,15 @@ def _to_paths(value: Any) -> tuple[Path, ...]:
 
 
 _CONVERTERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _to_floats(value: Any) -> tuple[float, ...]:
+    """A list of numbers, from TOML or a comma-separated env value, sorted ascending."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    numbers = sorted(float(x) for x in items if str(x).strip())
+    if not numbers or numbers[0] <= 0:
+        raise ValueError(value)
+    return tuple(numbers)
 
 
 _TABLE_LISTS: tuple[type[Any], ...] = (PoolSettings, JobTemplate)
@@ -411,13 +452,20 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             return _to_table(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a table, got {value!r}") from None
-    convert = _to_paths if typing.get_origin(kind) is tuple else _CONVERTERS.get(kind)
+    if kind == tuple[float, ...]:
+        convert: Any = _to_floats
+    else:
+        convert = _to_paths if typing.get_origin(kind) is tuple else _CONVERTERS.get(kind)
     if convert is None:
         raise ConfigError(f"{where}: unsupported setting type {kind!r}")
     try:
         return convert(value)
     except (TypeError, ValueError):
-        name = getattr(kind, "__name__", "list of paths")
+        name = (
+            "a list of positive numbers"
+            if kind == tuple[float, ...]
+            else getattr(kind, "__name__", "list of paths")
+        )
         raise ConfigError(f"{where}: expected {name}, got {value!r}") from None
 
 
@@ -603,6 +651,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             return json.dumps([dataclasses.asdict(p) for p in value])
         if isinstance(value, dict):
             return json.dumps(value)
+        if isinstance(value, tuple) and value and isinstance(value[0], float):
+            return ",".join(str(x) for x in value)
         if isinstance(value, tuple):
             return os.pathsep.join(str(p) for p in value)
         if isinstance(value, bool):

@@ -35,6 +35,7 @@ from soafarm.service import CallRunner, Outcome
 from soafarm.transport.backoff import Backoff
 from soafarm.transport.connections import publish_routed
 from soafarm.transport.errors import LOST, REDIS_LOST, is_queue_gone
+from soafarm.workers.call_stats import CallStats
 from soafarm.workers.dispatch import KEEP_WORK, CallTimes
 from soafarm.workers.done import Counts, DoneCounter
 from soafarm.workers.retries import Retries
@@ -69,11 +70,14 @@ class CallWatch:
         self.request_id = request_id
         self.started = time.monotonic()
 
-    def end(self) -> None:
-        """The call returned (or raised)."""
+    def end(self) -> float:
+        """The call returned (or raised): how long it took."""
         started, self.started = self.started, None
-        if started is not None:
-            self.busy += time.monotonic() - started
+        if started is None:
+            return 0.0
+        took = time.monotonic() - started
+        self.busy += took
+        return took
 
     def busy_seconds(self) -> float:
         """Seconds spent in calls so far, the running one included."""
@@ -151,13 +155,16 @@ class CallLoop:
         max_bytes: int,
         watch: CallWatch,
         connect: Callable[[], pika.BlockingConnection],
+        stats: CallStats | None = None,
     ) -> None:
         """`runner.resend_limit` is the session's message_resend_limit; `counts` is the
-        session's counters in Redis; `connect` opens the loop's connection."""
+        session's counters in Redis; `connect` opens the loop's connection; `stats`, when
+        given, counts the calls for the host's metrics."""
         self.runner = runner
         self.counts = counts
         self.done = DoneCounter(counts)
-        self.retries = Retries(counts, runner, instance_id)
+        self.stats = stats
+        self.retries = Retries(counts, runner, instance_id, stats)
         self.link = link
         self.instance_id = instance_id
         self.max_bytes = max_bytes
@@ -372,10 +379,13 @@ class CallLoop:
         self.watch.begin(request_id)
         self.io.release()
         try:
-            return request_run()
+            outcome = request_run()
         finally:
-            self.watch.end()
+            took = self.watch.end()
             self.io.acquire()
+        if self.stats is not None:
+            self.stats.record(took, outcome.faulted)
+        return outcome
 
     def _fast(self, tag: int, batch: RequestBatch) -> None:
         pending: list[Outcome] = []

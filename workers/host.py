@@ -24,6 +24,7 @@ import redis
 import structlog
 
 from soafarm.config import Settings, child_environment
+from soafarm.metrics import Health, MetricsServer, serve_metrics
 from soafarm.names import Names
 from soafarm.processes import ChildProcess, Restart, RestartPolicy, reap_strays, with_parent
 from soafarm.resources import HostSize, capacity
@@ -39,6 +40,7 @@ from soafarm.workers.instance import (
     EXIT_TIMED_OUT,
     InstanceSpec,
 )
+from soafarm.workers.metrics import HostMetrics, HostView
 from soafarm.workers.warm import WarmPool
 
 log = structlog.get_logger(__name__)
@@ -161,6 +163,14 @@ class WorkerHost:
         # instances get SIGTERM from Linux when this host dies, even by SIGKILL
         self.env = with_parent(child_environment(settings))
         self.warm = WarmPool(self.env, settings.worker.warm_instances)
+        #: Session id -> its service's name, for the metrics' labels.
+        self.services: dict[int, str] = {}
+        self.metrics = (
+            HostMetrics(self._metrics_view, settings.metrics.call_duration_buckets)
+            if settings.metrics.enabled
+            else None
+        )
+        self.metrics_server: MetricsServer | None = None
 
     def stop(self) -> None:
         """Ask `run()` to stop every instance (draining) and return."""
@@ -182,17 +192,35 @@ class WorkerHost:
         """
         busy = slot_seconds = 0.0
         seen: dict[str, tuple[float, float]] = {}
-        for iid, load in self.host_store.loads(self.id).items():
+        loads = self.host_store.loads(self.id)
+        for iid, load in loads.items():
             seen[iid] = (load.busy, load.at)
             before = self._busy.get(iid)
             if before is not None and load.at > before[1]:
                 busy += load.busy - before[0]
                 slot_seconds += (load.at - before[1]) * load.capacity
         self._busy = seen
+        if self.metrics is not None:
+            self.metrics.calls.update(loads, lambda sid: self.services.get(sid, ""))
         if slot_seconds > 0:
             self.utilisation = round(min(1.0, max(0.0, busy / slot_seconds)), 3)
         elif not seen:
             self.utilisation = None  # no instance serving (or none has reported twice yet)
+
+    def _metrics_view(self) -> HostView:
+        """This host as its metrics describe it."""
+        running: dict[tuple[int, str], int] = {}
+        for sid, procs in list(self.sessions.items()):
+            if procs.running:
+                running[(sid, self.services.get(sid, ""))] = len(procs.running)
+        pool = self.settings.worker.pool
+        return HostView(self.id, pool, self.cores, self.utilisation, running)
+
+    def health(self) -> Health:
+        """Healthy while its heartbeat is fresh (`/healthz`): Redis reachable, loop turning."""
+        age = time.monotonic() - self._last_beat
+        ok = age < self.settings.worker.host_timeout and not self.stopping.is_set()
+        return ok, {"host_id": self.id, "heartbeat_age": round(age, 3), "draining": self.draining}
 
     def _heartbeat(self) -> None:
         self._last_beat = time.monotonic()
@@ -211,12 +239,18 @@ class WorkerHost:
             draining=self.draining,
             utilisation=self.utilisation,
             beat=time.time(),
+            metrics_url=self.metrics_server.url if self.metrics_server is not None else "",
         )
         self.host_store.beat(record, self.settings.worker.host_timeout)
 
     def run(self) -> None:
         """Heartbeat and reconcile until stopped; then drain and deregister."""
         self.started = time.time()
+        if self.metrics is not None:
+            m = self.settings.metrics
+            self.metrics_server = serve_metrics(
+                self.metrics.registry, self.health, m.bind, m.worker_port, "worker"
+            )
         warm = self.warm.open()
         self._heartbeat()
         log.info(
@@ -227,6 +261,7 @@ class WorkerHost:
             pool=self.settings.worker.pool,
             warm_instances=self.settings.worker.warm_instances if warm else 0,
         )
+
         try:
             while not self.stopping.is_set():
                 try:
@@ -296,6 +331,9 @@ class WorkerHost:
                 [sys.executable, "-m", "soafarm.workers.instance", spec.to_json()], env=self.env
             )
         procs.started[iid] = time.monotonic()
+        self.services[record.id] = record.service
+        if self.metrics is not None:
+            self.metrics.starts.labels(record.service).inc()
         log.info("instance_starting", instance=iid, pid=proc.pid, warm=warm)
         threading.Thread(
             target=self._wake_on_exit, args=(proc,), name=f"wait-{iid}", daemon=True
@@ -324,6 +362,8 @@ class WorkerHost:
                     continue
                 procs.running.remove((iid, proc))
                 self._forget_instance(sid, iid)
+                if self.metrics is not None:
+                    self.metrics.exits.labels(self.services.get(sid, ""), str(code)).inc()
                 if code == EXIT_LOAD_FAILED:
                     # the broker excludes this host for the session; retrying cannot help
                     procs.load_failed = True
@@ -351,6 +391,9 @@ class WorkerHost:
                 self._forget_instance(sid, iid)
 
     def _forget_instance(self, sid: int, iid: str) -> None:
+        if self.metrics is not None:
+            last = self.host_store.load_of(self.id, iid)
+            self.metrics.calls.retire(iid, last, self.services.get(sid, ""))
         self.instance_store.forget(sid, self.id, iid)
 
     def _shutdown(self) -> None:
@@ -381,4 +424,6 @@ class WorkerHost:
             self.host_store.deregister(self.id)
         except redis.RedisError as e:
             log.warning("deregister_failed", error=str(e))
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("host_stopped", host_id=self.id)

@@ -46,6 +46,7 @@ from soafarm.state.instances import InstanceStore
 from soafarm.state.records import InstanceRecord, SessionRecord
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.workers.call_stats import CallStats, merged
 from soafarm.workers.calls import CallLoop, CallWatch, Link
 
 log = structlog.get_logger(__name__)
@@ -232,7 +233,17 @@ class ServiceInstance:
             self._serve(record, runner, marker)
         finally:
             with contextlib.suppress(redis.RedisError):
-                instances.forget(record.id, self.spec.host_id, self.spec.instance_id)
+                last = self._load_report(record.id, self.loops)
+                if last.buckets:  # the calls since the last report count too
+                    HostStore(r, self.names).report_load(
+                        self.spec.host_id, self.spec.instance_id, last
+                    )
+                instances.forget(
+                    record.id,
+                    self.spec.host_id,
+                    self.spec.instance_id,
+                    keep_load=bool(last.buckets),
+                )
             log.info("instance_stopped", instance=self.spec.instance_id)
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
@@ -251,6 +262,9 @@ class ServiceInstance:
                 connect=partial(
                     self._connect, f"soafarm-instance {self.spec.instance_id} calls {i}"
                 ),
+                stats=CallStats(self.settings.metrics.call_duration_buckets)
+                if self.settings.metrics.enabled
+                else None,
             )
             for i in range(self.spec.capacity)
         ]
@@ -333,18 +347,32 @@ class ServiceInstance:
                 # for a confirm forever
                 time.sleep(1.0)
             else:
-                load = InstanceLoad(
-                    session=session_id,
-                    capacity=self.spec.capacity,
-                    busy=round(sum(loop.watch.busy_seconds() for loop in loops), 4),
-                    at=round(time.monotonic(), 4),
-                )
+                load = self._load_report(session_id, loops)
                 with contextlib.suppress(redis.RedisError):
                     hosts.report_load(self.spec.host_id, self.spec.instance_id, load)
             stuck = max((loop.publish_watch.stuck_for() for loop in loops), default=0.0)
             if stuck > PUBLISH_STALL_LIMIT:
                 log.error("publish_stalled", instance=self.spec.instance_id, seconds=stuck)
                 os._exit(EXIT_TIMED_OUT)
+
+    def _load_report(self, session_id: int, loops: list[CallLoop]) -> InstanceLoad:
+        """The report of this instance's load (and call totals, with metrics on)."""
+        busy = round(sum(loop.watch.busy_seconds() for loop in loops), 4)
+        at = round(time.monotonic(), 4)
+        stats = [loop.stats for loop in loops if loop.stats is not None]
+        if not stats:
+            return InstanceLoad(session_id, self.spec.capacity, busy, at)
+        total = merged(stats, stats[0].bounds)
+        return InstanceLoad(
+            session_id,
+            self.spec.capacity,
+            busy,
+            at,
+            tuple(total.buckets),
+            round(total.seconds, 6),
+            total.faults,
+            total.retries,
+        )
 
     def _enforce_timeout(self, timeout: float) -> None:
         request_id = next(

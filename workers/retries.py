@@ -18,6 +18,7 @@ import structlog
 
 from soafarm.protocol import Request, RequestBatch
 from soafarm.service import CallRunner, Outcome
+from soafarm.workers.call_stats import CallStats
 from soafarm.workers.done import Counts
 
 log = structlog.get_logger(__name__)
@@ -26,11 +27,19 @@ log = structlog.get_logger(__name__)
 class Retries:
     """Decides, request by request, what a carefully-run batch does."""
 
-    def __init__(self, counts: Counts, runner: CallRunner, instance_id: str) -> None:
-        """`runner.resend_limit` is the session's message_resend_limit."""
+    def __init__(
+        self,
+        counts: Counts,
+        runner: CallRunner,
+        instance_id: str,
+        stats: CallStats | None = None,
+    ) -> None:
+        """`runner.resend_limit` is the session's message_resend_limit; `stats` (if given)
+        counts the retries for the host's metrics."""
         self.counts = counts
         self.runner = runner
         self.instance_id = instance_id
+        self.stats = stats
 
     def careful(self, batch: RequestBatch, redelivered: bool) -> bool:
         """True when `batch` must be run carefully rather than on the fast path."""
@@ -55,9 +64,14 @@ class Retries:
             counted = self.counts.count_attempt(sid, cid, request.id)
             # with a limit, the first run (fast path) is not counted; at-most-once counts it
             retry = counted - 1 if limit == 0 else counted
+            if retry > 0 and self.stats is not None:
+                self.stats.retries += 1
             if retry > limit:
-                yield request, self.runner.retry_limit_fault(
-                    request, retry - 1, "its instance crashed, timed out or lost its host"
+                yield (
+                    request,
+                    self.runner.retry_limit_fault(
+                        request, retry - 1, "its instance crashed, timed out or lost its host"
+                    ),
                 )
             else:
                 yield request, None

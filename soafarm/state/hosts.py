@@ -37,18 +37,35 @@ ADMIN_STATES = (OFFLINE, DRAINING)
 
 @dataclass(frozen=True)
 class InstanceLoad:
-    """One instance's report to its host: busy call-seconds since it started, on its clock."""
+    """One instance's report to its host: busy call-seconds since it started, on its clock,
+    and (with metrics on) its calls' totals: a duration histogram (calls per bucket, not
+    cumulative, bounds `metrics.call_duration_buckets`), their seconds, faults, retries."""
 
     session: int
     capacity: int
     busy: float
     at: float
+    buckets: tuple[int, ...] = ()
+    seconds: float = 0.0
+    faults: int = 0
+    retries: int = 0
 
     def to_json(self) -> str:
         """JSON with the fields in declaration order (as `redis-cli` shows them)."""
-        return json.dumps(
-            {"session": self.session, "capacity": self.capacity, "busy": self.busy, "at": self.at}
-        )
+        data: dict[str, Any] = {
+            "session": self.session,
+            "capacity": self.capacity,
+            "busy": self.busy,
+            "at": self.at,
+        }
+        if self.buckets:
+            data.update(
+                buckets=list(self.buckets),
+                seconds=self.seconds,
+                faults=self.faults,
+                retries=self.retries,
+            )
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> InstanceLoad:
@@ -60,8 +77,12 @@ class InstanceLoad:
                 int(data["capacity"]),
                 float(data["busy"]),
                 float(data["at"]),
+                tuple(int(b) for b in data.get("buckets", ())),
+                float(data.get("seconds", 0.0)),
+                int(data.get("faults", 0)),
+                int(data.get("retries", 0)),
             )
-        except (ValueError, TypeError, KeyError, RecursionError) as e:
+        except (ValueError, TypeError, KeyError, RecursionError, AttributeError) as e:
             raise DecodeError(f"corrupt instance load report: {e!r}") from None
 
 
@@ -263,6 +284,16 @@ class HostStore:
     def report_load(self, host_id: str, instance_id: str, load: InstanceLoad) -> None:
         """An instance's latest busy-time report to its host."""
         self._r.hset(self.names.host_load_key(host_id), instance_id, load.to_json())
+
+    def load_of(self, host_id: str, instance_id: str) -> InstanceLoad | None:
+        """One instance's latest report (None: none, or not decodable)."""
+        raw = self._r.hget(self.names.host_load_key(host_id), instance_id)
+        if raw is None:
+            return None
+        try:
+            return InstanceLoad.from_json(raw)
+        except DecodeError:
+            return None
 
     def loads(self, host_id: str) -> dict[str, InstanceLoad]:
         """The latest report of each instance of the host, by instance id (a report that

@@ -43,12 +43,17 @@ class InstanceStore:
             lambda p: p.hgetall(key), lambda r: _instances(key, garbage.reply(key, r[0], {}))
         )
 
-    def forget(self, session_id: int, host_id: str, instance_id: str) -> None:
+    def forget(
+        self, session_id: int, host_id: str, instance_id: str, keep_load: bool = False
+    ) -> None:
         """Drop an instance that exited: its record, and its load report to its host (an
-        instance's report lives only as long as the instance, so it goes in the same call)."""
+        instance's report lives only as long as the instance, so it goes in the same call).
+        With `keep_load` the report stays for the host, which reads its last call totals
+        for its metrics before it forgets the instance in turn."""
         pipe = self._r.pipeline()
         pipe.hdel(self.names.session_instances_key(session_id), instance_id)
-        pipe.hdel(self.names.host_load_key(host_id), instance_id)
+        if not keep_load:
+            pipe.hdel(self.names.host_load_key(host_id), instance_id)
         pipe.execute()
 
     def forget_host(self, host_id: str, session_ids: Iterable[int]) -> int:

@@ -165,6 +165,8 @@ class HostRecord(_JsonRecord):
     utilisation: float | None = None
     #: When this record was written (the heartbeat), in seconds since the epoch.
     beat: float = 0.0
+    #: Where its Prometheus endpoint answers ("" with metrics off or unbound).
+    metrics_url: str = ""
 
 
 @dataclass(frozen=True)
