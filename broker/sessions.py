@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, assert_never
 
 import pika
+import redis
 import structlog
 
 from soafarm.broker.queues import QueueOps
@@ -64,6 +65,7 @@ from soafarm.state.control import (
 from soafarm.state.namespace import DEFAULT_CLIENT_ID
 from soafarm.state.records import LoadError, SessionRecord, SessionState
 from soafarm.state.sessions import IdMark
+from soafarm.state.usage import UsageRecord
 from soafarm.transport.topology import request_queue, response_queue
 
 log = structlog.get_logger(__name__)
@@ -541,6 +543,8 @@ class SessionService:
             self.on_change()
             return Closed(sid, SessionState.CLOSED, True)
         purge = args.purge or not record.durable
+        if record.state != SessionState.CLOSED:  # a durable one closed before was recorded
+            self._record_usage(record)
         if purge:
             self._purge(sid, record, listed.value)
         else:
@@ -556,6 +560,43 @@ class SessionService:
         log.info("session_closed", session_id=sid, service=record.service, purge=purge)
         self.on_change()
         return Closed(sid, SessionState.CLOSED, purge)
+
+    def _record_usage(self, record: SessionRecord) -> None:
+        """Write the closing session's usage record (once, whichever daemon closes it). A
+        failure is logged, never fails the close: the record is an account, not the work."""
+        try:
+            taken = self.store.usage.take(record.id)
+            if taken is None:
+                return
+            info = self.describe(record)
+            now = time.time()
+            loads = self.store.host_records.instance_loads(
+                [(i.host_id, i.id) for i in info.instances]
+            )
+            usage = UsageRecord(
+                session=record.id,
+                service=record.service,
+                version=record.version,
+                owner=record.owner,
+                durable=record.durable,
+                job_template=record.job_template,
+                started=record.created,
+                ended=now,
+                # each instance is one unit; those still running count up to now
+                unit_seconds=round(
+                    taken.unit_seconds + sum(max(0.0, now - i.started) for i in info.instances),
+                    3,
+                ),
+                requests=sum(c.accepted for c in info.clients),
+                responses=sum(c.done for c in info.clients),
+                faults=sum(c.faulted for c in info.clients),
+                retries=taken.retries + sum(load.retries for load in loads if load is not None),
+                state=str(record.state),
+                error=record.error,
+            )
+            self.store.usage.record(usage, self.settings.usage.retention)
+        except (redis.RedisError, DecodeError) as e:
+            log.warning("usage_record_failed", session_id=record.id, error=str(e))
 
     def _purge(
         self, sid: int, record: SessionRecord | None = None, known: list[str] | None = None

@@ -19,6 +19,7 @@ from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
 from soafarm.state.records import HostRecord, InstanceRecord, SessionRecord
 from soafarm.state.sessions import CLOSED_TOMBSTONE_SECONDS, IdMark, SessionStore
+from soafarm.state.usage import UsageStore
 
 __all__ = ["CLOSED_TOMBSTONE_SECONDS", "RECORDS_MAX_AGE", "BrokerStore"]
 
@@ -38,6 +39,7 @@ class BrokerStore:
         self.host_records = HostStore(client, names)
         self.instance_records = InstanceStore(client, names)
         self.common_data = CommonDataStore(client, names)
+        self.usage = UsageStore(client, names)
         self._client = client
         #: Seconds `open_sessions` may answer with the records it read last while no
         #: session was written since (`SessionStore.open_sessions`); 0 reads them every

@@ -311,6 +311,14 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class UsageSettings:
+    """The usage records the broker keeps of closed sessions (`soafarm report`)."""
+
+    #: Seconds a closed session's record is kept (30 days).
+    retention: float = 30 * 86_400.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything configurable in soafarm. Build it with `load_settings()`."""
 
@@ -328,6 +336,7 @@ class Settings:
     autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
 
     def __repr__(self) -> str:
         shown = {**self.as_dict()}
@@ -359,6 +368,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "autoscaler": AutoscalerSettings,
     "scheduler": SchedulerSettings,
     "metrics": MetricsSettings,
+    "usage": UsageSettings,
 }
 
 

@@ -85,6 +85,16 @@ class Names:
         """Sorted set: client handle -> time of its last heartbeat."""
         return f"{self.namespace}:session:{session_id}:handles"
 
+    def session_usage_key(self, session_id: int) -> str:
+        """Hash: unit-seconds and retries of the session's instances that exited (added by
+        their hosts), taken into its usage record when it closes."""
+        return f"{self.namespace}:session:{session_id}:usage"
+
+    @property
+    def usage_records_key(self) -> str:
+        """Sorted set: JSON usage record of each closed session, scored by its close time."""
+        return f"{self.namespace}:usage"
+
     def session_instances_key(self, session_id: int) -> str:
         """Hash: instance id -> JSON of the service instances serving this session."""
         return f"{self.namespace}:session:{session_id}:instances"

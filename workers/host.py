@@ -32,6 +32,7 @@ from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
 from soafarm.state.records import HostRecord, SessionRecord, SessionState
 from soafarm.state.sessions import SessionStore
+from soafarm.state.usage import UsageStore
 from soafarm.transport.connections import redis_client
 from soafarm.workers.instance import (
     DRAIN_GRACE_SECONDS,
@@ -165,6 +166,9 @@ class WorkerHost:
         self.warm = WarmPool(self.env, settings.worker.warm_instances)
         #: Session id -> its service's name, for the metrics' labels.
         self.services: dict[int, str] = {}
+        #: Instance id -> when it started (monotonic), for the session's unit-seconds.
+        self.instance_started: dict[str, float] = {}
+        self.usage = UsageStore(state, self.names)
         self.metrics = (
             HostMetrics(self._metrics_view, settings.metrics.call_duration_buckets)
             if settings.metrics.enabled
@@ -261,7 +265,6 @@ class WorkerHost:
             pool=self.settings.worker.pool,
             warm_instances=self.settings.worker.warm_instances if warm else 0,
         )
-
         try:
             while not self.stopping.is_set():
                 try:
@@ -332,6 +335,7 @@ class WorkerHost:
             )
         procs.started[iid] = time.monotonic()
         self.services[record.id] = record.service
+        self.instance_started[iid] = time.monotonic()
         if self.metrics is not None:
             self.metrics.starts.labels(record.service).inc()
         log.info("instance_starting", instance=iid, pid=proc.pid, warm=warm)
@@ -391,10 +395,18 @@ class WorkerHost:
                 self._forget_instance(sid, iid)
 
     def _forget_instance(self, sid: int, iid: str) -> None:
-        if self.metrics is not None:
-            last = self.host_store.load_of(self.id, iid)
-            self.metrics.calls.retire(iid, last, self.services.get(sid, ""))
+        self._account(sid, iid)
         self.instance_store.forget(sid, self.id, iid)
+
+    def _account(self, sid: int, iid: str) -> None:
+        """An instance exited: its calls into the metrics, its time into the usage."""
+        last = self.host_store.load_of(self.id, iid)
+        if self.metrics is not None:
+            self.metrics.calls.retire(iid, last, self.services.get(sid, ""))
+        started = self.instance_started.pop(iid, None)
+        if started is not None:  # one instance is one unit of its session
+            retries = last.retries if last is not None else 0
+            self.usage.add(sid, time.monotonic() - started, retries)
 
     def _shutdown(self) -> None:
         # tell the broker first, so it places this host's work elsewhere while it drains
@@ -420,6 +432,12 @@ class WorkerHost:
                 log.warning("instance_killed", pid=p.pid)
                 p.kill()
                 p.wait()
+        # the instances forgot their own records as they drained; their time still counts
+        gone = [(sid, iid) for sid, s in self.sessions.items() for iid, _ in s.running]
+        gone += [(sid, iid) for iid, sid, _ in self.stopping_procs]
+        with contextlib.suppress(redis.RedisError):
+            for sid, iid in gone:
+                self._account(sid, iid)
         try:
             self.host_store.deregister(self.id)
         except redis.RedisError as e:

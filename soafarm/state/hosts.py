@@ -295,6 +295,22 @@ class HostStore:
         except DecodeError:
             return None
 
+    def instance_loads(self, instances: list[tuple[str, str]]) -> list[InstanceLoad | None]:
+        """The latest report of each (host id, instance id), in one round trip (None: no
+        report, or not decodable)."""
+        if not instances:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for host_id, instance_id in instances:
+            pipe.hget(self.names.host_load_key(host_id), instance_id)
+        out: list[InstanceLoad | None] = []
+        for raw in pipe.execute(raise_on_error=False):
+            try:
+                out.append(InstanceLoad.from_json(raw) if isinstance(raw, bytes | str) else None)
+            except DecodeError:
+                out.append(None)
+        return out
+
     def loads(self, host_id: str) -> dict[str, InstanceLoad]:
         """The latest report of each instance of the host, by instance id (a report that
         cannot be decoded is skipped, logged once)."""

@@ -653,6 +653,7 @@ class SessionStore:
             n.session_key(session_id),
             n.session_clients_key(session_id),
             n.session_instances_key(session_id),
+            n.session_usage_key(session_id),
             n.session_load_errors_key(session_id),
             n.session_handles_key(session_id),
             *clients,
