@@ -18,13 +18,14 @@ from typing import Any
 import pika
 import redis
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from soafarm.broker.sessions import describe_hosts, describe_sessions
 from soafarm.broker.store import BrokerStore
 from soafarm.config import Settings
+from soafarm.metrics import new_registry
 from soafarm.names import Names
 from soafarm.state.control import HostInfo, SessionInfo
 from soafarm.transport.connections import pika_connection
@@ -183,7 +184,7 @@ class BrokerMetrics:
 
     def __init__(self, settings: Settings, store: BrokerStore, leading: Callable[[], bool]) -> None:
         """`leading()` says whether this daemon holds the allocator's lease now."""
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.depths = QueueDepths(settings)
         self.registry.register(FarmCollector(store, Names(settings.namespace), self.depths.ready))
         self.registry.register(_LeadingCollector(leading))
@@ -231,7 +232,7 @@ class AutoscalerMetrics:
 
     def __init__(self) -> None:
         """Empty counters and gauges."""
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.decisions = Counter(
             "soafarm_autoscaler_decisions",
             "Pool size changes the autoscaler asked its provisioners for",

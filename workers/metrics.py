@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from soafarm.metrics import new_registry
 from soafarm.state.hosts import InstanceLoad
 from soafarm.workers.call_stats import CallStats
 
@@ -193,7 +194,7 @@ class HostMetrics:
 
     def __init__(self, view: Callable[[], HostView], bounds: tuple[float, ...]) -> None:
         """`bounds`: the call-duration histogram's buckets."""
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.calls = CallTotals(bounds)
         self.registry.register(HostCollector(view, self.calls))
         self.starts = Counter(
