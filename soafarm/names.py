@@ -144,6 +144,14 @@ class Names:
         """List the broker pushes to so a host reconciles its assignments at once."""
         return f"{self.namespace}:host:{host_id}:wake"
 
+    def host_probe_key(self, host_id: str) -> str:
+        """String with a TTL: JSON of the host's last service load probe (state.probes)."""
+        return f"{self.namespace}:host:{host_id}:probe"
+
+    def host_probe_asks_key(self, host_id: str) -> str:
+        """List of request nonces (`soafarm services test`) the host's prober waits on."""
+        return f"{self.namespace}:host:{host_id}:probe:asks"
+
     def host_load_key(self, host_id: str) -> str:
         """Hash: instance id -> JSON {session, capacity, busy} its instances report each second
         (busy: seconds spent in calls since the instance started)."""

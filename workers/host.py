@@ -265,6 +265,10 @@ class WorkerHost:
             pool=self.settings.worker.pool,
             warm_instances=self.settings.worker.warm_instances if warm else 0,
         )
+        # which services this host can load (`soafarm services test`), on a thread of its own
+        from soafarm.workers.service_probe import start_prober
+
+        start_prober(self.settings, self.id, self.hostname, self.env, self.stopping)
         try:
             while not self.stopping.is_set():
                 try:

@@ -21,6 +21,7 @@ from soafarm.state.idmark import id_mark_queue
 from soafarm.state.leases import leader_key
 from soafarm.state.records import as_text
 from soafarm.state.sessions import CLOSED_TOMBSTONE_SECONDS
+from soafarm.state.usage import UsageRecord
 from soafarm.transport.topology import control_queue, dead_letter_queue
 from tests.waiting import wait_until
 
@@ -66,16 +67,18 @@ def _queues(namespace: str) -> list[str]:
 
 def _farm_keys(names: Names) -> list[re.Pattern[str]]:
     """Keys a farm keeps with no session open: its hosts' records, heartbeats, assignments,
-    wake lists and load reports (soafarm.names), the session id counter and its ceilings
-    (soafarm.state.sessions), the allocator lease (soafarm.state.leases). Closed sessions'
+    wake lists, load and service probe reports (soafarm.names), the session id counter and
+    its ceilings (soafarm.state.sessions), the allocator lease (soafarm.state.leases), the
+    closed sessions' usage records (soafarm.state.usage, pruned by age). Closed sessions'
     tombstones are checked on their own."""
     ns = re.escape(names.namespace)
     return [
         re.compile(f"^{re.escape(names.hosts_key)}$"),
-        re.compile(f"^{ns}:host:[^:]+:(heartbeat|assignments|wake|load)$"),
+        re.compile(f"^{ns}:host:[^:]+:(heartbeat|assignments|wake|load|probe)$"),
         re.compile(f"^{re.escape(names.session_counter_key)}$"),
         re.compile(f"^{ns}:session-ids:(ceiling|lost_below)$"),
         re.compile(f"^{re.escape(leader_key(names))}$"),
+        re.compile(f"^{re.escape(names.usage_records_key)}$"),
     ]
 
 
@@ -141,6 +144,7 @@ def test_thousand_sessions_created_and_closed_leave_nothing_behind(
     assert sorted(answered) == list(range(0, SESSIONS, WITH_REQUEST))
 
     r = redis.Redis.from_url(settings.redis_url)
+    names = Names(settings.namespace)
     try:
         last: list[str] = []
 
@@ -156,6 +160,9 @@ def test_thousand_sessions_created_and_closed_leave_nothing_behind(
         settled = time.monotonic() - start - churned
         tombstones = list(r.scan_iter(match=f"{settings.namespace}:session:*:closed", count=1000))
         assert len(tombstones) == SESSIONS  # every session was closed through the broker
+        # and each close wrote one usage record, of its own session
+        usage = [UsageRecord.from_json(m).session for m in r.zrange(names.usage_records_key, 0, -1)]
+        assert sorted(usage) == sorted(ids)
     finally:
         r.close()
     # the host's fork servers are bounded: a generic one and one per recently used service
