@@ -375,7 +375,10 @@ def main(argv: list[str]) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     channel = socket.socket(fileno=int(argv[0]))
-    _send(channel, {"ready": True})
+    try:
+        _send(channel, {"ready": True})
+    except OSError:  # the host stopped (closing its end) before this server was up
+        return 0
     return ForkServer(settings, channel, host).serve()
 
 

@@ -10,17 +10,21 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+import redis
 
 from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json, emit_table
+from soafarm.cli.progress import LiveProgress
 from soafarm.config import Settings
 from soafarm.errors import ConfigError, ConnectionFailed, SoafarmError
+from soafarm.logs import say
 from soafarm.protocol import Response
+
+if TYPE_CHECKING:
+    from soafarm.client.broker_client import BrokerClient
 
 _REQUEST_KEYS = {"op", "args", "kwargs", "user_data"}
 
@@ -128,17 +132,6 @@ def _resume_command(
     return f"soafarm submit {service} --session {session_id} --client-id {client_id} {what}"
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
-
-
 @cli.command()
 @with_settings
 @click.argument("service")
@@ -237,19 +230,19 @@ def submit(  # noqa: PLR0917 - click passes every option by name
         try:
             with BrokerClient(session, client_id) as client:
                 skip = client.sent  # resuming: these were accepted before
-                with _progress() as bar:
+                with LiveProgress("requests") as bar:
                     sending = f"sending to session {session.id}"
-                    task = bar.add_task(sending, total=total)
+                    bar.add("send", sending, total=total, faults=False)
 
                     def throttled(outstanding: int) -> None:
                         waiting = f"throttled: {outstanding:,} outstanding, waiting"
-                        bar.update(task, description=waiting if outstanding else sending)
+                        bar.update("send", description=waiting if outstanding else sending)
 
                     client.on_throttled(throttled)
                     for index, (op, args, kwargs, user_data) in enumerate(requests):
                         if index >= skip:
                             client.send_request(op, *args, user_data=user_data, **kwargs)
-                        bar.advance(task)
+                        bar.update("send", completed=index + 1)
                     client.end_requests()
                 sent = client.sent
         except SoafarmError as e:
@@ -257,8 +250,12 @@ def submit(  # noqa: PLR0917 - click passes every option by name
             e.args = (f"{e}{hint}",)  # same class, so the same exit code
             raise
         except KeyboardInterrupt:
-            click.echo(
-                f"soafarm: interrupted; the batch is not sealed; resume with: {resume}", err=True
+            say(
+                "submit_interrupted",
+                f"soafarm: interrupted; the batch is not sealed; resume with: {resume}",
+                "warning",
+                session_id=session.id,
+                resume=resume,
             )
             raise
         finally:
@@ -304,16 +301,18 @@ def attach(settings: Settings, session_id: int, follow: bool, as_json: bool) -> 
     try:
         status = session.status()
         if follow:
-            with _progress() as bar:
-                tasks: dict[str, Any] = {}
+            with LiveProgress("responses") as bar:
                 while True:
                     for c in status["clients"]:
-                        if c["client_id"] not in tasks:
-                            tasks[c["client_id"]] = bar.add_task(f"client {c['client_id']}")
+                        if c["client_id"] not in bar:
+                            bar.add(c["client_id"], f"client {c['client_id']}")
+                        # before the batch is sealed more may come: no ETA yet
                         bar.update(
-                            tasks[c["client_id"]],
+                            c["client_id"],
                             completed=c["done"],
                             total=c["total"] if c["sealed"] else c["accepted"],
+                            faults=c["faulted"],
+                            open_ended=not c["sealed"],
                         )
                     clients = status["clients"]
                     if clients and all(c["finished"] for c in clients):
@@ -401,14 +400,18 @@ def responses(  # noqa: PLR0917 - click passes every option by name
     written = _ids_in(output, fmt) if append and output is not None else set()
     resume = _responses_resume(session_id, client_id, follow, output, fmt, timeout)
     session = attach_session(session_id, settings)
-    count = faults = 0
+    count = faults = skipped = 0
     mode = "a" if append else "w"
     out: IO[str] = output.open(mode, encoding="utf-8", newline="") if output else sys.stdout
     try:
         writer = csv.writer(out) if fmt == "csv" else None
         if writer is not None and not (append and output is not None and output.stat().st_size):
             writer.writerow(["id", "user_data", "status", "result", "fault_type", "fault_message"])
-        with BrokerClient(session, client_id, create=False) as client:
+        with (
+            BrokerClient(session, client_id, create=False) as client,
+            LiveProgress("responses") if follow else contextlib.nullcontext() as bar,
+        ):
+            shown = _ReadProgress(bar, client, new_only) if bar is not None else None
             # --new-only is exact even if this command is killed: each response is written
             # out, then committed as read when the next one is asked for
             responses = client.get_responses(
@@ -416,25 +419,82 @@ def responses(  # noqa: PLR0917 - click passes every option by name
             )
             for response in responses:
                 if response.id in written:
-                    continue  # --append: the file has it from an interrupted read
-                count += 1
-                faults += response.is_fault
-                _write(out, writer, response)
-                if new_only:
-                    out.flush()
+                    skipped += 1  # --append: the file has it from an interrupted read
+                else:
+                    count += 1
+                    faults += response.is_fault
+                    _write(out, writer, response)
+                    if new_only:
+                        out.flush()
+                if shown is not None:
+                    shown.seen(count + skipped, faults)
     except ConnectionFailed as e:  # gave up on a server: same class, so exit 3
         e.args = (f"{e}; {count} response(s) written; resume with: {resume}",)
         raise
     except KeyboardInterrupt:
-        click.echo(
-            f"soafarm: interrupted after {count} response(s); resume with: {resume}", err=True
+        say(
+            "responses_interrupted",
+            f"soafarm: interrupted after {count} response(s); resume with: {resume}",
+            "warning",
+            written=count,
+            resume=resume,
         )
         raise
     finally:
         session.detach()
         if output:
             out.close()
-    click.echo(f"{count} response(s), {faults} fault(s)", err=True)
+    say(
+        "responses_written", f"{count} response(s), {faults} fault(s)", written=count, faults=faults
+    )
+
+
+class _ReadProgress:
+    """`responses --follow`'s live progress: the responses this read has seen, of those it
+    will see (the client id's batch, less what earlier reads took for good: everything they
+    handed out with --new-only or from an interactive session, where a response is read
+    once), with faults, responses/s and the time left at that rate."""
+
+    #: Seconds between reads of the client id's counters while its batch is not sealed.
+    POLL = 1.0
+
+    def __init__(self, bar: LiveProgress, client: BrokerClient, new_only: bool) -> None:
+        self.bar = bar
+        self.client = client
+        self.key = client.client_id
+        from soafarm.client.reader import Bitmap
+
+        self.before = 0
+        # a durable read without --new-only reads the whole stream again
+        if not client.durable or new_only:
+            with contextlib.suppress(redis.RedisError, OSError):  # the figures can wait
+                self.before = Bitmap(client.progress.read_bitmap()).count
+        self.total: int | None = None
+        self.sealed = False
+        self.polled = 0.0
+        bar.add(self.key, f"client {self.key}")
+        self._poll()
+        self.seen(0, 0)
+
+    def _poll(self) -> None:
+        # one try, not the client's retries through an outage: the read rides it out, and
+        # the figures are read again at the next response
+        self.polled = time.monotonic()
+        try:
+            progress = self.client.progress.load()
+        except (redis.RedisError, OSError):
+            return
+        self.sealed = progress.sealed and progress.total is not None
+        whole = progress.total if self.sealed and progress.total is not None else progress.accepted
+        self.total = max(whole - self.before, 0)
+
+    def seen(self, count: int, faults: int) -> None:
+        """`count` responses seen so far, `faults` of them faults."""
+        if not self.sealed and time.monotonic() - self.polled >= self.POLL:
+            self._poll()
+        self.bar.update(
+            self.key, completed=count, total=self.total, faults=faults, open_ended=not self.sealed
+        )
 
 
 def _responses_resume(  # noqa: PLR0917 - the command's own options

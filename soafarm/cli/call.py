@@ -65,7 +65,7 @@ def call(  # noqa: PLR0917 - click passes every option positionally by name
     session.close()
     result = response.result  # raises ServiceFault, printed by the CLI as one line
     if as_json:
-        emit_json(result)
+        emit_json(result, raw=True)  # the service's own data: no field is the farm's
     else:
         click.echo(result)
 

@@ -35,6 +35,7 @@ from soafarm.cli.dashboard_page import page
 from soafarm.cli.farmview import FarmView, FarmWatcher, HostView
 from soafarm.config import Settings
 from soafarm.errors import ConfigError
+from soafarm.logs import say
 from soafarm.processes import stop_on_signals
 
 log = structlog.get_logger(__name__)
@@ -163,11 +164,11 @@ def dashboard(settings: Settings, bind: str, port: int, interval: float) -> None
         log.info("dashboard_serving", url=url, namespace=settings.namespace, interval=interval)
         if not _is_loopback(bind):
             log.warning("dashboard_not_loopback", bind=bind, why="read-only, no authentication")
-        click.echo(f"soafarm dashboard at {url} (Ctrl-C stops it)", err=True)
+        say("dashboard_url", f"soafarm dashboard at {url} (Ctrl-C stops it)", url=url)
         while not stopping.wait(interval):
             server.publish(watcher.snapshot_or_last())
         server.shutdown()
-        click.echo("dashboard stopped", err=True)
+        say("dashboard_stopped", "dashboard stopped")
     finally:
         server.server_close()
         watcher.close()

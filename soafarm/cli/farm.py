@@ -13,7 +13,7 @@ from soafarm.cli import cli, with_settings
 from soafarm.config import Settings, with_section
 from soafarm.errors import SoafarmError
 from soafarm.local.embedded import EmbeddedServers
-from soafarm.logs import configure_logging
+from soafarm.logs import configure_logging, say
 from soafarm.processes import follow_parent, stop_on_signals
 from soafarm.state.control import HostsArgs
 
@@ -124,17 +124,12 @@ def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: 
     servers = EmbeddedServers(settings, enabled=embedded)
     with servers as effective:
         for line in servers.started:
-            click.echo(f"started {line} for the farm's lifetime", err=True)
+            say("embedded_server_up", f"started {line} for the farm's lifetime", server=line)
         farm = LocalFarm(
             effective, workers=workers, cores=cores, autoscale=autoscale, supervise=True
         )
         farm.start()
         scaling = ", autoscaler" if autoscale else ""
-        click.echo(
-            f"soafarm is up: broker + {workers} worker host(s){scaling}, namespace "
-            f"{effective.namespace!r}; crashed processes are restarted. Press Ctrl-C to stop.",
-            err=True,
-        )
 
         def interrupt(signum: int, _frame: FrameType | None) -> None:
             # a terminal's Ctrl-C reaches every child too: none may be restarted as it stops
@@ -145,14 +140,28 @@ def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: 
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
         try:
+            # said once Ctrl-C is handled: one pressed as soon as it shows stops the farm
+            say(
+                "farm_up",
+                f"soafarm is up: broker + {workers} worker host(s){scaling}, namespace "
+                f"{effective.namespace!r}; crashed processes are restarted. Press Ctrl-C to stop.",
+                workers=workers,
+                autoscale=autoscale,
+                namespace=effective.namespace,
+            )
             farm.wait()
         except KeyboardInterrupt:
-            click.echo("stopping...", err=True)
+            say("farm_stopping", "stopping...")
         finally:
             restarts = farm.restarts
             farm.stop()
         if restarts:
-            click.echo(f"{restarts} crashed process(es) were restarted during this run", err=True)
+            say(
+                "farm_restarts",
+                f"{restarts} crashed process(es) were restarted during this run",
+                "warning",
+                restarts=restarts,
+            )
 
 
 @cli.command()
@@ -181,7 +190,7 @@ def demo(settings: Settings, count: int, workers: int, embedded: bool) -> None:
     servers = EmbeddedServers(settings, enabled=embedded)
     with servers as reachable:
         for line in servers.started:
-            click.echo(f"started {line} for this demo", err=True)
+            say("embedded_server_up", f"started {line} for this demo", server=line)
         # a private namespace: the demo never touches another farm's sessions or hosts
         effective = reachable.replace(
             namespace=f"{reachable.namespace}.demo-{os.getpid()}",

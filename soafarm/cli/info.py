@@ -11,6 +11,7 @@ from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json, emit_table
 from soafarm.config import Settings
 from soafarm.errors import RegistrationError
+from soafarm.logs import say
 
 
 @cli.group()
@@ -22,7 +23,8 @@ def config() -> None:
 @with_settings
 def config_show(settings: Settings) -> None:
     """Print every setting after file, environment and options (passwords masked), as JSON."""
-    emit_json(settings.as_dict())
+    # as the settings file spells them (0 for "no limit"; TOML has no null), not `present`ed
+    emit_json(settings.as_dict(), raw=True)
 
 
 @cli.group()
@@ -59,7 +61,7 @@ def services_list(settings: Settings, as_json: bool) -> None:
         [(r.name, r.version or "-", r.entry_point, r.path) for r in regs],
     )
     for p in problems:
-        click.echo(f"invalid: {p.error}", err=True)
+        say("invalid_registration", f"invalid: {p.error}", "warning", path=str(p.path))
 
 
 @services.command("validate")
@@ -73,7 +75,7 @@ def services_validate(files: tuple[Path, ...]) -> None:
         try:
             reg = parse_registration(path)
         except RegistrationError as e:
-            click.echo(f"invalid: {e}", err=True)
+            say("invalid_registration", f"invalid: {e}", "warning", path=str(path))
             bad += 1
         else:
             click.echo(f"ok: {path}: service {reg.label} -> {reg.entry_point}")

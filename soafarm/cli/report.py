@@ -17,6 +17,7 @@ from soafarm.cli import cli, with_settings
 from soafarm.cli.output import emit_json, emit_table
 from soafarm.config import Settings
 from soafarm.errors import ConfigError
+from soafarm.logs import say
 from soafarm.names import Names
 from soafarm.state.usage import UsageRecord, UsageStore
 from soafarm.transport.connections import redis_client
@@ -141,10 +142,15 @@ def report(settings: Settings, by: str, since: str | None, as_json: bool) -> Non
     store = UsageStore(redis_client(settings), Names(settings.namespace))
     records, bad = store.since(start)
     if bad:
-        click.echo(f"soafarm: warning: {bad} corrupt usage record(s) skipped", err=True)
+        say(
+            "usage_records_corrupt",
+            f"soafarm: warning: {bad} corrupt usage record(s) skipped",
+            "warning",
+            skipped=bad,
+        )
     if by == "session":
         if as_json:
-            emit_json([session_wire(r) for r in records])
+            emit_json([session_wire(r) for r in records], raw=True)  # times made ISO here
             return
         emit_table(
             f"Closed sessions in namespace {settings.namespace!r}",
@@ -177,7 +183,7 @@ def report(settings: Settings, by: str, since: str | None, as_json: bool) -> Non
         return
     lines = summarise(records, by)
     if as_json:
-        emit_json([line.to_wire(by) for line in lines])
+        emit_json([line.to_wire(by) for line in lines], raw=True)
         return
     emit_table(
         f"Usage by {by} in namespace {settings.namespace!r}"

@@ -115,11 +115,6 @@ def sessions_close(settings: Settings, session_id: int, purge: bool) -> None:
     click.echo(f"session {session_id} closed{kept}")
 
 
-#: The settings options of `with_settings`, by parameter name: given before a `hosts`
-#: subcommand they are passed on to it.
-_SETTINGS_PARAMS = ("config_file", "amqp_url", "redis_url", "namespace", "log_level")
-
-
 @cli.group(invoke_without_command=True)
 @with_settings
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -131,9 +126,7 @@ def hosts(settings: Settings, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         if as_json:
             raise click.UsageError("--json lists hosts; it takes no subcommand", ctx)
-        # `soafarm hosts --namespace X offline H` means the same as with the option last
-        given = {k: ctx.params[k] for k in _SETTINGS_PARAMS if ctx.params.get(k) is not None}
-        ctx.default_map = {name: given for name in _DONE}
+        # the settings options given here reach the subcommand through `with_settings`
         return
     rows = _request(settings, HostsArgs())
     if as_json:

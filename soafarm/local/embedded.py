@@ -24,7 +24,7 @@ import pika
 import redis
 import structlog
 
-from soafarm.config import Settings
+from soafarm.config import Settings, mask_url
 from soafarm.errors import ConnectionFailed
 
 log = structlog.get_logger(__name__)
@@ -59,6 +59,29 @@ def _local_endpoint(url: str, default_port: int) -> tuple[str, int] | None:
     if parts.hostname not in LOCAL_HOSTS:
         return None
     return parts.hostname or "localhost", parts.port or default_port
+
+
+#: What to do when a server is neither reachable nor startable here.
+_SERVERS_HINT = (
+    "install the servers (Debian/Ubuntu: `sudo apt-get install rabbitmq-server redis-server`) "
+    "or point soafarm at running ones with SOAFARM_AMQP_URL / SOAFARM_REDIS_URL "
+    "(--amqp-url / --redis-url)"
+)
+#: Exit status of a shell that could not find a command (the server's own script, or one it
+#: runs: Erlang's `erl` for RabbitMQ).
+_COMMAND_NOT_FOUND = 127
+
+
+def _last_line(path: Path, limit: int = 200) -> str:
+    """The last non-empty line of a server's log (what it said before it exited), shortened."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(fh.seek(0, os.SEEK_END) - 8192, 0))
+            lines = [x.strip() for x in fh.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    last = next((x for x in reversed(lines) if x), "")
+    return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
 def _script(name: str) -> str | None:
@@ -111,6 +134,7 @@ class EmbeddedServers:
         if not self.enabled:
             return self.settings
         result = self.settings
+        self._check_installed()
         try:
             # Launch both first, then wait: their start-up times overlap.
             if (redis_server := self._maybe_start_redis()) is not None:
@@ -124,6 +148,35 @@ class EmbeddedServers:
             self._stop_all()
             raise
         return result
+
+    def _check_installed(self) -> None:
+        """ConnectionFailed, before anything starts, when a server is needed here (a local
+        URL where nothing answers) and its binary is not installed: the one line says which
+        package to install and how to use a server that runs elsewhere."""
+        missing: list[str] = []
+        redis_at = _local_endpoint(self.settings.redis_url, 6379)
+        if redis_at is not None and not answers(*redis_at) and _script("redis-server") is None:
+            missing.append(f"Redis at {mask_url(self.settings.redis_url)}")
+        amqp_at = [_local_endpoint(u, 5672) for u in self.settings.amqp_urls]
+        local = bool(amqp_at) and all(e is not None for e in amqp_at)
+        if (
+            local
+            and not any(e is not None and answers(*e) for e in amqp_at)
+            and _script("rabbitmq-server") is None
+        ):
+            missing.insert(0, f"RabbitMQ at {mask_url(self.settings.amqp_url)}")
+        if not missing:
+            return
+        binaries = [
+            b
+            for b, what in (("rabbitmq-server", "RabbitMQ"), ("redis-server", "Redis"))
+            if any(m.startswith(what) for m in missing)
+        ]
+        raise ConnectionFailed(
+            f"nothing answers for {' and '.join(missing)}, and {' and '.join(binaries)} "
+            f"{'is' if len(binaries) == 1 else 'are'} not installed, so soafarm cannot start "
+            f"{'a private one' if len(binaries) == 1 else 'private ones'}: " + _SERVERS_HINT
+        )
 
     def __exit__(self, *exc: object) -> None:
         """Stop every server we started and remove the temp dir."""
@@ -336,6 +389,12 @@ class EmbeddedServers:
         while time.monotonic() < deadline:
             if (code := server.proc.poll()) is not None:
                 why = f"exited with code {code}"
+                if code == _COMMAND_NOT_FOUND:
+                    needs = " (Erlang?)" if server.name == "RabbitMQ" else ""
+                    why += f", a command it needs is missing{needs}"
+                said = _last_line(server.log_path)
+                if said:
+                    why += f": {said!r}"
                 break
             try:
                 server.probe()
@@ -357,9 +416,13 @@ class EmbeddedServers:
                     f"(data in {server.log_path.parent})"
                 )
             return
+        rabbit = server.name == "RabbitMQ"
+        setting = "SOAFARM_AMQP_URL (--amqp-url)" if rabbit else "SOAFARM_REDIS_URL (--redis-url)"
+        package = "rabbitmq-server`, which brings Erlang" if rabbit else "redis-server`"
         raise ConnectionFailed(
-            f"cannot start a private {server.name} on 127.0.0.1:{server.port}: "
-            f"{why}; see {server.log_path}"
+            f"cannot start a private {server.name} on 127.0.0.1:{server.port}: {why}; see "
+            f"{server.log_path}; check its install (Debian/Ubuntu: `sudo apt-get install "
+            f"{package}) or point soafarm at a running {server.name} with {setting}"
         )
 
     def _stop_all(self) -> None:
