@@ -11,9 +11,10 @@ calls that take time (`nap` 0.01 s) to show where the counting disappears in the
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
-import threading
-import urllib.request
+import subprocess
+import sys
 import uuid
 from contextlib import ExitStack
 
@@ -27,30 +28,42 @@ from soafarm.names import Names
 from soafarm.state.hosts import HostStore
 from soafarm.transport.connections import redis_client
 
+#: The scraper's loop, run in a process of its own (as Prometheus is): a thread in the
+#: benchmark's process would take the client's GIL and count against the metrics.
+SCRAPE_LOOP = """
+import sys, time, urllib.request
+interval, urls = float(sys.argv[1]), sys.argv[2:]
+n = 0
+try:
+    while True:
+        time.sleep(interval)
+        for url in urls:
+            urllib.request.urlopen(url, timeout=10).read()
+            n += 1
+except KeyboardInterrupt:
+    print(n)
+"""
+
 
 class Scraper:
-    """Scrapes URLs every `interval` seconds on a thread, as Prometheus would."""
+    """Scrapes URLs every `interval` seconds from a process of its own."""
 
     def __init__(self, urls: list[str], interval: float) -> None:
         """Start scraping at once."""
-        self.urls = urls
-        self.interval = interval
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SCRAPE_LOOP, str(interval), *urls],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.scrapes = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            for url in self.urls:
-                with urllib.request.urlopen(url, timeout=10) as reply:
-                    reply.read()
-                self.scrapes += 1
 
     def stop(self) -> None:
-        """Stop scraping."""
-        self.stopping.set()
-        self.thread.join()
+        """Stop scraping (again: nothing); `scrapes` is how many it made."""
+        if self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        out, _ = self.process.communicate(timeout=30)
+        self.scrapes = int(out.strip() or 0)
 
 
 def main() -> None:
@@ -59,6 +72,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8, help="blocks per side (8)")
     parser.add_argument("--echo", type=int, default=20_000, help="echo requests a block")
     parser.add_argument("--sleeps", type=int, default=400, help="0.01 s calls a block")
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        help="seconds between scrapes of the 'on' farm (1; 0: never scraped)",
+    )
     args = parser.parse_args()
     base = load_settings().replace(log_level="warning", service_registration_path=(SERVICES,))
     on = base.replace(
@@ -90,7 +109,7 @@ def main() -> None:
                     s.wait_for_instances(1)
                     sessions[(side, service)] = s
                 _batch(sessions[(side, "echo")], 2000)  # warm-up
-            scraper = Scraper(_urls(on), interval=1.0)
+            scraper = Scraper(_urls(on), interval=args.scrape_interval or 1e6)
             stack.callback(scraper.stop)
             for block in range(args.blocks):
                 order = ("on", "off") if block % 2 == 0 else ("off", "on")
@@ -98,6 +117,7 @@ def main() -> None:
                     for side in order:
                         rate, _ = _batch(sessions[(side, service)], n, op, arg)
                         rates.setdefault((label, side), []).append(rate)
+            scraper.stop()
             scrapes = scraper.scrapes
     finally:
         delete_namespace(on)
