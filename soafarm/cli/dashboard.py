@@ -33,6 +33,7 @@ from rich.text import Text
 from soafarm.cli import cli, with_settings
 from soafarm.cli.dashboard_page import page
 from soafarm.cli.farmview import FarmView, FarmWatcher, HostView
+from soafarm.cli.rates import format_eta
 from soafarm.config import Settings
 from soafarm.errors import ConfigError
 from soafarm.logs import say
@@ -184,16 +185,7 @@ def _rate(rate: float | None) -> str:
 
 
 def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds <= 0:
-        return "done"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return format_eta(seconds, nothing_left="done")
 
 
 def _heat(utilisation: float | None) -> Style:

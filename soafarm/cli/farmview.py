@@ -10,13 +10,13 @@ gives the plain JSON the dashboard's page reads.
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
+from soafarm.cli.rates import RateTracker, eta
 from soafarm.client.control import ControlClient
 from soafarm.config import Settings
 from soafarm.errors import SoafarmError
@@ -25,58 +25,6 @@ from soafarm.state.control import ClientStatus, HostInfo, HostList, HostsArgs, L
 from soafarm.state.control import SessionList as SessionListReply
 
 log = structlog.get_logger(__name__)
-
-#: Seconds of done-count history a rate is taken over: long enough that the rate of a
-#: batch whose responses arrive in bursts (batches of up to 100) reads steady, short enough
-#: that it follows a session speeding up or stalling within a few refreshes.
-RATE_WINDOW = 10.0
-
-
-class RateTracker:
-    """Responses/s per key (a session, or a session's client id), from done counts seen
-    over time: the count's rise over the last `window` seconds, divided by the time it took.
-
-    `observe(key, done, now)` records a sample and returns the rate, None until a key has
-    two samples at different times. A count that goes down (its client id was purged and
-    made again) starts the key's history afresh. `forget_others(keys)` drops keys that are
-    gone, so a long-running dashboard does not keep every session it ever saw.
-    """
-
-    def __init__(self, window: float = RATE_WINDOW) -> None:
-        """Keep `window` seconds of samples per key."""
-        self.window = window
-        self._samples: dict[Hashable, deque[tuple[float, int]]] = {}
-
-    def observe(self, key: Hashable, done: int, now: float) -> float | None:
-        """Record `done` responses at time `now` (seconds, any monotonic clock) for `key`;
-        return its responses/s over the window, or None when not known yet."""
-        samples = self._samples.setdefault(key, deque())
-        if samples and (done < samples[-1][1] or now < samples[-1][0]):
-            samples.clear()
-        samples.append((now, done))
-        # keep one sample at or before the window's start, so the rate spans the whole window
-        while len(samples) > 2 and samples[1][0] <= now - self.window:
-            samples.popleft()
-        first_t, first_done = samples[0]
-        if now - first_t <= 0:
-            return None
-        return (done - first_done) / (now - first_t)
-
-    def forget_others(self, keys: Iterable[Hashable]) -> None:
-        """Drop the history of every key not in `keys`."""
-        keep = set(keys)
-        for key in [k for k in self._samples if k not in keep]:
-            del self._samples[key]
-
-
-def eta(remaining: int, rate: float | None) -> float | None:
-    """Seconds until `remaining` responses arrive at `rate` responses/s: 0 with nothing
-    remaining, None when the rate is unknown or zero (nothing moves: no estimate)."""
-    if remaining <= 0:
-        return 0.0
-    if rate is None or rate <= 0:
-        return None
-    return remaining / rate
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -26,76 +25,13 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from soafarm.cli.rates import RateMeter, format_eta, format_rate
 from soafarm.logs import current_format, say
 
-#: Seconds of samples the rate is measured over: recent enough to follow a change of pace,
-#: long enough not to jump with every poll.
-RATE_WINDOW = 10.0
 #: Seconds between plain progress lines (stderr not a terminal, or JSON logs).
 LINE_INTERVAL = 5.0
 #: Seconds between two updates of a rich bar's figures (it redraws 10 times a second).
 REDRAW = 0.1
-
-
-class RateMeter:
-    """Count per second over the last `window` seconds of samples, and the time left."""
-
-    def __init__(self, window: float = RATE_WINDOW) -> None:
-        """An empty meter: no rate until two samples are some time apart."""
-        self.window = window
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, now: float, count: int) -> None:
-        """Record that `count` (a running total) was reached at `now` (monotonic seconds)."""
-        if len(self._samples) >= 2 and now - self._samples[-2][0] < self.window / 50:
-            self._samples[-1] = (now, count)  # a sample per request would pile up: coalesce
-        else:
-            self._samples.append((now, count))
-        # keep one sample older than the window, so the rate always spans the whole window
-        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
-            self._samples.popleft()
-
-    def rate(self) -> float | None:
-        """Per second over the last `window` seconds before the latest sample (or since the
-        first sample, when younger); None before two samples in time."""
-        if len(self._samples) < 2:
-            return None
-        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
-        # the count is a step function: at the window's start it was the count of the last
-        # sample before it (the oldest kept, the next one being inside the window)
-        t0 = max(t0, t1 - self.window)
-        if t1 <= t0:
-            return None
-        return max(c1 - c0, 0) / (t1 - t0)
-
-    def eta(self, remaining: int | None) -> float | None:
-        """Seconds until `remaining` more at the current rate: 0 when nothing remains, None
-        when it is unknown (no total yet, no rate yet, nothing moving)."""
-        if remaining is None:
-            return None
-        if remaining <= 0:
-            return 0.0
-        rate = self.rate()
-        if not rate:
-            return None
-        return remaining / rate
-
-
-def format_rate(rate: float | None) -> str:
-    """`1,234.5`, or `-` when unknown."""
-    return "-" if rate is None else f"{rate:,.1f}"
-
-
-def format_eta(seconds: float | None) -> str:
-    """`45s`, `3m05s`, `2h03m`, or `-` when unknown."""
-    if seconds is None:
-        return "-"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole // 60 % 60:02d}m"
 
 
 @dataclass
