@@ -106,3 +106,16 @@ def test_compose_scrapes_the_default_ports_and_checks_health() -> None:
         assert f":{port}/healthz" in " ".join(services[name]["healthcheck"]["test"])
     assert services["broker"]["environment"]["SOAFARM_METRICS_BIND"] == "0.0.0.0"
     assert {"prometheus", "grafana"} <= set(services)
+
+
+def test_the_kubernetes_workers_probe_healthz_and_expose_their_metrics() -> None:
+    deployment = yaml.safe_load((COMPOSE / "kubernetes/worker-deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    port = MetricsSettings().worker_port
+    assert container["ports"] == [{"name": "metrics", "containerPort": port}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SOAFARM_METRICS_BIND"] == "0.0.0.0"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
