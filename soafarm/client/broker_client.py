@@ -106,7 +106,9 @@ class BrokerClient:
         try:
             self.progress = ProgressStore(state, self._names, session.id, client_id)
             self.sessions = SessionStore(state, self._names)
-            start = self.progress.load()
+            # through a Redis outage as every later read (the attach went through the
+            # broker; Redis may go in between), never a raw redis error
+            start = self._load()
             broker = session.broker_settings
             self.idle = IdleGuard(self.progress, session.id, client_id, broker.client_idle_timeout)
             # its first beat clears a previous idle disconnection of this client id
