@@ -202,7 +202,8 @@ def _host_cell(host: HostView) -> Text:
     busy = "idle" if host.utilisation is None else f"{100 * host.utilisation:.0f}%"
     state = f" ({host.state})" if host.state else ""
     return Text(
-        f" {host.id}{state} \n {busy}: {host.instances} inst, {host.cores} cores ",
+        f" {host.id}{state} \n {busy}: {host.instances} inst, {host.cores} "
+        f"{'core' if host.cores == 1 else 'cores'} ",
         style=_heat(host.utilisation),
     )
 
