@@ -22,6 +22,15 @@ VERSION = 1
 #: Room left in a batch body for its header (ids, reply queue name) beside the items.
 BATCH_HEADER_ALLOWANCE = 1024
 
+#: Largest request id: ids are bit offsets of a client id's done bitmap in Redis, whose
+#: offsets stop at 2**32 - 1. A negative id made Redis refuse the batch (and an instance
+#: take that for a lost connection, forever); the bound makes both a DecodeError.
+MAX_REQUEST_ID = 2**32 - 1
+#: Largest session id and retry count a message may carry (ids count up from 1; retries
+#: stop at message_resend_limit).
+MAX_SESSION_ID = 2**53
+MAX_RETRIES = 1_000_000
+
 KIND_REQUESTS = "rq"
 KIND_RESPONSES = "rs"
 KIND_CONTROL = "ct"
@@ -222,24 +231,29 @@ def _check(cond: bool, what: str) -> None:
         raise _Shape(what)
 
 
+def _in(value: Any, top: int) -> bool:
+    """An int (not a bool) from 0 to `top`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
+
+
 def _request(item: Any) -> Request:
     _check(isinstance(item, list) and len(item) == 6, "request item")
     rid, op, args, kwargs, user_data, retries = item
-    _check(isinstance(rid, int) and isinstance(op, str), "request id/op")
+    _check(_in(rid, MAX_REQUEST_ID) and isinstance(op, str), "request id/op")
     _check(isinstance(args, list) and isinstance(kwargs, dict), "request args/kwargs")
     _check(all(isinstance(k, str) for k in kwargs), "request kwargs keys")
-    _check(isinstance(retries, int), "request retries")
+    _check(_in(retries, MAX_RETRIES), "request retries")
     return Request(rid, op, tuple(args), kwargs, user_data, retries)
 
 
 def _response(item: Any) -> Response:
     _check(isinstance(item, list) and len(item) == 4, "response item")
     rid, value, fault, user_data = item
-    _check(isinstance(rid, int), "response id")
+    _check(_in(rid, MAX_REQUEST_ID), "response id")
     if fault is not None:
         _check(isinstance(fault, list) and len(fault) == 4, "fault")
         _check(all(isinstance(x, str) for x in fault[:3]), "fault fields")
-        _check(isinstance(fault[3], int), "fault retries")
+        _check(_in(fault[3], MAX_RETRIES), "fault retries")
         return Response(rid, None, Fault(*fault), user_data)
     return Response(rid, value, None, user_data)
 
@@ -252,7 +266,7 @@ def _build(data: Any) -> Message:
         _check(len(data) == 6, "request batch")
         _, _, sid, cid, reply_to, items = data
         _check(
-            isinstance(sid, int) and isinstance(cid, str) and isinstance(reply_to, str),
+            _in(sid, MAX_SESSION_ID) and isinstance(cid, str) and isinstance(reply_to, str),
             "request batch header",
         )
         _check(isinstance(items, list), "request list")
@@ -261,7 +275,7 @@ def _build(data: Any) -> Message:
         _check(len(data) == 6, "response batch")
         _, _, sid, cid, instance, items = data
         _check(
-            isinstance(sid, int) and isinstance(cid, str) and isinstance(instance, str),
+            _in(sid, MAX_SESSION_ID) and isinstance(cid, str) and isinstance(instance, str),
             "response batch header",
         )
         _check(isinstance(items, list), "response list")

@@ -20,7 +20,7 @@ from typing import Any
 import pika
 import structlog
 
-from soafarm.errors import DecodeError
+from soafarm.errors import DecodeError, SoafarmError
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
@@ -127,6 +127,10 @@ class Link:
     request_queue: str
     draining: threading.Event  # set when the instance stops: hand back what has not started
     stop: Callable[[], None]  # stops the whole instance (its queue is gone)
+    #: The instance's own session, and its client ids' response queues by client id: a
+    #: batch is checked against them, never trusted for where its responses go.
+    session_id: int
+    reply_queue: Callable[[str], str]
 
 
 class CallLoop:
@@ -295,10 +299,35 @@ class CallLoop:
             log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
             self._reject(tag)
             return
+        foreign = self._foreign(batch)
+        if foreign:
+            log.error("request_batch_rejected", error=foreign, dead_lettered=True)
+            self._reject(tag)
+            return
         if self.retries.careful(batch, redelivered):
             self._careful(tag, batch)
         else:
             self._fast(tag, batch)
+
+    def _foreign(self, batch: RequestBatch) -> str:
+        """Why `batch` cannot be this session's ("" when it is): it names another session,
+        or a reply address other than its client id's response queue (a forged request
+        would run here and count there, or send its responses to someone else's queue)."""
+        if batch.session_id != self.link.session_id:
+            return (
+                f"a batch for session {batch.session_id} in session "
+                f"{self.link.session_id}'s request queue"
+            )
+        try:
+            expected = self.link.reply_queue(batch.client_id)
+        except SoafarmError as e:
+            return f"bad client id: {e}"
+        if batch.reply_to != expected:
+            return (
+                f"reply address {batch.reply_to!r} is not client id {batch.client_id!r}'s "
+                f"response queue {expected!r}"
+            )
+        return ""
 
     def _ack(self, tag: int) -> None:
         assert self.channel is not None

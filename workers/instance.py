@@ -248,7 +248,14 @@ class ServiceInstance:
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
         """Start the call loops and supervise them until they have drained."""
-        link = Link(record.durable, self.names.request_queue(record.id), self.draining, self.stop)
+        link = Link(
+            record.durable,
+            self.names.request_queue(record.id),
+            self.draining,
+            self.stop,
+            record.id,
+            partial(self.names.response_queue, record.id),
+        )
         # one call loop per unit of capacity; with capacity 1 the service is never called
         # from two threads at once
         self.loops = [

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from soafarm.names import check_client_id
 from soafarm.protocol import (
     Request,
     RequestBatch,
@@ -108,7 +109,10 @@ def make(durable: bool = False, resend_limit: int = 3) -> Harness:
     service = Service()
     counts = MemoryCounts()
     stopped = threading.Event()
-    link = Link(durable, QUEUE, threading.Event(), stopped.set)
+    # every client id's responses go to REPLY here; a client id that is no name is refused
+    link = Link(
+        durable, QUEUE, threading.Event(), stopped.set, 1, lambda c: check_client_id(c) and REPLY
+    )
     runner = CallRunner(service, frozenset({"echo", "fail", "wait"}), False, LIMIT, resend_limit)
     loop = CallLoop(
         runner,
@@ -165,6 +169,26 @@ def test_undecodable_batch_is_dead_lettered_and_later_ones_answered(running: Any
     h.broker.put(QUEUE, batch(Request(0, "echo", (1,))))
     wait_until("the good batch answered", lambda: h.responses() == {0: 1}, timeout=5)
     assert h.broker.dead_letters == [b"\xc1 not msgpack"]
+
+
+def test_a_batch_of_another_session_or_with_a_forged_reply_address_is_dead_lettered(
+    running: Any,
+) -> None:
+    h = running(make())
+    other_session = encode_request_batch(2, "c", REPLY, [encode_request(Request(0, "echo"), LIMIT)])
+    forged_reply = encode_request_batch(
+        1, "c", "someone-elses-responses", [encode_request(Request(1, "echo"), LIMIT)]
+    )
+    bad_client = encode_request_batch(
+        1, "no/such id", REPLY, [encode_request(Request(2, "echo"), LIMIT)]
+    )
+    for body in (other_session, forged_reply, bad_client):
+        h.broker.put(QUEUE, body)
+    h.broker.put(QUEUE, batch(Request(3, "echo", (3,))))
+    wait_until("the good batch answered", lambda: h.responses() == {3: 3}, timeout=5)
+    assert h.broker.dead_letters == [other_session, forged_reply, bad_client]
+    assert h.broker.bodies("someone-elses-responses") == []
+    assert h.service.calls == [3]  # none of the rejected ran
 
 
 def test_redelivered_batch_skips_answered_and_faults_past_the_limit(running: Any) -> None:

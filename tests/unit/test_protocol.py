@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from soafarm.errors import ConfigError, DecodeError, EncodeError, MessageTooLarge, ServiceFault
 from soafarm.names import check_client_id
 from soafarm.protocol import (
+    MAX_REQUEST_ID,
     ControlReply,
     ControlRequest,
     Fault,
@@ -115,3 +116,47 @@ def test_any_plain_value_survives_a_request_round_trip(value: object) -> None:
     assert isinstance(decoded, RequestBatch)
     assert decoded.requests[0].args == (value,)
     assert decoded.requests[0].user_data == value
+
+
+def _raw_request_batch(sid: object, rid: object, retries: object = 0) -> bytes:
+    body: bytes = msgpack.packb(["rq", 1, sid, "c", "q", [[rid, "op", [], {}, None, retries]]])
+    return body
+
+
+@given(st.integers(-(2**63), 2**64 - 1) | st.booleans() | st.floats())
+def test_a_request_id_outside_the_done_bitmap_is_refused(rid: object) -> None:
+    # ids are bit offsets in Redis: outside 0..2**32-1 Redis refuses them (or a 4e9 id grows
+    # the bitmap by 512 MB); a bool or float is no id at all
+    body = _raw_request_batch(1, rid)
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_REQUEST_ID:
+        decoded = decode(body, LIMIT)
+        assert isinstance(decoded, RequestBatch) and decoded.requests[0].id == rid
+    else:
+        with pytest.raises(DecodeError, match="request id"):
+            decode(body, LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("sid", "rid", "retries", "what"),
+    [
+        (-1, 0, 0, "header"),
+        (2**60, 0, 0, "header"),
+        (1, 0, -3, "retries"),
+        (1, 0, 2**40, "retries"),
+    ],
+)
+def test_session_ids_and_retry_counts_are_bounded(
+    sid: int, rid: int, retries: int, what: str
+) -> None:
+    with pytest.raises(DecodeError, match=what):
+        decode(_raw_request_batch(sid, rid, retries), LIMIT)
+
+
+@given(st.integers(-(2**63), 2**64 - 1))
+def test_a_response_id_is_bounded_as_a_request_id(rid: int) -> None:
+    body = msgpack.packb(["rs", 1, 1, "c", "i", [[rid, "v", None, None]]])
+    if 0 <= rid <= MAX_REQUEST_ID:
+        assert isinstance(decode(body, LIMIT), ResponseBatch)
+    else:
+        with pytest.raises(DecodeError, match="response id"):
+            decode(body, LIMIT)

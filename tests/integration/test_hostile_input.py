@@ -1,0 +1,113 @@
+"""Crafted request batches on a real farm: each is dead-lettered at its first delivery, and
+the session goes on answering its own client (issue 16's wedged-session and cross-session
+findings)."""
+
+from __future__ import annotations
+
+import msgpack
+import pika
+import pytest
+
+from soafarm import BrokerClient, Session, SessionStartInfo
+from soafarm.config import Settings
+from soafarm.local.farm import LocalFarm
+from soafarm.names import Names
+from soafarm.protocol import Request as Req
+from soafarm.protocol import encode_request, encode_request_batch
+from soafarm.transport.topology import dead_letter_queue
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def dead_letters(settings: Settings) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        name = dead_letter_queue(Names(settings.namespace)).name
+        return int(connection.channel().queue_declare(name, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+def test_crafted_batches_are_dead_lettered_and_the_session_goes_on(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    names = Names(settings.namespace)
+    with (
+        Session.create(SessionStartInfo("echo"), settings) as session,
+        BrokerClient(session) as client,
+    ):
+        client.send_request("echo", "before")
+        client.end_requests()
+        assert len(list(client.get_responses(timeout=60))) == 1
+        sid = session.id
+        reply = names.response_queue(sid, "default")
+
+        def raw(request_id: int, session_id: int = sid, reply_to: str = reply) -> bytes:
+            body: bytes = msgpack.packb(
+                [
+                    "rq",
+                    1,
+                    session_id,
+                    "default",
+                    reply_to,
+                    [[request_id, "echo", ["x"], {}, None, 0]],
+                ]
+            )
+            return body
+
+        crafted = [
+            raw(-5),  # made Redis refuse the done mark: the instance reconnected forever
+            raw(4_000_000_000 * 2),  # past the done bitmap's offsets
+            raw(7, session_id=sid + 1000),  # aimed at another session: ran and counted there
+            raw(8, reply_to=names.response_queue(sid + 1000, "default")),  # forged reply address
+        ]
+        before = dead_letters(settings)
+        connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+        try:
+            channel = connection.channel()
+            for body in crafted:
+                channel.basic_publish("", names.request_queue(sid), body)
+        finally:
+            connection.close()
+        wait_until(
+            "the crafted batches dead-lettered",
+            lambda: dead_letters(settings) - before == len(crafted),
+            timeout=30,
+        )
+        # the session still answers its own client, at once
+        with BrokerClient(session, "after") as later:
+            for i in range(300):
+                later.send_request("echo", i)
+            later.end_requests()
+            got = sorted(r.id for r in later.get_responses(timeout=60))
+        assert got == list(range(300))
+        assert client.status().done == 1  # nothing crafted was counted as this client's
+
+
+def test_a_valid_but_foreign_batch_made_by_the_library_is_refused_too(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    names = Names(settings.namespace)
+    with (
+        Session.create(SessionStartInfo("echo"), settings) as a,
+        Session.create(SessionStartInfo("echo"), settings) as b,
+    ):
+        # well-formed, encoded by soafarm itself, but for session b, published into a's queue
+        body = encode_request_batch(
+            b.id,
+            "default",
+            names.response_queue(b.id, "default"),
+            [encode_request(Req(0, "echo", ("x",)), settings.max_message_bytes)],
+        )
+        before = dead_letters(settings)
+        connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+        try:
+            connection.channel().basic_publish("", names.request_queue(a.id), body)
+        finally:
+            connection.close()
+        with BrokerClient(a) as client:  # a's instance is up once it answers
+            client.send_request("echo", "a")
+            client.end_requests()
+            assert len(list(client.get_responses(timeout=60))) == 1
+        wait_until("the foreign batch dead-lettered", lambda: dead_letters(settings) == before + 1)
