@@ -35,6 +35,8 @@ def parse_request_line(text: str, where: str) -> tuple[str, list[Any], dict[str,
         item = json.loads(text)
     except ValueError as e:
         raise ConfigError(f"{where}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: JSON nested too deeply") from None
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: expected a JSON object with an 'op' key")
     unknown = set(item) - _REQUEST_KEYS

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from soafarm.cli import cli
 from soafarm.errors import RegistrationError, ServiceNotFound
@@ -125,3 +127,40 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["services", "validate", str(good), str(bad)])
     assert result.exit_code == 1
     assert "bogus" in result.output and "Traceback" not in result.output
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.binary(max_size=300)
+    | st.text(max_size=300).map(str.encode)
+    | st.builds(
+        lambda key, value: f"{key} = {value}\n".encode(),
+        st.sampled_from(["entry_point", "python_path", "environment", "broker", "x"]),
+        st.sampled_from(['"a:B"', "3", "[1, 2]", '"\u00e9"', "{ a = 1 }", '"\\ud800"', "[[]]"]),
+    )
+)
+def test_any_bytes_as_a_registration_file_are_that_files_problem(
+    tmp_path: Path, body: bytes
+) -> None:
+    path = tmp_path / "svc.toml"
+    path.write_bytes(body)
+    try:
+        parse_registration(path)
+    except RegistrationError as e:
+        assert str(path) in str(e)  # the error names the file, on one line
+        assert "\n" not in str(e).strip()
+    # and a scan of the folder reports it instead of failing
+    _, problems = Registry((tmp_path,)).scan()
+    assert all(p.path == path for p in problems)
+
+
+def test_a_non_utf8_file_beside_a_good_one_is_reported_and_the_good_one_resolves(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "latin.toml").write_bytes('entry_point = "a:B"\n# caf\xe9\n'.encode("latin-1"))
+    (tmp_path / "good.toml").write_text('entry_point = "echo:EchoService"\n')
+    assert Registry((tmp_path,)).resolve("good").entry_point == "echo:EchoService"
+    # the session's service is that file: its problem, not "internal broker error"
+    with pytest.raises(RegistrationError) as e:
+        Registry((tmp_path,)).resolve("latin")
+    assert "not UTF-8" in str(e.value) and "latin.toml" in str(e.value)
