@@ -125,6 +125,14 @@ def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: 
     with servers as effective:
         for line in servers.started:
             say("embedded_server_up", f"started {line} for the farm's lifetime", server=line)
+        if servers.started:
+            # their passwords are the farm's keys: in a file only this user reads, not on screen
+            config = servers.write_config(effective)
+            say(
+                "embedded_config",
+                f"other soafarm commands reach this farm with: soafarm --config {config} ...",
+                config=str(config),
+            )
         farm = LocalFarm(
             effective, workers=workers, cores=cores, autoscale=autoscale, supervise=True
         )

@@ -7,6 +7,7 @@ it. We only ever stop processes we started ourselves; a server that already answ
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -26,6 +27,7 @@ import structlog
 
 from soafarm.config import Settings, mask_url
 from soafarm.errors import ConnectionFailed
+from soafarm.transport.tls import pika_ssl_options, redis_ssl_kwargs
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +109,16 @@ class _Server:
     relaunch: Callable[[], subprocess.Popen[bytes]]
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """Certificates for private servers that speak TLS only: the CA clients must present
+    certificates signed by (mutual TLS), and the servers' own certificate and key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 class EmbeddedServers:
     """Context manager. On enter, for each of RabbitMQ and Redis: if the configured URL's host is
     localhost/127.0.0.1/::1 and nothing accepts a TCP connection on its host:port, and the server
@@ -117,11 +129,18 @@ class EmbeddedServers:
     deadline) and remove the temp dir. Never touches a server it did not start."""
 
     def __init__(
-        self, settings: Settings, enabled: bool = True, startup_timeout: float = 60.0
+        self,
+        settings: Settings,
+        enabled: bool = True,
+        startup_timeout: float = 60.0,
+        tls: ServerTls | None = None,
     ) -> None:
+        """With `tls`, the servers listen with TLS only and require client certificates;
+        their URLs are `amqps://` / `rediss://` and clients use `settings.tls`."""
         self.settings = settings
         self.enabled = enabled
         self.startup_timeout = startup_timeout
+        self.tls = tls
         #: One human line per private server started.
         self.started: list[str] = []
         #: How to run rabbitmqctl against the private RabbitMQ (None: none was started).
@@ -240,6 +259,18 @@ class EmbeddedServers:
             self.stop(name)
         self.start(name)
 
+    def write_config(self, settings: Settings) -> Path:
+        """A settings file (readable by this user only) with the URLs of the servers
+        started, passwords included, and `settings`' namespace, for other commands to use
+        with `--config` while they run; removed with them."""
+        assert self.temp_dir is not None, "no private server was started"
+        lines = [
+            f"amqp_url = {json.dumps(settings.amqp_url)}",
+            f"redis_url = {json.dumps(settings.redis_url)}",
+            f"namespace = {json.dumps(settings.namespace)}",
+        ]
+        return _private_file(self.temp_dir / "farm.toml", "\n".join(lines) + "\n")
+
     def _dir(self, name: str) -> Path:
         if self.temp_dir is None:
             self.temp_dir = Path(tempfile.mkdtemp(prefix="soafarm-embedded-"))
@@ -269,12 +300,32 @@ class EmbeddedServers:
             return None
         port, data = free_port(), self._dir("redis")
         log_path = data / "redis.log"
+        # A password of its own, in a file only this user reads (on the command line, `ps`
+        # would show it to everyone): another local user cannot read or change the farm.
+        password = secrets.token_urlsafe(24)
+        conf = _private_file(data / "redis.conf", f"requirepass {password}\n")
         # AOF with an fsync a second, as compose and Kubernetes run it: a restart keeps every
         # session's state, a crash of the machine loses at most the last second of writes.
+        listen = ["--port", str(port)]
+        if self.tls is not None:
+            listen = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--tls-cert-file",
+                str(self.tls.cert_file),
+                "--tls-key-file",
+                str(self.tls.key_file),
+                "--tls-ca-cert-file",
+                str(self.tls.ca_file),
+                "--tls-auth-clients",
+                "yes",
+            ]
         argv = [
             binary,
-            "--port",
-            str(port),
+            str(conf),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -291,19 +342,20 @@ class EmbeddedServers:
         # Appending to the same file as --logfile: start-up errors on stderr land there too.
         proc = self._launch(argv, log_path, None)
         db = urlsplit(url).path.strip("/") or "0"
+        scheme = "rediss" if self.tls is not None else "redis"
+        redis_url = f"{scheme}://:{password}@127.0.0.1:{port}/{db}"
         server: _Server
 
         def terminate() -> None:
             server.proc.terminate()  # the current process: after a restart, not the first
 
-        # No credentials: the private server has no password, and AUTH would fail against it.
         server = _Server(
             "Redis",
             proc,
             port,
             log_path,
-            f"redis://127.0.0.1:{port}/{db}",
-            lambda: _ping_redis(port),
+            redis_url,
+            lambda: _ping_redis(self.settings.replace(redis_url=redis_url)),
             terminate,
             lambda: self._launch(argv, log_path, None),
         )
@@ -328,7 +380,22 @@ class EmbeddedServers:
         (base / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
         (base / "rabbitmq-env.conf").write_text("")  # instead of the system node's NODENAME etc.
         # The system rabbitmq.conf pins its listener to 5672, so we need a config file of our own.
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+        # Its first boot makes a user of its own with a random password instead of guest,
+        # whom any local user may log in as over loopback.
+        user, password = "soafarm", secrets.token_urlsafe(24)
+        listen = f"listeners.tcp.local = 127.0.0.1:{port}\n"
+        if self.tls is not None:
+            listen = (
+                f"listeners.tcp = none\nlisteners.ssl.local = 127.0.0.1:{port}\n"
+                f"ssl_options.cacertfile = {self.tls.ca_file}\n"
+                f"ssl_options.certfile = {self.tls.cert_file}\n"
+                f"ssl_options.keyfile = {self.tls.key_file}\n"
+                "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n"
+            )
+        _private_file(
+            base / "rabbitmq.conf",
+            f"{listen}default_user = {user}\ndefault_pass = {password}\n",
+        )
         env = {
             **os.environ,
             "HOME": str(base),  # a private Erlang cookie, shared with our rabbitmqctl
@@ -368,14 +435,15 @@ class EmbeddedServers:
 
         if ctl is not None:
             self._rabbitmqctl = ([ctl, "-n", node], env)
-        url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        scheme = "amqps" if self.tls is not None else "amqp"
+        url = f"{scheme}://{user}:{password}@127.0.0.1:{port}/"
         server = _Server(
             "RabbitMQ",
             proc,
             port,
             log_path,
             url,
-            lambda: _open_amqp(url),
+            lambda: _open_amqp(self.settings.replace(amqp_url=url)),
             stop,
             lambda: self._launch([binary], log_path, env),
         )
@@ -431,16 +499,30 @@ class EmbeddedServers:
             _stop(server)
 
 
-def _ping_redis(port: int) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1)
+def _private_file(path: Path, text: str) -> Path:
+    """Write `text` to a new file only this user can read (it holds a password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return path
+
+
+def _ping_redis(settings: Settings) -> None:
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=1,
+        socket_timeout=1,
+        **redis_ssl_kwargs(settings),
+    )
     try:
         client.ping()
     finally:
         client.close()
 
 
-def _open_amqp(url: str) -> None:
-    params = pika.URLParameters(url)
+def _open_amqp(settings: Settings) -> None:
+    params = pika.URLParameters(settings.amqp_url)
+    params.ssl_options = pika_ssl_options(settings, settings.amqp_url)
     params.connection_attempts = 1
     params.socket_timeout = 2
     pika.BlockingConnection(params).close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -10,7 +11,7 @@ import pika
 import pytest
 import redis
 
-from soafarm.config import Settings
+from soafarm.config import Settings, load_settings
 from soafarm.errors import ConnectionFailed
 from soafarm.local.embedded import EmbeddedServers, answers, free_port
 
@@ -63,7 +64,14 @@ def test_private_redis_started_and_stopped(real_servers: Settings) -> None:
     servers = EmbeddedServers(settings)
     with servers as effective:
         port = port_of(effective.redis_url)
-        assert effective.redis_url == f"redis://127.0.0.1:{port}/3"
+        password = urlsplit(effective.redis_url).password
+        assert password and len(password) >= 24
+        assert effective.redis_url == f"redis://:{password}@127.0.0.1:{port}/3"
+        # another local user, who knows only the port, gets nothing
+        stranger = redis.Redis(host="127.0.0.1", port=port)
+        with pytest.raises(redis.AuthenticationError):
+            stranger.keys("*")
+        stranger.close()
         assert effective.amqp_url == settings.amqp_url  # the real RabbitMQ answered
         assert len(servers.started) == 1
         assert f"private Redis on 127.0.0.1:{port}" in servers.started[0]
@@ -87,7 +95,15 @@ def test_private_rabbitmq_started_and_stopped(real_servers: Settings) -> None:
     servers = EmbeddedServers(settings)
     with servers as effective:
         port = port_of(effective.amqp_url)
-        assert effective.amqp_url == f"amqp://guest:guest@127.0.0.1:{port}/"
+        user, password = (
+            urlsplit(effective.amqp_url).username,
+            urlsplit(effective.amqp_url).password,
+        )
+        assert user == "soafarm" and password and len(password) >= 24
+        assert effective.amqp_url == f"amqp://soafarm:{password}@127.0.0.1:{port}/"
+        # guest, whom any local user may be over loopback, does not exist there
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/"))
         assert effective.redis_url == settings.redis_url  # the real Redis answered
         assert len(servers.started) == 1
         assert f"private RabbitMQ on 127.0.0.1:{port}" in servers.started[0]
@@ -104,6 +120,23 @@ def test_private_rabbitmq_started_and_stopped(real_servers: Settings) -> None:
         assert temp_dir is not None
     assert not answers("127.0.0.1", port)
     assert not temp_dir.exists()
+
+
+def test_the_farms_config_file_holds_its_urls_for_its_owner_only(real_servers: Settings) -> None:
+    settings = real_servers.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    servers = EmbeddedServers(settings)
+    with servers as effective:
+        path = servers.write_config(effective)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        again = load_settings(path, environ={})
+        assert (again.redis_url, again.amqp_url, again.namespace) == (
+            effective.redis_url,
+            effective.amqp_url,
+            effective.namespace,
+        )
+        conf = next(servers.temp_dir.glob("redis/redis.conf"))  # type: ignore[union-attr]
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert not path.exists()
 
 
 def test_answering_servers_are_left_alone(real_servers: Settings) -> None:
