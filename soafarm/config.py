@@ -311,6 +311,18 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """Certificates for `amqps://` and `rediss://` URLs (both servers): the CA that signed
+    the servers' certificates (empty: the system's CAs), and this process's own certificate
+    and key where the servers ask for one (mutual TLS). Servers are always verified."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    #: Empty with a cert_file: the key is in the cert_file.
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
 class UsageSettings:
     """The usage records the broker keeps of closed sessions (`soafarm report`)."""
 
@@ -337,6 +349,7 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def __repr__(self) -> str:
         shown = {**self.as_dict()}
@@ -369,6 +382,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "scheduler": SchedulerSettings,
     "metrics": MetricsSettings,
     "usage": UsageSettings,
+    "tls": TlsSettings,
 }
 
 

@@ -19,10 +19,11 @@ import redis
 import structlog
 from kombu import Connection
 
-from soafarm.config import Settings, mask_url
+from soafarm.config import Settings, TlsSettings, mask_url
 from soafarm.errors import ConnectionFailed, ConnectionLost
 from soafarm.transport.backoff import Outage
 from soafarm.transport.errors import REDIS_LOST, is_unroutable_return
+from soafarm.transport.tls import kombu_ssl, pika_ssl_options, redis_ssl_kwargs
 
 log = structlog.get_logger(__name__)
 
@@ -171,6 +172,7 @@ def kombu_connection(settings: Settings, confirm: bool = False) -> Connection:
         settings.amqp_urls,
         connect_timeout=settings.client.connect_timeout,
         heartbeat=0,
+        ssl=kombu_ssl(settings),
         transport_options={"max_retries": 1, "confirm_publish": confirm},
     )
     try:
@@ -191,6 +193,7 @@ def pika_connection(
     last: BaseException | None = None
     for url in settings.amqp_urls:
         params = pika.URLParameters(url)
+        params.ssl_options = pika_ssl_options(settings, url)
         params.client_properties = {"connection_name": name}
         params.socket_timeout = settings.client.connect_timeout
         params.blocked_connection_timeout = 300
@@ -233,6 +236,7 @@ def redis_client(settings: Settings) -> redis.Redis:
             socket_connect_timeout=settings.client.connect_timeout,
             health_check_interval=30,
             decode_responses=False,
+            **redis_ssl_kwargs(settings),
             **_driver_info(),
         )
         client.ping()
@@ -243,7 +247,7 @@ def redis_client(settings: Settings) -> redis.Redis:
     return client
 
 
-_PROCESS_REDIS: dict[tuple[str, float], redis.Redis] = {}
+_PROCESS_REDIS: dict[tuple[str, float, TlsSettings], redis.Redis] = {}
 _PROCESS_REDIS_LOCK = threading.Lock()
 _PROCESS_REDIS_PID = os.getpid()
 
@@ -255,7 +259,7 @@ def process_redis_client(settings: Settings) -> redis.Redis:
     it with a PING, so an unreachable Redis is the same ConnectionFailed as `redis_client`'s.
     """
     global _PROCESS_REDIS_PID  # noqa: PLW0603 - reset in a forked child
-    key = (settings.redis_url, settings.client.connect_timeout)
+    key = (settings.redis_url, settings.client.connect_timeout, settings.tls)
     with _PROCESS_REDIS_LOCK:
         if os.getpid() != _PROCESS_REDIS_PID:  # forked: the parent's sockets are not ours
             _PROCESS_REDIS.clear()
