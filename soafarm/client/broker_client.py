@@ -269,6 +269,11 @@ class BrokerClient:
         """Responses received again and dropped (a request an instance ran twice)."""
         return self.receiver.duplicates
 
+    @property
+    def forged(self) -> int:
+        """Responses dropped for an id this client id never sent (forged, or misrouted)."""
+        return self.receiver.forged
+
     def status(self) -> ClientProgress:
         """Progress of this client id from the farm's counters: accepted, done, faulted...
         (retried through a Redis restart, up to `client.reconnect_timeout`)."""

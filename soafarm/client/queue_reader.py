@@ -25,13 +25,17 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Protocol, TypeVar
 
+import structlog
+
 from soafarm.client.inbox import Delivery
-from soafarm.client.reader import Bitmap, ReadProgress, StreamTarget, default_outage
+from soafarm.client.reader import Bitmap, IdBound, ReadProgress, StreamTarget, default_outage
 from soafarm.errors import ReaderTakenOver, ResponsesLost, ResponseTimeout
 from soafarm.protocol import Response, ResponseBatch, decode_as
 from soafarm.state.clients import ClientProgress
 from soafarm.transport.backoff import Outage
 from soafarm.transport.errors import LOST, REDIS_LOST
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -91,6 +95,9 @@ class QueueReader:
         self.check = check
         self.seen = Bitmap()
         self.duplicates = 0
+        #: Responses dropped for an id this client id never sent (`IdBound`).
+        self.forged = 0
+        self.ids = IdBound(progress.load)
         self.token: str | None = None
         self.ready: deque[tuple[Delivery, list[Response]]] = deque()
         self.uncommitted: list[int] = []
@@ -213,6 +220,10 @@ class QueueReader:
         given: list[int] = []
         try:
             for response in responses:
+                if not self.ids.plausible(response.id):
+                    self.forged += 1
+                    log.warning("response_dropped", id=response.id, why="never sent")
+                    continue
                 if self.seen.add(response.id):
                     given.append(response.id)  # before the yield: it is given out
                     yield response

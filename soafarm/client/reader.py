@@ -124,6 +124,34 @@ class Stream(Protocol):
         ...
 
 
+#: Ids a response may have beyond the farm's accepted count (which a sender records every
+#: so often, not at each flush): a response past it is not one of this client id's requests.
+ID_SLACK = 1 << 20
+
+
+class IdBound:
+    """Which response ids are plausible for a client id: below the accepted count (or the
+    sealed total) plus ID_SLACK, read again only when an id passes the last bound. A forged
+    response with an id of 4e9 would otherwise grow the reader's bitmap to 512 MB."""
+
+    def __init__(self, load: Callable[[], ClientProgress]) -> None:
+        """`load` reads the client id's counters (one Redis round trip)."""
+        self.load = load
+        self.top = 0
+
+    def plausible(self, response_id: int) -> bool:
+        """True for an id below the bound (read afresh once an id reaches it); True too when
+        Redis cannot say: a real response is never dropped for an outage."""
+        if response_id < self.top:
+            return True
+        try:
+            progress = self.load()
+        except REDIS_LOST:
+            return True
+        self.top = max(progress.accepted, progress.total or 0) + ID_SLACK
+        return response_id < self.top
+
+
 class ReadProgress(Protocol):
     """A client id's read state in Redis (`state.clients.ProgressStore`)."""
 
@@ -156,6 +184,7 @@ class Receiver(Protocol):
 
     seen: Bitmap
     duplicates: int
+    forged: int
 
     def responses(
         self,
@@ -212,6 +241,9 @@ class StreamReader:
         #: Commit each response as the caller takes the next (`soafarm responses --new-only`).
         self.commit_each = False
         self.duplicates = 0
+        #: Responses dropped for an id this client id never sent (`IdBound`).
+        self.forged = 0
+        self.ids = IdBound(progress.load)
         #: One retry window per server: a reader waiting for RabbitMQ while Redis answers
         #: (or the reverse) must still give up on the one that stays away.
         self.amqp_outage = outage()
@@ -377,6 +409,10 @@ class StreamReader:
         finished = False
         try:
             for response in batch.responses:
+                if not self.ids.plausible(response.id):
+                    self.forged += 1
+                    log.warning("response_dropped", id=response.id, why="never sent")
+                    continue
                 if not seen.add(response.id):
                     self.duplicates += 1
                     continue

@@ -13,7 +13,13 @@ from soafarm.config import Settings
 from soafarm.local.farm import LocalFarm
 from soafarm.names import Names
 from soafarm.protocol import Request as Req
-from soafarm.protocol import encode_request, encode_request_batch
+from soafarm.protocol import (
+    Response,
+    encode_request,
+    encode_request_batch,
+    encode_response,
+    encode_response_batch,
+)
 from soafarm.transport.topology import dead_letter_queue
 from tests.waiting import wait_until
 
@@ -111,3 +117,30 @@ def test_a_valid_but_foreign_batch_made_by_the_library_is_refused_too(
             client.end_requests()
             assert len(list(client.get_responses(timeout=60))) == 1
         wait_until("the foreign batch dead-lettered", lambda: dead_letters(settings) == before + 1)
+
+
+def test_a_forged_response_is_ignored_and_counted(settings: Settings, farm: LocalFarm) -> None:
+    names = Names(settings.namespace)
+    with (
+        Session.create(SessionStartInfo("echo"), settings) as session,
+        BrokerClient(session) as client,
+    ):
+        # published by anyone who can reach the response queue, before the real answers
+        forged = encode_response_batch(
+            session.id,
+            "default",
+            "not-an-instance",
+            [encode_response(Response(3_000_000_000, "x"))],
+        )
+        connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+        try:
+            connection.channel().basic_publish(
+                "", names.response_queue(session.id, "default"), forged
+            )
+        finally:
+            connection.close()
+        for i in range(5):
+            client.send_request("echo", i)
+        client.end_requests()
+        assert sorted(r.id for r in client.get_responses(timeout=60)) == list(range(5))
+        assert client.forged == 1

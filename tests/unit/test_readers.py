@@ -16,7 +16,7 @@ import redis
 
 from soafarm.client.inbox import Delivery
 from soafarm.client.queue_reader import QueueReader
-from soafarm.client.reader import Bitmap, StreamReader, StreamTarget
+from soafarm.client.reader import ID_SLACK, Bitmap, IdBound, StreamReader, StreamTarget
 from soafarm.errors import (
     ConnectionFailed,
     ConnectionLost,
@@ -404,3 +404,31 @@ def test_interactive_reader_rides_out_a_dropped_connection_that_lost_nothing() -
     queue = DroppingQueue([batch(i) for i in range(4)], drop_after=2, lose=0, gone=False)
     got = [r.id for r in queue_reader(queue, counters).responses(5, StreamTarget())]
     assert got == [0, 1, 2, 3]
+
+
+def test_a_response_with_an_id_never_sent_is_dropped_and_counted() -> None:
+    # an id far past what was accepted: forged (or another client's); it would grow the
+    # reader's bitmap to 512 MB, and is not this client id's to hand out
+    forged = 4_000_000_000
+    counters = Counters(accepted=3, done=3, sealed=True, total=3)
+    stream = MemoryStream([batch(0, forged), batch(1, 2)])
+    reader = stream_reader(stream, counters)
+    assert [r.id for r in reader.responses(5, StreamTarget())] == [0, 1, 2]
+    assert reader.forged == 1
+    interactive = queue_reader([batch(0, forged, 1)], Counters(accepted=2))
+    assert [r.id for r in interactive.responses(5, StreamTarget(sent_here=2))] == [0, 1]
+    assert interactive.forged == 1
+    assert len(interactive.seen.bits) < 1024
+
+
+def test_the_id_bound_is_read_again_when_an_id_passes_it_and_trusts_an_outage() -> None:
+    loads = iter([1, ID_SLACK + 10, ID_SLACK + 10])
+    bound = IdBound(lambda: ClientProgress("c", next(loads), 0, 0, False, None, None))
+    assert bound.plausible(0)  # first read: accepted 1
+    assert bound.plausible(ID_SLACK + 5)  # past it: read again, the sender recorded more
+    assert not bound.plausible(2 * ID_SLACK + 10)  # still past: never sent
+
+    def down() -> ClientProgress:
+        raise redis.ConnectionError("restarting")
+
+    assert IdBound(down).plausible(10**9)  # Redis cannot say: never drop a real response
