@@ -133,7 +133,15 @@ class Heartbeat:
             min(max(idle_timeout / 3, 0.1), 10.0) if idle_timeout > 0 else UNLIMITED_BEAT_INTERVAL
         )
         self.stopped = threading.Event()
-        self._beat(attaching=True)
+        # the first beat attaches (it clears an earlier idle disconnection); Redis down now
+        # must not fail the caller with a raw redis error: the beating thread attaches at
+        # its first beat that gets through, and the caller's own Redis reads ride the outage
+        self.attached = False
+        try:
+            self._beat(attaching=True)
+            self.attached = True
+        except redis.RedisError as e:
+            log.warning("heartbeat_failed", error=str(e))
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self.thread.start()
 
@@ -153,8 +161,9 @@ class Heartbeat:
     def _run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
-                if not self._beat():
+                if not self._beat(attaching=not self.attached):
                     return  # disconnected: beating again would count it as connected
+                self.attached = True
             except redis.RedisError as e:  # the next beat retries; missing one is harmless
                 log.warning("heartbeat_failed", error=str(e))
 

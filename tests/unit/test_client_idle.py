@@ -18,6 +18,7 @@ from soafarm.state.clients import IDLE_OUT, QUIET_AT, SENT_AT, DoneMarker, Progr
 from soafarm.state.records import SessionRecord, SessionState, as_text
 from soafarm.state.sessions import client_handle
 from tests.unit.fakes import NAMES
+from tests.waiting import wait_until
 
 CREATED = 1_000.0
 LIMIT = 30.0
@@ -241,5 +242,31 @@ def test_a_heartbeat_stops_once_its_client_id_is_disconnected(
         assert beat.member not in farm.handles()
         with pytest.raises(ClientIdleTimeout):
             guard.check()
+    finally:
+        beat.stop()
+
+
+def test_redis_down_at_attach_is_no_error_and_the_thread_attaches_when_it_is_back(
+    store: BrokerStore, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    farm = Farm(store, r)
+    farm.client("c", sent_at=time.time())
+    guard = IdleGuard(ProgressStore(r, NAMES, farm.sid, "c"), farm.sid, "c", limit=0.3)
+    real = store.sessions.beat_client
+    calls: list[bool] = []
+
+    def flaky(sid: int, member: str, client_id: str, attaching: bool) -> float | None:
+        calls.append(attaching)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis restarting")
+        return real(sid, member, client_id, attaching)
+
+    monkeypatch.setattr(store.sessions, "beat_client", flaky)
+    beat = Heartbeat(store.sessions, farm.sid, 0.3, "client", guard)  # raised a raw error before
+    try:
+        assert not beat.attached
+        wait_until("the thread's first beat", lambda: beat.attached, timeout=5)
+        assert calls[:2] == [True, True]  # the beat that got through still attached
+        assert beat.member in farm.handles()
     finally:
         beat.stop()
