@@ -79,6 +79,9 @@ def test_a_durable_session_closed_then_purged_is_recorded_once(
             client.send_request("ok", 1)
             client.end_requests()
             assert len(list(client.get_responses(timeout=60))) == 1
+            # an instance publishes a durable batch's responses, then counts them: a client
+            # can read the response a moment before the count that the record sums
+            wait_until("the done counter", lambda: client.status().done == 1, timeout=10)
         session.close(purge=False)
         session.close(purge=True)
     (usage,) = records(settings)
