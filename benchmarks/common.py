@@ -130,3 +130,22 @@ def render(figures: list[Figure], title: str) -> str:
             seen.add((f.name, f.system))
             lines.append(f"  - {f.name} / {f.system}: {f.setup}")
     return "\n".join(lines)
+
+
+def render_pair(figures: dict[tuple[str, str], list[float]], sides: list[str], title: str) -> str:
+    """Two sides measured in turns: each figure's median (min-max) on each side, and the
+    second side's median over the first's. `figures` maps (figure, side) to its samples."""
+    lines = [title]
+    width = max(len(f) for f, _ in figures)
+    lines.append(f"{'figure':{width}} {sides[0]:>24} {sides[1]:>24} {'ratio':>7}")
+    for figure in dict.fromkeys(f for f, _ in figures):
+        cells = []
+        for side in sides:
+            values = figures[(figure, side)]
+            low, high = _number(min(values)), _number(max(values))
+            cells.append(f"{_number(statistics.median(values))} ({low}-{high})")
+        ratio = statistics.median(figures[(figure, sides[1])]) / statistics.median(
+            figures[(figure, sides[0])]
+        )
+        lines.append(f"{figure:{width}} {cells[0]:>24} {cells[1]:>24} {ratio:>7.2f}")
+    return "\n".join(lines)

@@ -37,6 +37,7 @@ def serve(units: int) -> None:
     requests and prints their latencies (ms) as one JSON line; `0` ends."""
     from soafarm import BrokerClient, Session, SessionStartInfo
     from soafarm.config import load_settings
+
     try:
         from soafarm.local.farm import LocalFarm, delete_namespace
     except ImportError:  # a checkout from before the one-namespace layout (issue 12)

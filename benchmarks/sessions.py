@@ -263,7 +263,7 @@ class IdleSessions:
                     with lock:
                         if next(left, None) is None:
                             return
-                    described = control.request(info.to_args(control.owner))
+                    described = control.request(info.to_args(control.creator))
                     opener.sessions.append(Session(control, described, settings))
             except BaseException as e:  # reported once every thread is done
                 errors.append(e)

@@ -39,6 +39,7 @@ from soafarm.broker.assignment import RoundMemo, reconcile
 from soafarm.broker.lifecycle import expire_sessions, fail_vanished_sessions
 from soafarm.broker.metrics import BrokerMetrics, round_timer
 from soafarm.broker.queues import QueueOps, QueueProbe
+from soafarm.broker.redis_fence import RedisFence
 from soafarm.broker.sessions import SessionService
 from soafarm.broker.store import RECORDS_MAX_AGE, BrokerStore
 from soafarm.config import Settings, mask_url
@@ -46,7 +47,7 @@ from soafarm.errors import ConnectionFailed, DecodeError, SoafarmError
 from soafarm.metrics import Health, MetricsServer, serve_metrics
 from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
-from soafarm.registration import Registry
+from soafarm.registration.packages import farm_registry
 from soafarm.state.control import CloseArgs, decode_request
 from soafarm.state.idmark import QueueIdMark, id_mark_queue
 from soafarm.state.leases import Lease, holder_id
@@ -54,7 +55,12 @@ from soafarm.state.records import SessionRecord
 from soafarm.transport.backoff import Backoff
 from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.transport.errors import AMQP_LOST
-from soafarm.transport.topology import control_queue, dead_letter_queue
+from soafarm.transport.topology import (
+    control_queue,
+    dead_letter_queue,
+    declare_exchanges,
+    declare_farm_queue,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +107,8 @@ class BrokerDaemon:
         client = redis_client(settings)
         self.store = BrokerStore(client, self.names)
         self.store.records_max_age = RECORDS_MAX_AGE
-        self.registry = Registry(settings.service_registration_path)
+        self.fence = RedisFence.for_farm(settings, client, self.store.sessions)
+        self.registry = farm_registry(settings, client)
         self.id = holder_id()
         self.lease = Lease(client, self.names, self.id)
         self.leading = False
@@ -178,8 +185,9 @@ class BrokerDaemon:
         try:
             channel = connection.channel()
             channel.queue_declare(**control_queue(self.names).declare_kwargs())
-            channel.queue_declare(**dead_letter_queue(self.names).declare_kwargs())
-            channel.queue_declare(**id_mark_queue(self.names).declare_kwargs())
+            declare_exchanges(channel, self.names)
+            declare_farm_queue(connection, dead_letter_queue(self.names))
+            declare_farm_queue(connection, id_mark_queue(self.names))
             channel.basic_qos(prefetch_count=16)
             probe = QueueProbe(connection)
             service = SessionService(
@@ -191,10 +199,11 @@ class BrokerDaemon:
                 ids=QueueIdMark(connection, self.names),
                 queue_exists=probe.exists,
                 queue_ops=QueueOps(connection),
+                fence=self.fence,
             )
 
             def on_control(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-                reply = self._answer(service, body)
+                reply = self._answer(service, body, props.user_id)
                 if not props.reply_to:
                     ch.basic_ack(method.delivery_tag)
                     return
@@ -273,6 +282,7 @@ class BrokerDaemon:
             self._run_phase(
                 "sweep", partial(expire_sessions, self.store, partial(_expire, service), now)
             )
+            self._run_phase("redis accounts", self.fence.sweep)
         if self._queue_pass or self._missing_since or time.monotonic() >= self._next_queue_check:
             self._run_phase("queues", partial(self._check_queues, probe, now))
         self._run_phase(
@@ -349,12 +359,14 @@ class BrokerDaemon:
     def _mark_dirty(self) -> None:
         self._dirty = True
 
-    def _answer(self, service: SessionService, body: bytes) -> ControlReply:
+    def _answer(self, service: SessionService, body: bytes, user_id: str | None) -> ControlReply:
         try:
             request = decode(body, self.settings.max_message_bytes)
             if not isinstance(request, ControlRequest):
                 raise DecodeError(f"expected a control request, got {type(request).__name__}")
-            return ControlReply(True, service.handle(decode_request(request)).to_wire())
+            args = decode_request(request)
+            caller = service.access.caller(user_id)
+            return ControlReply(True, service.handle(args, caller).to_wire())
         except SoafarmError as e:
             return ControlReply(False, None, type(e).__name__, str(e))
         except redis.RedisError as e:

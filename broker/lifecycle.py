@@ -231,7 +231,7 @@ def fail_vanished_sessions(
                 " (deleted outside soafarm?)"
                 if record.durable
                 else " (a RabbitMQ restart loses interactive sessions' queues, which are not"
-                " durable)"
+                " durable, as does stopping the cluster node that holds them)"
             )
             + "; requests without a response are lost: create a new session"
         )

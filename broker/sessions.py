@@ -18,13 +18,24 @@ import pika
 import redis
 import structlog
 
+from soafarm.broker.access import (
+    SYSTEM,
+    Access,
+    Caller,
+    admits,
+    check_admin,
+    check_owner,
+    check_use,
+)
 from soafarm.broker.queues import QueueOps
+from soafarm.broker.redis_fence import RedisFence
 from soafarm.broker.store import BrokerStore
 from soafarm.broker.templates import apply_template, find_template
 from soafarm.config import BrokerSettings, Settings, broker_settings_with
 from soafarm.errors import (
     ConfigError,
     DecodeError,
+    PermissionDenied,
     SessionClosed,
     SessionFailed,
     SessionNotFound,
@@ -37,6 +48,8 @@ from soafarm.state.batch import Later
 from soafarm.state.control import (
     HOST_ACTIONS,
     AddDataArgs,
+    Admins,
+    AdminsArgs,
     AttachClientArgs,
     Attached,
     ClientPurged,
@@ -66,6 +79,7 @@ from soafarm.state.namespace import DEFAULT_CLIENT_ID
 from soafarm.state.records import LoadError, SessionRecord, SessionState
 from soafarm.state.sessions import IdMark
 from soafarm.state.usage import UsageRecord
+from soafarm.transport.errors import is_queue_gone
 from soafarm.transport.topology import request_queue, response_queue
 
 log = structlog.get_logger(__name__)
@@ -118,13 +132,15 @@ class Resolved:
                         st = path.stat()
                     except OSError:
                         continue  # removed meanwhile: resolve() says what it finds
-                    out.append((str(path), st.st_mtime_ns, st.st_size))
+                    # a deployed package's link changes its target, not its own name
+                    out.append((str(path.resolve()), st.st_mtime_ns, st.st_size))
         return tuple(out)
 
     def resolve(self, name: str, version: str | None) -> Registration:
         """`registry.resolve(name, version)`, or its answer from last time if no
         registration file changed since."""
         key = (name, version)
+        self.registry.sync()
         folders = self._folders()
         known = self._resolved.get(key)
         if known is not None and known[0] == folders:
@@ -243,12 +259,14 @@ class SessionService:
         ids: IdMark | None = None,
         queue_exists: Callable[[str], bool] | None = None,
         queue_ops: QueueOps | None = None,
+        fence: RedisFence | None = None,
     ) -> None:
         """`on_change` is called after sessions change, so the allocator runs at once.
         `ids` records the session ids handed out outside Redis (`QueueIdMark`);
         `queue_exists` lets an error say whether a lost session's queue remains;
         `queue_ops` runs a request's queue declares and deletes side by side (without it,
-        one after the other on `channel`)."""
+        one after the other on `channel`); `fence` hands out fenced Redis accounts (without
+        it, one made from `settings`)."""
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -259,6 +277,8 @@ class SessionService:
         self.queue_exists = queue_exists
         self.queue_ops = queue_ops
         self.resolved = Resolved(registry)
+        self.access = Access(settings, store.admins)
+        self.fence = fence or RedisFence.for_farm(settings, store.redis, store.sessions)
 
     def _queues(self, ops: list[tuple[str, dict[str, Any]]]) -> None:
         """Run queue declares and deletes (`QueueOps.run`), all done when it returns."""
@@ -268,31 +288,36 @@ class SessionService:
         for method, kwargs in ops:
             getattr(self.channel, method)(**kwargs)
 
-    def handle(self, args: ControlArgs) -> Reply:  # noqa: PLR0911 - one return per operation
-        """Run the control operation `args` stands for."""
+    def handle(  # noqa: PLR0911, PLR0912 - one return per operation
+        self, args: ControlArgs, caller: Caller = SYSTEM
+    ) -> Reply:
+        """Run the control operation `args` stands for, as `caller` may (broker.access)."""
         match args:
             case CreateArgs():
-                return self.create(args)
+                return self.create(args, caller)
             case GetArgs():
-                return self.get(args)
+                return self.get(args, caller)
             case CloseArgs():
-                return self.close(args)
+                return self.close(args, caller)
             case ListArgs():
-                return self.list_sessions(args)
+                return self.list_sessions(args, caller)
             case AttachClientArgs():
-                return self.attach_client(args)
+                return self.attach_client(args, caller)
             case PurgeClientArgs():
-                return self.purge_client(args)
+                return self.purge_client(args, caller)
             case AddDataArgs():
-                return self.add_data(args)
+                return self.add_data(args, caller)
             case HostsArgs():
                 return self.hosts(args)
             case HostActionArgs():
+                check_admin(caller, f"{args.action} a worker host")
                 return self.host_action(args)
             case PingArgs():
-                return Pong(self.settings.namespace)
+                return Pong(self.settings.namespace, caller.user, caller.admin)
             case TemplatesArgs():
                 return self.templates()
+            case AdminsArgs():
+                return self.admins(args, caller)
             case _:
                 assert_never(args)
 
@@ -336,7 +361,7 @@ class SessionService:
             "(see `soafarm sessions list`)"
         )
 
-    def create(self, args: CreateArgs) -> SessionInfo:
+    def create(self, args: CreateArgs, caller: Caller = SYSTEM) -> SessionInfo:
         """Resolve the service and the job template, declare the session's queues, record
         it, allocate hosts."""
         registration = self.resolved.resolve(args.service, args.version)
@@ -358,12 +383,14 @@ class SessionService:
             priority=asked.priority,
             resource_unit=unit,
             created=time.time(),
-            owner=args.owner,
+            owner=caller.user,
+            creator=args.creator,
             broker_settings=effective,
             include_exception_detail_in_faults=registration.include_exception_detail_in_faults,
             max_concurrent_calls=registration.max_concurrent_calls,
             durable=args.durable,
-            shared=args.shared,
+            shared=args.shared or bool(args.share_with),
+            share_with=args.share_with,
             data=data,
             job_template=asked.template,
             node_groups=asked.node_groups,
@@ -377,9 +404,15 @@ class SessionService:
             # takes ~4 ms less, the create ~1 ms more (the declares run side by side). It is
             # deleted with the session whether a client attached with that id or not. (A
             # durable session's is a stream, heavier: declared when a client id attaches.)
-            spec = response_queue(self.names, sid, DEFAULT_CLIENT_ID, durable=False)
+            spec = response_queue(self.names, sid, DEFAULT_CLIENT_ID, caller.user, durable=False)
             declares.append(("queue_declare", spec.declare_kwargs()))
         self._queues(declares)
+        # after the declares (they run side by side, on other channels): the owner's
+        # request key, and the default client id's give-back key
+        binds = [self._request_bind(sid, caller.user)]
+        if not args.durable:
+            binds.append(self._return_bind(spec.name, sid, DEFAULT_CLIENT_ID, caller.user))
+        self._bind(sid, binds)
         self.store.save_session(record)
         log.info(
             "session_created",
@@ -393,7 +426,18 @@ class SessionService:
         self.on_change()
         # described as saved, without reading it back: nothing can have attached to it,
         # started for it or failed yet (its id was handed out just now)
-        return SessionInfo(record=record, request_queue=self.names.request_queue(sid))
+        return self._with_account(
+            SessionInfo(record=record, request_queue=self.names.request_queue(sid)), caller
+        )
+
+    def _with_account(self, described: SessionInfo, caller: Caller) -> SessionInfo:
+        """`described` with the caller's fenced Redis account for it, if it gets one."""
+        account = self.fence.session_account(caller, described.record.id)
+        if account is None:
+            return described
+        return dataclasses.replace(
+            described, redis_user=account.name, redis_password=account.password
+        )
 
     def _adopt_data(self, keys: dict[str, str]) -> dict[str, str]:
         """Keep uploaded common data for the session's lifetime (they expire otherwise)."""
@@ -405,9 +449,10 @@ class SessionService:
                 raise ConfigError(f"common data key {key} expired before the session used it")
         return dict(keys)
 
-    def add_data(self, args: AddDataArgs) -> DataAdded:
+    def add_data(self, args: AddDataArgs, caller: Caller = SYSTEM) -> DataAdded:
         """Attach more common data to an open session."""
         record = self._session(args.session_id)
+        check_owner(caller, record, "add common data to")
         added = self._adopt_data(args.data)
         updated = self.store.update_session(
             record.id, lambda r: dataclasses.replace(r, data={**r.data, **added})
@@ -424,23 +469,37 @@ class SessionService:
         """`describe` of each record, in two round trips to Redis for all of them."""
         return describe_sessions(self.store, self.names, records)
 
-    def get(self, args: GetArgs) -> SessionInfo:
+    def get(self, args: GetArgs, caller: Caller = SYSTEM) -> SessionInfo:
         """One session's record, instances and clients."""
-        return self.describe(self._session(args.session_id))
+        record = self._session(args.session_id)
+        check_use(caller, record, "read")
+        described = self.describe(record)
+        return self._with_account(described, caller) if args.redis_account else described
 
-    def list_sessions(self, args: ListArgs) -> SessionList:
-        """Every open session, optionally only those of one service."""
+    def list_sessions(self, args: ListArgs, caller: Caller = SYSTEM) -> SessionList:
+        """Every open session the caller may use, optionally only those of one service."""
         return SessionList(
             tuple(
                 self.describe_all(
                     [
                         r
                         for r in self.store.open_sessions()
-                        if args.service is None or r.service == args.service
+                        if (args.service is None or r.service == args.service) and admits(caller, r)
                     ]
                 )
             )
         )
+
+    def admins(self, args: AdminsArgs, caller: Caller = SYSTEM) -> Admins:
+        """Who has the admin role; grant or revoke it (an admin's)."""
+        if args.action != "list":
+            check_admin(caller, f"{args.action} the admin role")
+            if args.action == "grant":
+                self.store.admins.grant(args.user)
+            else:
+                self.store.admins.revoke(args.user)
+            log.info("admin_role_changed", action=args.action, user=args.user, by=caller.user)
+        return Admins(self.access.broker_user, self.access.configured, self.store.admins.granted())
 
     def templates(self) -> TemplateList:
         """The job templates this daemon applies, `Default` first (the built-in one when
@@ -475,22 +534,46 @@ class SessionService:
         self.on_change()
         return HostActionDone(args.host_id, state or "", previous or "")
 
-    def attach_client(self, args: AttachClientArgs) -> Attached:
-        """Declare the response queue of a client id; returns its name.
+    def attach_client(self, args: AttachClientArgs, caller: Caller = SYSTEM) -> Attached:
+        """Declare the response queue of a client id; returns its name and how to send.
 
         Only an open session gets new client ids. A closed or failed one, and any attach
         without `create` (a reader), only looks up a client id it has, and declares nothing:
         read-only commands never create queues or counters.
+
+        A client id is its first attacher's (the default one its session owner's): only that
+        user sends under it, and only that user or an admin reads it. The caller's routing
+        key is bound to the session's request queue (RabbitMQ's topic permissions let a user
+        publish with its own keys only), and, for an interactive session, its give-back key
+        to the client id's response queue.
         """
         record = self._session(args.session_id)
+        check_use(caller, record, "attach to")
         client_id = check_client_id(args.client_id)
-        spec = response_queue(self.names, record.id, client_id, record.durable)
+        caller_user = caller.user or record.owner  # the broker's own calls act as the owner
+        progress = self.store.progress(record.id, client_id)
+        known = progress.user()
+        if known is None and client_id == DEFAULT_CLIENT_ID:
+            known = record.owner
+        user = known or caller_user
+        if user != caller_user and (args.create or not caller.admin):
+            raise PermissionDenied(
+                f"client id {client_id!r} of session {record.id} is {user!r}'s; user "
+                f"{caller_user!r} may not "
+                + (
+                    "send under it: use a client id of your own (BrokerClient(session, "
+                    "'my-id'), --client-id)"
+                    if args.create
+                    else "read it (only its user or an admin may)"
+                )
+            )
+        spec = response_queue(self.names, record.id, client_id, user, record.durable)
         if args.create and record.state in _TAKES_CLIENTS:
             self.channel.queue_declare(**spec.declare_kwargs())
             # counters, client id and the check that the session is still open in one round
             # trip: Redis runs them in this order, so the check sees the client id's add
             batch = self.store.batch()
-            created = self.store.progress(record.id, client_id).create_in(batch)
+            created = progress.create_in(batch, user)
             added = self.store.sessions.add_client_in(batch, record.id, client_id)
             still_open = self.store.sessions.read_exists(batch, record.id)
             batch.run()
@@ -503,11 +586,67 @@ class SessionService:
                 raise SessionClosed(f"session {record.id} was closed")
         elif client_id not in self.store.clients(record.id):
             raise self._no_client(record, client_id)
+        # a sender's request key is bound again even when it is the owner's (bound at
+        # create): the bind is also how an attach finds the request queue gone; the owner's
+        # default client id's give-back key was bound at create
+        binds = []
+        if args.create and record.state in _TAKES_CLIENTS:
+            binds.append(self._request_bind(record.id, caller_user))
+        if (
+            not record.durable
+            and record.state in _TAKES_CLIENTS
+            and not (caller_user == record.owner and client_id == DEFAULT_CLIENT_ID)
+        ):
+            binds.append(self._return_bind(spec.name, record.id, client_id, caller_user))
+        self._bind(record.id, binds)
+        self.fence.add_client(caller, record.id, client_id)
         return Attached(
             response_queue=spec.name,
             request_queue=self.names.request_queue(record.id),
             durable=record.durable,
             state=record.state,
+            responders=self.access.responders,
+            request_exchange=self.names.request_exchange,
+            request_key=self.names.request_key(record.id, caller_user),
+            return_key=self.names.return_key(record.id, client_id, caller_user),
+        )
+
+    def _bind(self, sid: int, binds: list[tuple[str, dict[str, Any]]]) -> None:
+        """Run queue binds; a queue RabbitMQ no longer has (an interactive session's, after a
+        RabbitMQ restart, before the life-cycle round marks it failed) is the session's
+        error, not a lost connection for the daemon."""
+        try:
+            self._queues(binds)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if not is_queue_gone(e):
+                raise
+            raise SessionFailed(
+                f"session {sid} failed: its queues are gone from RabbitMQ (a RabbitMQ restart "
+                "drops an interactive session's); create a new session"
+            ) from None
+
+    def _request_bind(self, sid: int, user: str) -> tuple[str, dict[str, Any]]:
+        """The bind that lets `user`'s request batches reach session `sid`'s queue."""
+        return (
+            "queue_bind",
+            {
+                "queue": self.names.request_queue(sid),
+                "exchange": self.names.request_exchange,
+                "routing_key": self.names.request_key(sid, user),
+            },
+        )
+
+    def _return_bind(
+        self, queue: str, sid: int, client_id: str, user: str
+    ) -> tuple[str, dict[str, Any]]:
+        """The bind that lets `user`'s reader give batches back to a response queue."""
+        return (
+            "queue_bind",
+            {
+                "queue": queue,
+                "exchange": self.names.request_exchange,
+                "routing_key": self.names.return_key(sid, client_id, user),
+            },
         )
 
     def _no_client(self, record: SessionRecord, client_id: str) -> Exception:
@@ -520,7 +659,7 @@ class SessionService:
             f"session {record.id} has no client id {client_id!r} (it has: {has})"
         )
 
-    def close(self, args: CloseArgs) -> Closed:
+    def close(self, args: CloseArgs, caller: Caller = SYSTEM) -> Closed:
         """End a session; its hosts are freed by the next allocation.
 
         With `purge` (always, for interactive sessions) every queue and key goes. Without it, a
@@ -538,10 +677,12 @@ class SessionService:
         except DecodeError:
             if not args.purge:
                 raise
+            check_admin(caller, f"purge session {sid}, whose record is unreadable")
             self._purge(sid)
             log.warning("session_closed", session_id=sid, purge=True, record="corrupt")
             self.on_change()
             return Closed(sid, SessionState.CLOSED, True)
+        check_owner(caller, record, "close")
         purge = args.purge or not record.durable
         if record.state != SessionState.CLOSED:  # a durable one closed before was recorded
             self._record_usage(record)
@@ -609,27 +750,36 @@ class SessionService:
         # the default client id's response queue goes whether it was attached or only
         # declared with the session (deleting a missing queue is harmless)
         responses = sorted({*known, DEFAULT_CLIENT_ID})
+        owner = record.owner if record is not None else ""
+        users = self.store.client_users(sid, responses)
         self._queues(
             [("queue_delete", {"queue": self.names.request_queue(sid)})]
             + [
-                ("queue_delete", {"queue": self.names.response_queue(sid, client_id)})
-                for client_id in responses
+                (
+                    "queue_delete",
+                    {"queue": self.names.response_queue(sid, c, users.get(c) or owner)},
+                )
+                for c in responses
             ]
         )
         late = [c for c in self.store.delete_session(sid, record, known) if c not in responses]
         if late:
+            # attached while this close ran (another daemon), their counters gone with the
+            # session: a client id's user is its first attacher, most likely the owner
             self._queues(
                 [
-                    ("queue_delete", {"queue": self.names.response_queue(sid, client_id)})
-                    for client_id in late
+                    ("queue_delete", {"queue": self.names.response_queue(sid, c, owner)})
+                    for c in late
                 ]
             )
 
-    def purge_client(self, args: PurgeClientArgs) -> ClientPurged:
+    def purge_client(self, args: PurgeClientArgs, caller: Caller = SYSTEM) -> ClientPurged:
         """Delete one client id's responses and counters; the session goes on."""
         record = self._session(args.session_id)
+        check_use(caller, record, "purge a client id of")
         client_id = check_client_id(args.client_id)
-        self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id))
+        user = self.store.progress(record.id, client_id).user() or record.owner
+        self.channel.queue_delete(queue=self.names.response_queue(record.id, client_id, user))
         self.store.forget_client(record.id, client_id)
         log.info("client_purged", session_id=record.id, client_id=client_id)
         return ClientPurged(record.id, client_id, True)

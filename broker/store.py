@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 import redis
 
 from soafarm.names import Names
+from soafarm.state.admins import AdminStore
 from soafarm.state.batch import Batch
-from soafarm.state.clients import ProgressStore
+from soafarm.state.clients import ProgressStore, read_client_users
 from soafarm.state.commondata import CommonDataStore
 from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
@@ -40,7 +41,10 @@ class BrokerStore:
         self.instance_records = InstanceStore(client, names)
         self.common_data = CommonDataStore(client, names)
         self.usage = UsageStore(client, names)
+        self.admins = AdminStore(client, names)
         self._client = client
+        #: The farm's Redis client (for what no store wraps: ACL users).
+        self.redis = client
         #: Seconds `open_sessions` may answer with the records it read last while no
         #: session was written since (`SessionStore.open_sessions`); 0 reads them every
         #: time. The broker daemon sets RECORDS_MAX_AGE.
@@ -85,6 +89,10 @@ class BrokerStore:
     def add_client(self, session_id: int, client_id: str) -> None:
         """Remember a client id so its response queue is deleted with the session."""
         self.sessions.add_client(session_id, client_id)
+
+    def client_users(self, session_id: int, client_ids: list[str]) -> dict[str, str]:
+        """The RabbitMQ user of each client id that has one kept (see `ProgressStore.user`)."""
+        return read_client_users(self._client, self.names, session_id, client_ids)
 
     def clients(self, session_id: int) -> list[str]:
         """Client ids that have a response queue in this session."""

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import soafarm.examples
 from soafarm.errors import RegistrationError, ServiceNotFound
 from soafarm.registration.schema import Registration, parse_file_name, parse_registration
+from soafarm.service import ServiceContext
+
+if TYPE_CHECKING:
+    from soafarm.registration.packages import PackageCache
 
 #: The example services shipped inside the package (`soafarm.examples`: echo, faulty) are
 #: always found, after the configured folders.
@@ -28,11 +33,25 @@ class Problem:
 class Registry:
     """Registration files found in an ordered list of folders; earlier folders win."""
 
-    def __init__(self, folders: Iterable[Path], include_builtin: bool = True) -> None:
-        """Search `folders` in order, then (unless disabled) the built-in examples folder."""
-        self.folders = [Path(f) for f in folders]
+    def __init__(
+        self,
+        folders: Iterable[Path],
+        include_builtin: bool = True,
+        packages: PackageCache | None = None,
+    ) -> None:
+        """Search the deployed `packages` (if given; soafarm.registration.packages), then
+        `folders` in order, then (unless disabled) the built-in examples folder."""
+        self.packages = packages
+        self.folders = [packages.folder] if packages is not None else []
+        self.folders += [Path(f) for f in folders]
         if include_builtin and BUILTIN_FOLDER not in self.folders:
             self.folders.append(BUILTIN_FOLDER)
+
+    def sync(self) -> None:
+        """Bring the deployed packages' folder up to date (one Redis read; nothing without
+        packages). `scan` and `resolve` do it first."""
+        if self.packages is not None:
+            self.packages.sync()
 
     def _files(self) -> Iterator[Path]:
         for folder in self.folders:
@@ -41,6 +60,7 @@ class Registry:
 
     def scan(self) -> tuple[list[Registration], list[Problem]]:
         """Every valid registration (first one found per name and version), and the bad files."""
+        self.sync()
         found: dict[tuple[str, str | None], Registration] = {}
         problems: list[Problem] = []
         for path in self._files():
@@ -59,6 +79,7 @@ class Registry:
         Only files named for `name` are parsed, so a broken file of another service does not
         stop this one from resolving.
         """
+        self.sync()
         candidates: dict[str | None, Path] = {}
         for path in self._files():
             try:
@@ -108,3 +129,22 @@ def load_service_class(registration: Registration) -> type:
             f"{registration.path}: module {module_name!r} has no class {class_name!r}"
         )
     return cls
+
+
+def service_context(
+    registration: Registration,
+    session_id: int,
+    host_name: str,
+    instance_id: str,
+    data_loader: Callable[[str], Any],
+) -> ServiceContext:
+    """The context a service of `registration` is constructed with in an instance."""
+    return ServiceContext(
+        session_id=session_id,
+        host_name=host_name,
+        instance_id=instance_id,
+        service_name=registration.name,
+        service_version=registration.version,
+        environment=dict(registration.environment),
+        data_loader=data_loader,
+    )

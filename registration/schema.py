@@ -116,7 +116,7 @@ def parse_registration(path: Path) -> Registration:
         broker_settings_with(BrokerSettings(), broker, f"{path} [broker]")
     except ConfigError as e:
         raise RegistrationError(str(e)) from None
-    folder = path.parent.resolve()
+    folder = path.resolve().parent  # a symlinked file's code is beside the real file
     python_path = tuple(folder / str(p) for p in data.get("python_path", ["."]))
     return Registration(
         name=name,

@@ -126,6 +126,22 @@ class WorkerSettings:
     #: imported, for a service's first use. 0 turns warm starts off: every instance is a new
     #: interpreter (about 0.5 s of a core).
     warm_instances: int = 4
+    #: Run each instance's service code in a process of its own that holds none of the
+    #: farm's credentials (no URLs in its environment, no sockets, the instance's memory
+    #: unreadable): calls go to it over a local socket (docs/security.md). Services are
+    #: then not kept warm (a fork server would import them beside the credentials).
+    isolate_services: bool = False
+    #: The OS user that isolated service code runs as (the host must run as root); set, it
+    #: turns `isolate_services` on. Empty: the host's own user, who can still read the files
+    #: the host can (its settings file among them).
+    service_user: str = ""
+    #: The interpreter isolated service code runs with (soafarm and the service's packages
+    #: importable by it, and readable by `service_user`); empty: the host's own.
+    service_python: str = ""
+
+    def isolated(self) -> bool:
+        """Whether service code runs in a process of its own."""
+        return self.isolate_services or bool(self.service_user)
 
     def effective_cores(self) -> int:
         """The number of cores to offer: `cores`, or the machine's count when 0."""
@@ -331,6 +347,55 @@ class UsageSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """Who may do what (docs/security.md). A caller is the RabbitMQ user its connection
+    logged in as: RabbitMQ checks the `user_id` each control request carries."""
+
+    #: Comma-separated RabbitMQ users with the admin role (every session, host actions,
+    #: `soafarm admin`), besides the broker daemon's own user; more are granted at run time
+    #: with `soafarm admin grant`.
+    admins: str = ""
+    #: Comma-separated RabbitMQ users whose responses clients accept (the users worker hosts
+    #: connect as); empty: the broker daemon's own user. A response published by anyone
+    #: else is dropped and counted.
+    farm_users: str = ""
+    #: Groups of users a shared session may admit by name (`share_with=["@traders"]`): a
+    #: table of group name -> its users (a comma-separated string, or a list).
+    groups: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: Give each user that is not one of the farm's a Redis account (ACL user) per session
+    #: it may use, fenced to that session's keys (docs/security.md); off, or when the
+    #: broker's Redis account may not manage ACL users: clients use their own settings'.
+    fence_redis: bool = True
+
+    def __post_init__(self) -> None:
+        """Group members must be user names."""
+        for name, members in self.groups.items():
+            if not isinstance(members, str) and not (
+                isinstance(members, list | tuple) and all(isinstance(m, str) for m in members)
+            ):
+                raise ConfigError(
+                    f"security.groups.{name}: expected a comma-separated string or a list of "
+                    f"user names, got {members!r}"
+                )
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        """The groups `user` is a member of."""
+        return frozenset(
+            name
+            for name, members in self.groups.items()
+            if user in (_split(members) if isinstance(members, str) else members)
+        )
+
+    def admin_list(self) -> tuple[str, ...]:
+        """`admins` split on commas."""
+        return _split(self.admins)
+
+    def farm_user_list(self) -> tuple[str, ...]:
+        """`farm_users` split on commas."""
+        return _split(self.farm_users)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything configurable in soafarm. Build it with `load_settings()`."""
 
@@ -340,6 +405,11 @@ class Settings:
     service_registration_path: tuple[Path, ...] = ()
     max_message_bytes: int = 4 * MiB
     max_common_data_bytes: int = 64 * MiB
+    #: Largest service package (`soafarm services deploy`), zipped.
+    max_package_bytes: int = 64 * MiB
+    #: Where deployed packages are unpacked on each machine; empty: ~/.cache/soafarm/packages
+    #: (or $XDG_CACHE_HOME/soafarm/packages). A namespace gets a folder of its own in it.
+    package_cache: str = ""
     log_format: str = "console"
     log_level: str = "info"
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -350,6 +420,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def __repr__(self) -> str:
         shown = {**self.as_dict()}
@@ -383,6 +454,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsSettings,
     "usage": UsageSettings,
     "tls": TlsSettings,
+    "security": SecuritySettings,
 }
 
 

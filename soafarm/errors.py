@@ -53,12 +53,23 @@ class ConnectionLost(ConnectionFailed):
     (the client retried with back-off until then)."""
 
 
+class PermissionDenied(SoafarmError):
+    """The caller's RabbitMQ user may not do this: the session is another user's and not
+    shared with them, or the operation is an admin's (the message names the user, the
+    session and its owner)."""
+
+
 class RegistrationError(SoafarmError):
     """A service registration file is malformed, or a service cannot be resolved."""
 
 
 class ServiceNotFound(RegistrationError):
     """No registration file matches the requested service name (and version)."""
+
+
+class PackageError(RegistrationError):
+    """A service package cannot be made or deployed: no single registration file, too
+    large, an entry that would land outside the package."""
 
 
 class SessionError(SoafarmError):

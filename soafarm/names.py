@@ -7,10 +7,27 @@ is how tests (and several farms on one RabbitMQ/Redis) stay isolated from each o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from soafarm.errors import ConfigError
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+#: What a user name keeps as it is in a queue name or routing key (`user_word`).
+_WORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def user_word(user: str) -> str:
+    """A RabbitMQ user name as one word of a queue name or routing key: every character
+    but letters, digits, '-' and '_' percent-encoded, so it holds no '.' and a permission
+    pattern can name exactly its user's resources."""
+    return "".join(
+        c if c in _WORD_CHARS else "".join(f"%{b:02X}" for b in c.encode()) for c in user
+    )
+
+
+def word_user(word: str) -> str:
+    """The user name `user_word` made `word` of."""
+    return unquote(word)
 
 
 def check_client_id(client_id: str) -> str:
@@ -38,9 +55,36 @@ class Names:
         """The queue that holds a session's request batches, consumed by its service instances."""
         return f"{self.namespace}.session.{session_id}.requests"
 
-    def response_queue(self, session_id: int, client_id: str) -> str:
-        """The queue that holds the response batches of one client id of a session."""
-        return f"{self.namespace}.session.{session_id}.responses.{check_client_id(client_id)}"
+    def response_queue(self, session_id: int, client_id: str, user: str) -> str:
+        """The queue that holds the response batches of one client id of a session, which
+        `user` attached: its name carries the user, so RabbitMQ's permissions let only that
+        user read it (`permissions.client_permissions`)."""
+        return (
+            f"{self.namespace}.session.{session_id}.responses.{user_word(user)}."
+            f"{check_client_id(client_id)}"
+        )
+
+    @property
+    def control_exchange(self) -> str:
+        """The direct exchange clients send control requests through (bound to the control
+        queue): a client's user may publish to it, never to the default exchange."""
+        return f"{self.namespace}.control"
+
+    @property
+    def request_exchange(self) -> str:
+        """The topic exchange clients send request batches through; its routing keys start
+        with the sender's `user_word`, which RabbitMQ's topic permissions check."""
+        return f"{self.namespace}.requests"
+
+    def request_key(self, session_id: int, user: str) -> str:
+        """The routing key `user`'s request batches for a session take (bound to its request
+        queue for each user the session admits)."""
+        return f"{user_word(user)}.{session_id}"
+
+    def return_key(self, session_id: int, client_id: str, user: str) -> str:
+        """The routing key a reader of `user` gives batches back to its client id's response
+        queue with (a reader that was taken over)."""
+        return f"{user_word(user)}.r.{session_id}.{check_client_id(client_id)}"
 
     def session_queue_prefix(self, session_id: int) -> str:
         """Prefix shared by every queue of a session (used to find them on close)."""
@@ -91,6 +135,16 @@ class Names:
         return f"{self.namespace}:session:{session_id}:usage"
 
     @property
+    def redis_accounts_key(self) -> str:
+        """Hash: fenced Redis account (ACL user) name -> its password (farm only)."""
+        return f"{self.namespace}:redis-accounts"
+
+    @property
+    def admins_key(self) -> str:
+        """Set: the RabbitMQ users granted the admin role at run time (`soafarm admin grant`)."""
+        return f"{self.namespace}:admins"
+
+    @property
     def usage_records_key(self) -> str:
         """Sorted set: JSON usage record of each closed session, scored by its close time."""
         return f"{self.namespace}:usage"
@@ -110,6 +164,16 @@ class Names:
     def common_data_key(self, token: str) -> str:
         """String: one msgpack-encoded common data value (see soafarm.state.commondata)."""
         return f"{self.namespace}:data:{token}"
+
+    @property
+    def packages_key(self) -> str:
+        """Hash: registration file name -> the service package deployed under it (JSON
+        `PackageRecord`, soafarm.state.packages)."""
+        return f"{self.namespace}:packages"
+
+    def package_blob_key(self, sha256: str) -> str:
+        """String: a deployed service package's zip, named by its content's SHA-256."""
+        return f"{self.namespace}:package:{sha256}"
 
     @property
     def targets_key(self) -> str:

@@ -9,6 +9,7 @@ evaluated; `decode()` turns every malformed body into a single `DecodeError`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -307,6 +308,30 @@ def decode(body: bytes, limit: int) -> Message:
         raise DecodeError(f"malformed soafarm message: bad {e}") from None
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
         raise DecodeError(f"undecodable message: {type(e).__name__}: {e}") from None
+
+
+def decode_request(body: bytes, limit: int) -> Request:
+    """Decode one request encoded by `encode_request` (not a batch); one `DecodeError`."""
+    return _decode_item(body, limit, _request)
+
+
+def decode_response(body: bytes, limit: int) -> Response:
+    """Decode one response encoded by `encode_response` (not a batch); one `DecodeError`."""
+    return _decode_item(body, limit, _response)
+
+
+Item = TypeVar("Item")
+
+
+def _decode_item(body: bytes, limit: int, build: Callable[[Any], Item]) -> Item:
+    if len(body) > limit:
+        raise DecodeError(f"item of {len(body):,} bytes is over the {limit:,}-byte limit")
+    try:
+        return build(msgpack.unpackb(body, raw=False, strict_map_key=False))
+    except _Shape as e:
+        raise DecodeError(f"malformed soafarm item: bad {e}") from None
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        raise DecodeError(f"undecodable item: {type(e).__name__}: {e}") from None
 
 
 M = TypeVar("M")

@@ -110,10 +110,9 @@ class CallRunner:
 
     def run(self, request: Request) -> Outcome:
         """Call the operation; return the encoded response, a fault if the service raised."""
-        if request.op not in self.operations:
-            known = ", ".join(sorted(self.operations))
-            fault = Fault("UnknownOperation", f"no operation {request.op!r}; operations: {known}")
-            return self._fault(request, fault)
+        unknown = self.unknown_operation(request)
+        if unknown is not None:
+            return unknown
         retries = 0
         while True:
             try:
@@ -133,6 +132,14 @@ class CallRunner:
             return Outcome(request.id, False, checked)
         except PayloadError as e:
             return self._fault(request, Fault(type(e).__name__, str(e)))
+
+    def unknown_operation(self, request: Request) -> Outcome | None:
+        """The fault for a request naming no operation of the service (None if it names one)."""
+        if request.op in self.operations:
+            return None
+        known = ", ".join(sorted(self.operations))
+        fault = Fault("UnknownOperation", f"no operation {request.op!r}; operations: {known}")
+        return self._fault(request, fault)
 
     def retry_limit_fault(self, request: Request, retries: int, why: str) -> Outcome:
         """The fault for a request that failed again after `retries` retries."""

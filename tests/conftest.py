@@ -47,6 +47,7 @@ def settings(servers: None, tmp_path: Path) -> Iterator[Settings]:
     s = _base_settings().replace(
         namespace=f"test-{uuid.uuid4().hex[:10]}",
         service_registration_path=(tmp_path / "services",),
+        package_cache=str(tmp_path / "packages"),
     )
     yield s
     delete_namespace(s)

@@ -9,11 +9,11 @@ from types import TracebackType
 
 
 class CuttableProxy:
-    """Forwards 127.0.0.1:<port> to `target`; `cut()` closes every connection and the listener."""
+    """Forwards <host>:<port> to `target`; `cut()` closes every connection and the listener."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
         self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((host, 0))
         self.port: int = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()

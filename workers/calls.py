@@ -8,6 +8,7 @@ How a redelivered batch runs is `workers.retries`; how answered requests are cou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections import deque
@@ -18,9 +19,12 @@ from functools import partial
 from typing import Any
 
 import pika
+import redis
 import structlog
 
+from soafarm.config import BrokerSettings
 from soafarm.errors import DecodeError, SoafarmError
+from soafarm.names import word_user
 from soafarm.protocol import (
     BATCH_HEADER_ALLOWANCE,
     CONTENT_TYPE,
@@ -37,7 +41,7 @@ from soafarm.transport.connections import publish_routed
 from soafarm.transport.errors import LOST, REDIS_LOST, is_queue_gone
 from soafarm.workers.call_stats import CallStats
 from soafarm.workers.dispatch import KEEP_WORK, CallTimes
-from soafarm.workers.done import Counts, DoneCounter
+from soafarm.workers.done import Counts, DoneCounter, refused
 from soafarm.workers.retries import Retries
 
 log = structlog.get_logger(__name__)
@@ -51,8 +55,29 @@ HAND_BACK_AFTER = KEEP_WORK
 IDLE_POLL = 0.1
 #: A call running this many seconds has the main thread tend its loop's connection.
 KEEPALIVE_AFTER = 0.5
+#: Refused batches whose deliveries a loop counts (`CallLoop._refused`); beyond it the
+#: oldest are forgotten, so what is kept stays small whatever Redis refuses.
+MAX_REFUSALS_KEPT = 1024
 
-Delivery = tuple[int, bytes, bool]  # delivery tag, body, redelivered
+#: How far a request id may run ahead of its client id's recorded accepted count. A sender
+#: records the count after its flushes, and its throttle stops it once the session has
+#: message_throttle_start_threshold requests outstanding, so a legitimate id stays within
+#: that and a batch of it; an id far beyond is crafted (4,000,000,000 grew the client id's
+#: done bitmap, and Redis, by 512 MB) and is dead-lettered. A million ids cost a bitmap of
+#: 125 KB at most.
+MIN_ID_SLACK = 1_000_000
+
+
+def id_slack(broker: BrokerSettings) -> int:
+    """The ids a session's client ids may run ahead of their accepted counts."""
+    return max(MIN_ID_SLACK, 4 * broker.message_throttle_start_threshold)
+
+
+Delivery = tuple[int, bytes, bool, str]  # delivery tag, body, redelivered, sender's user
+
+#: Header of a batch an instance hands back (through the default exchange, which only the
+#: farm may publish to): the user who sent it, whose response queue it answers to.
+SENDER_HEADER = "soafarm-sender"
 
 
 class CallWatch:
@@ -130,7 +155,10 @@ class Link:
     #: The instance's own session, and its client ids' response queues by client id: a
     #: batch is checked against them, never trusted for where its responses go.
     session_id: int
-    reply_queue: Callable[[str], str]
+    reply_queue: Callable[[str, str], str]  # (client id, its user) -> queue name
+    #: The exchange clients publish request batches through: a delivery from it names its
+    #: sender in its routing key, which RabbitMQ's topic permissions checked.
+    request_exchange: str = ""
 
 
 class CallLoop:
@@ -160,10 +188,13 @@ class CallLoop:
         watch: CallWatch,
         connect: Callable[[], pika.BlockingConnection],
         stats: CallStats | None = None,
+        user_id: str = "",
+        id_slack: int = MIN_ID_SLACK,
     ) -> None:
         """`runner.resend_limit` is the session's message_resend_limit; `counts` is the
         session's counters in Redis; `connect` opens the loop's connection; `stats`, when
-        given, counts the calls for the host's metrics."""
+        given, counts the calls for the host's metrics; `user_id` is stamped on each
+        response; `id_slack`: how far ids may run ahead of the accepted count."""
         self.runner = runner
         self.counts = counts
         self.done = DoneCounter(counts)
@@ -175,14 +206,27 @@ class CallLoop:
         self.watch = watch
         self.connect = connect
         self.publish_watch = PublishWatch()
+        # `user_id` (the user `connect` logs in as, which RabbitMQ checks) is how a client
+        # tells the farm's responses from forged ones
         self.props = pika.BasicProperties(
-            content_type=CONTENT_TYPE, delivery_mode=2 if link.durable else 1
+            content_type=CONTENT_TYPE,
+            delivery_mode=2 if link.durable else 1,
+            user_id=user_id or None,
         )
         # the connection belongs to whoever holds `io` (see the class docstring)
         self.io = threading.Lock()
         self.connection: pika.BlockingConnection | None = None
         self.channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self.deliveries: deque[Delivery] = deque()
+        #: Each client id's user, as Redis keeps it (it never changes).
+        self.client_users: dict[tuple[int, str], str] = {}
+        self.id_slack = id_slack
+        #: Each client id's bound on request ids, from its accepted count when last read.
+        self.id_bounds: dict[tuple[int, str], int] = {}
+        #: Who sent the batch being run (`_sender`).
+        self.sender = ""
+        #: Batches Redis refused, by digest: deliveries seen here (`_refused`).
+        self.refusals: dict[bytes, int] = {}
         self.times = CallTimes()
         # the batch being run and its requests not started yet; both belong to whoever
         # holds `io` (the main thread may hand the requests back during a long call)
@@ -257,7 +301,21 @@ class CallLoop:
         }
 
     def _on_delivery(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
-        self.deliveries.append((method.delivery_tag, body, bool(method.redelivered)))
+        sender = self._sender(method, props)
+        self.deliveries.append((method.delivery_tag, body, bool(method.redelivered), sender))
+
+    def _sender(self, method: Any, props: Any) -> str:
+        """Who sent a delivered batch: the first word of its routing key through the request
+        exchange; through the default exchange (a batch handed back by an instance), the
+        header it carries, else its `user_id`; "" when nothing says."""
+        if method.exchange and method.exchange == self.link.request_exchange:
+            return word_user(str(method.routing_key).split(".", 1)[0])
+        named = (props.headers or {}).get(SENDER_HEADER)
+        if isinstance(named, bytes):
+            named = named.decode(errors="replace")
+        if isinstance(named, str) and named:
+            return named
+        return str(props.user_id or "")
 
     def _close(self) -> None:
         connection, self.connection, self.channel = self.connection, None, None
@@ -291,7 +349,7 @@ class CallLoop:
         finally:
             self.io.release()
 
-    def _run(self, tag: int, body: bytes, redelivered: bool) -> None:
+    def _run(self, tag: int, body: bytes, redelivered: bool, sender: str) -> None:
         """Run one delivered batch and acknowledge it (or dead-letter it, if undecodable)."""
         try:
             batch = decode_as(body, self.max_bytes, RequestBatch)
@@ -299,27 +357,60 @@ class CallLoop:
             log.error("request_batch_undecodable", error=str(e), dead_lettered=True)
             self._reject(tag)
             return
-        foreign = self._foreign(batch)
+        foreign = self._foreign(batch, sender)
         if foreign:
             log.error("request_batch_rejected", error=foreign, dead_lettered=True)
             self._reject(tag)
             return
-        if self.retries.careful(batch, redelivered):
-            self._careful(tag, batch)
-        else:
-            self._fast(tag, batch)
+        try:
+            taken = self._taken(batch, sender) or self._beyond(batch)
+            if taken:
+                log.error("request_batch_rejected", error=taken, dead_lettered=True)
+                self._reject(tag)
+                return
+            self.sender = sender
+            if self.retries.careful(batch, redelivered):
+                self._careful(tag, batch)
+            else:
+                self._fast(tag, batch)
+        except redis.ResponseError as e:
+            if not refused(e):
+                raise
+            self._refused(tag, body, e)
 
-    def _foreign(self, batch: RequestBatch) -> str:
+    def _refused(self, tag: int, body: bytes, error: redis.ResponseError) -> None:
+        """Redis refused a command of this batch (not a lost connection: reconnecting would
+        meet the same refusal, for ever). Requeue it, up to `message_resend_limit` times
+        here, then dead-letter it; the loop goes on with the next batch."""
+        key = hashlib.blake2b(body, digest_size=16).digest()
+        seen = self.refusals.pop(key, 0) + 1
+        if seen > self.runner.resend_limit:
+            log.error(
+                "request_batch_refused", error=str(error), deliveries=seen, dead_lettered=True
+            )
+            self._reject(tag)
+            return
+        self.refusals[key] = seen
+        while len(self.refusals) > MAX_REFUSALS_KEPT:
+            self.refusals.pop(next(iter(self.refusals)))
+        log.warning("request_batch_refused", error=str(error), deliveries=seen, requeued=True)
+        assert self.channel is not None
+        self.channel.basic_reject(tag, requeue=True)
+
+    def _foreign(self, batch: RequestBatch, sender: str) -> str:
         """Why `batch` cannot be this session's ("" when it is): it names another session,
-        or a reply address other than its client id's response queue (a forged request
-        would run here and count there, or send its responses to someone else's queue)."""
+        or a reply address other than its client id's response queue for the user who sent
+        it (a forged request would run here and count there, or send its responses to
+        someone else's queue)."""
         if batch.session_id != self.link.session_id:
             return (
                 f"a batch for session {batch.session_id} in session "
                 f"{self.link.session_id}'s request queue"
             )
+        if not sender:
+            return "its sender is unknown (no routing key, header or user_id names one)"
         try:
-            expected = self.link.reply_queue(batch.client_id)
+            expected = self.link.reply_queue(batch.client_id, sender)
         except SoafarmError as e:
             return f"bad client id: {e}"
         if batch.reply_to != expected:
@@ -329,6 +420,38 @@ class CallLoop:
             )
         return ""
 
+    def _taken(self, batch: RequestBatch, sender: str) -> str:
+        """Why `sender` may not send under the batch's client id ("" when it may): the client
+        id is another user's (in a session shared with the sender)."""
+        key = (batch.session_id, batch.client_id)
+        user = self.client_users.get(key)
+        if user is None:
+            user = self.counts.client_user(*key)
+            if user is None:
+                return ""  # attached before users were kept, or being purged
+            self.client_users[key] = user
+        if user != sender:
+            return f"client id {batch.client_id!r} is {user!r}'s, sent by {sender!r}"
+        return ""
+
+    def _beyond(self, batch: RequestBatch) -> str:
+        """Why the batch's ids cannot be its client id's ("" when they can): one runs more
+        than `id_slack` past the client id's accepted count, read again before refusing."""
+        if not batch.requests:
+            return ""
+        top = max(r.id for r in batch.requests)
+        key = (batch.session_id, batch.client_id)
+        if top < self.id_bounds.get(key, 0):
+            return ""
+        accepted = self.counts.accepted(*key)
+        self.id_bounds[key] = accepted + self.id_slack
+        if top < accepted + self.id_slack:
+            return ""
+        return (
+            f"request id {top:,} is more than {self.id_slack:,} past client id "
+            f"{batch.client_id!r}'s accepted count ({accepted:,})"
+        )
+
     def _ack(self, tag: int) -> None:
         assert self.channel is not None
         self.channel.basic_ack(tag)
@@ -337,15 +460,23 @@ class CallLoop:
         assert self.channel is not None
         self.channel.basic_reject(tag, requeue=False)  # to the dead-letter queue, intact
 
-    def _send(self, queue: str, body: bytes, wanted: Callable[[], object]) -> bool:
-        """Publish; durable publishes are `mandatory` and sent again while RabbitMQ returns
-        them and `wanted()` says the queue should exist (see `publish_routed`). False when
-        the queue is gone for good (the client id was purged, the session closed)."""
+    def _send(
+        self,
+        queue: str,
+        body: bytes,
+        wanted: Callable[[], object],
+        props: pika.BasicProperties | None = None,
+    ) -> bool:
+        """Publish (with `props`, else the responses'); durable publishes are `mandatory`
+        and sent again while RabbitMQ returns them and `wanted()` says the queue should
+        exist (see `publish_routed`). False when the queue is gone for good (the client id
+        was purged, the session closed)."""
         channel, connection = self.channel, self.connection
         assert channel is not None and connection is not None
+        props = props or self.props
         with self.publish_watch.running():
             return publish_routed(
-                partial(channel.basic_publish, "", queue, body, self.props, self.link.durable),
+                partial(channel.basic_publish, "", queue, body, props, self.link.durable),
                 queue,
                 wanted=wanted,
                 pause=connection.sleep,  # serving heartbeats meanwhile
@@ -392,6 +523,13 @@ class CallLoop:
             pieces.append(rest[:size])
             rest = rest[size:]
         wanted = partial(self.counts.session_exists, batch.session_id)
+        # its sender goes with it: the instance that takes it answers to that user's queue
+        props = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=self.props.delivery_mode,
+            user_id=self.props.user_id,
+            headers={SENDER_HEADER: self.sender},
+        )
         for piece in reversed(pieces):  # from the end: a failed publish leaves the rest here
             body = encode_request_batch(
                 batch.session_id,
@@ -399,7 +537,7 @@ class CallLoop:
                 batch.reply_to,
                 [encode_request(r, self.max_bytes) for r in piece],
             )
-            self._send(self.link.request_queue, body, wanted)
+            self._send(self.link.request_queue, body, wanted, props)
             for _ in piece:
                 self.unstarted.pop()
 

@@ -12,6 +12,11 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
+
 #: Done counts of an interactive session's acknowledged responses reach Redis at most this
 #: much later (seconds).
 MARK_LINGER = 0.05
@@ -36,6 +41,14 @@ class Counts(Protocol):
 
     def client_exists(self, session_id: int, client_id: str) -> bool:
         """True while the client id has its counters (not purged, session open)."""
+        ...
+
+    def client_user(self, session_id: int, client_id: str) -> str | None:
+        """The RabbitMQ user the client id is for (None: none kept)."""
+        ...
+
+    def accepted(self, session_id: int, client_id: str) -> int:
+        """The client id's recorded accepted count (0 when it has none)."""
         ...
 
     def session_exists(self, session_id: int) -> bool:
@@ -69,7 +82,27 @@ class DoneCounter:
         return max(self.pending_since + MARK_LINGER - time.monotonic(), 0.0)
 
     def flush(self) -> None:
-        """Count everything pending, one Lua call per client id."""
+        """Count everything pending, one Lua call per client id. A client id whose counts
+        Redis refuses (its keys were overwritten with another type, say) is logged and
+        skipped: its responses were delivered, and the other client ids are counted."""
         pending, self.pending = self.pending, {}
         for (session_id, client_id), outcomes in pending.items():
-            self.counts.mark(session_id, client_id, outcomes)
+            try:
+                self.counts.mark(session_id, client_id, outcomes)
+            except redis.ResponseError as e:
+                if not refused(e):
+                    raise
+                log.error(
+                    "done_marks_refused",
+                    session_id=session_id,
+                    client_id=client_id,
+                    responses=len(outcomes),
+                    error=str(e),
+                )
+
+
+def refused(error: redis.ResponseError) -> bool:
+    """True when Redis refused a command for what it was asked (a key of another type, out of
+    memory), not because this connection must go (a replica that became read-only in a
+    failover: reconnecting finds the new primary)."""
+    return not isinstance(error, redis.ReadOnlyError)

@@ -27,6 +27,7 @@ from soafarm.config import Settings, child_environment
 from soafarm.metrics import Health, MetricsServer, serve_metrics
 from soafarm.names import Names
 from soafarm.processes import ChildProcess, Restart, RestartPolicy, reap_strays, with_parent
+from soafarm.registration.packages import farm_registry
 from soafarm.resources import HostSize, capacity
 from soafarm.state.hosts import HostStore
 from soafarm.state.instances import InstanceStore
@@ -163,7 +164,12 @@ class WorkerHost:
         self.stopping = threading.Event()
         # instances get SIGTERM from Linux when this host dies, even by SIGKILL
         self.env = with_parent(child_environment(settings))
-        self.warm = WarmPool(self.env, settings.worker.warm_instances)
+        self.warm = WarmPool(
+            self.env, settings.worker.warm_instances, keep_services=not settings.worker.isolated()
+        )
+        #: Deployed service packages, brought up to date before each instance starts: a
+        #: redeploy makes the warm servers of the old code stale before they fork it.
+        self.registry = farm_registry(settings, state)
         #: Session id -> its service's name, for the metrics' labels.
         self.services: dict[int, str] = {}
         #: Instance id -> when it started (monotonic), for the session's unit-seconds.
@@ -331,6 +337,7 @@ class WorkerHost:
         procs.counter += 1
         units = capacity(record.resource_unit, self.size, record.max_concurrent_calls)
         spec = InstanceSpec(record.id, iid, self.id, self.hostname, units)
+        self.registry.sync()
         proc = self.warm.start(spec, (record.service, record.version))
         warm = proc is not None
         if proc is None:

@@ -36,9 +36,10 @@ from soafarm.errors import (
 from soafarm.logs import configure_logging
 from soafarm.names import Names
 from soafarm.processes import follow_parent, stop_on_signals
-from soafarm.registration import Registration, Registry
-from soafarm.registration.registry import load_service_class
-from soafarm.service import CallRunner, ServiceContext, construct, operations_of
+from soafarm.registration import Registration
+from soafarm.registration.packages import farm_registry
+from soafarm.registration.registry import load_service_class, service_context
+from soafarm.service import CallRunner, construct, operations_of
 from soafarm.state.clients import DoneMarker
 from soafarm.state.commondata import CommonDataReader
 from soafarm.state.hosts import HostStore, InstanceLoad
@@ -46,8 +47,10 @@ from soafarm.state.instances import InstanceStore
 from soafarm.state.records import InstanceRecord, SessionRecord
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.transport.identity import own_user
 from soafarm.workers.call_stats import CallStats, merged
-from soafarm.workers.calls import CallLoop, CallWatch, Link
+from soafarm.workers.calls import CallLoop, CallWatch, Link, id_slack
+from soafarm.workers.sandbox import IsolatedRunner, Sandbox, SandboxSpec
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +139,8 @@ class ServiceInstance:
         self.draining = threading.Event()
         #: What the process exits with once `run()` returns (EXIT_RECYCLED after a recycle).
         self.exit_code = 0
+        #: The process running the service code, when services are isolated.
+        self.sandbox: Sandbox | None = None
 
     def stop(self) -> None:
         """Stop taking new work; finish the calls running, hand back what has not started,
@@ -146,9 +151,7 @@ class ServiceInstance:
     def _load(self, record: SessionRecord, r: redis.Redis) -> CallRunner:
         registration = self.prepared.registration
         if registration is None or registration.name != record.service:
-            registration = Registry(self.settings.service_registration_path).resolve(
-                record.service, record.version
-            )
+            registration = farm_registry(self.settings, r).resolve(record.service, record.version)
         os.environ.update(registration.environment)
         # a hung import or constructor cannot be interrupted: the watchdog ends the process
         watchdog = threading.Timer(
@@ -174,25 +177,56 @@ class ServiceInstance:
     def _construct(
         self, record: SessionRecord, registration: Registration, r: redis.Redis
     ) -> CallRunner:
+        if self.settings.worker.isolated():
+            return self._isolated(record, registration, r)
         cls = load_service_class(registration)
-        context = ServiceContext(
-            session_id=record.id,
-            host_name=self.spec.hostname,
-            instance_id=self.spec.instance_id,
-            service_name=registration.name,
-            service_version=registration.version,
-            environment=dict(registration.environment),
-            data_loader=CommonDataReader(
-                r,
-                self.names,
-                record.id,
-                self.settings.max_common_data_bytes,
-            ),
+        reader = CommonDataReader(r, self.names, record.id, self.settings.max_common_data_bytes)
+        context = service_context(
+            registration, record.id, self.spec.hostname, self.spec.instance_id, reader
         )
         service = construct(cls, context)
         return CallRunner(
             service,
             operations_of(cls),
+            record.include_exception_detail_in_faults,
+            self.settings.max_message_bytes,
+            record.broker_settings.message_resend_limit,
+            where={"session_id": record.id, "instance": self.spec.instance_id},
+        )
+
+    def _isolated(
+        self, record: SessionRecord, registration: Registration, r: redis.Redis
+    ) -> CallRunner:
+        """The service started in a process without the farm's credentials (sandbox)."""
+        spec = SandboxSpec(
+            service=registration.name,
+            version=registration.version,
+            # its own folder only: the other folders on the path may be closed to its user
+            registration_path=[str(registration.path.parent)],
+            session_id=record.id,
+            host_name=self.spec.hostname,
+            instance_id=self.spec.instance_id,
+            include_detail=record.include_exception_detail_in_faults,
+            max_message_bytes=self.settings.max_message_bytes,
+            max_common_data_bytes=self.settings.max_common_data_bytes,
+            resend_limit=record.broker_settings.message_resend_limit,
+            log_format=self.settings.log_format,
+            log_level=self.settings.log_level,
+        )
+        reader = CommonDataReader(r, self.names, record.id, self.settings.max_common_data_bytes)
+        self.sandbox = Sandbox(
+            spec,
+            dict(registration.environment),
+            reader.encoded,
+            self.spec.capacity,
+            user=self.settings.worker.service_user,
+            python=self.settings.worker.service_python,
+        )
+        operations = self.sandbox.start()
+        log.info("service_isolated", instance=self.spec.instance_id, pid=self.sandbox.process.pid)
+        return IsolatedRunner(
+            self.sandbox,
+            operations,
             record.include_exception_detail_in_faults,
             self.settings.max_message_bytes,
             record.broker_settings.message_resend_limit,
@@ -244,6 +278,8 @@ class ServiceInstance:
                     self.spec.instance_id,
                     keep_load=bool(last.buckets),
                 )
+            if self.sandbox is not None:
+                self.sandbox.close()
             log.info("instance_stopped", instance=self.spec.instance_id)
 
     def _serve(self, record: SessionRecord, runner: CallRunner, marker: DoneMarker) -> None:
@@ -255,6 +291,7 @@ class ServiceInstance:
             self.stop,
             record.id,
             partial(self.names.response_queue, record.id),
+            self.names.request_exchange,
         )
         # one call loop per unit of capacity; with capacity 1 the service is never called
         # from two threads at once
@@ -272,6 +309,8 @@ class ServiceInstance:
                 stats=CallStats(self.settings.metrics.call_duration_buckets)
                 if self.settings.metrics.enabled
                 else None,
+                user_id=own_user(self.settings),
+                id_slack=id_slack(record.broker_settings),
             )
             for i in range(self.spec.capacity)
         ]

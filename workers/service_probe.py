@@ -42,7 +42,8 @@ from soafarm.logs import configure_logging
 from soafarm.names import Names
 from soafarm.plain import from_plain, to_plain
 from soafarm.processes import follow_parent, follow_pid, name_process
-from soafarm.registration import Registration, Registry
+from soafarm.registration import Registration
+from soafarm.registration.packages import farm_registry
 from soafarm.registration.registry import load_service_class
 from soafarm.service import ServiceContext, construct
 from soafarm.state.probes import ProbeReport, ProbeStore, ServiceLoad
@@ -272,7 +273,11 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"{e}\n")
         return 1
     configure_logging(settings.log_format, settings.log_level)
-    registrations, problems = Registry(settings.service_registration_path).scan()
+    client = redis_client(settings)
+    try:
+        registrations, problems = farm_registry(settings, client).scan()
+    finally:
+        client.close()
     output = ProbeOutput(
         probe_registrations(registrations, str(spec["host_id"]), str(spec["hostname"])),
         {str(p.path): p.error for p in problems},

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NoReturn
 
+import redis
 import structlog
 
 from soafarm.config import Settings, load_settings
@@ -67,7 +68,8 @@ from soafarm.processes import (
     follow_pid,
     name_process,
 )
-from soafarm.registration import Registration, Registry
+from soafarm.registration import Registration
+from soafarm.registration.packages import farm_registry
 from soafarm.registration.registry import load_service_class
 from soafarm.transport.connections import pika_connection, redis_client
 from soafarm.workers import instance as instance_module
@@ -86,6 +88,13 @@ SPARE_KEEPALIVE = 10.0
 #: Seconds before a service whose import could not be kept warm is tried again.
 REFUSED_RETRY = 60.0
 #: Back-off for restarting the generic server when it keeps dying.
+#: how far a file's mtime may lag the clock: the kernel stamps files from a coarse clock
+#: (one tick, at most 10 ms), so a write just after a reading of time.time_ns() can carry
+#: an earlier mtime
+FILE_CLOCK_SLACK_NS = 20_000_000
+#: the mtime recorded for a file that changed while it was imported: equal to no real
+#: mtime, so the server reports itself stale at its first request
+CHANGED_WHILE_IMPORTING = -2
 GENERIC_RESTART_POLICY = RestartPolicy(base=1.0, cap=60.0, free_restarts=1, healthy_after=60.0)
 
 ServiceKey = tuple[str, str | None]
@@ -331,14 +340,22 @@ def _import_service(
     """Import `service` with its registration's environment; its registration and the
     files to watch for changes, or None (after telling the host why) when it cannot be
     kept warm."""
-    registry = Registry(settings.service_registration_path)
+    # A file written while the import runs may hold code newer than what was imported,
+    # yet its mtime would be taken for the imported one's: such files count as changed.
+    importing_since = time.time_ns() - FILE_CLOCK_SLACK_NS
+    client: redis.Redis | None = None
     try:
+        client = redis_client(settings)  # closed before any fork: instances open their own
+        registry = farm_registry(settings, client)
         registration = registry.resolve(service, version)
         os.environ.update(registration.environment)
         cls = load_service_class(registration)
     except Exception as e:  # its instances report it, with the session; here it only stays cold
         _send(channel, {"error": f"{type(e).__name__}: {e}"})
         return None
+    finally:
+        if client is not None:
+            client.close()
     if threading.active_count() > 1:
         _send(channel, {"error": "importing it starts threads, which a fork would not copy"})
         return None
@@ -350,9 +367,10 @@ def _import_service(
         watched[module_file] = 0
     for path in list(watched):
         try:
-            watched[path] = os.stat(path).st_mtime_ns
+            mtime = os.stat(path).st_mtime_ns
         except OSError:  # a folder on the path that does not exist: fine while it does not
-            watched[path] = -1
+            mtime = -1
+        watched[path] = CHANGED_WHILE_IMPORTING if mtime >= importing_since else mtime
     return registration, watched
 
 
@@ -441,10 +459,13 @@ class WarmPool:
     """A worker host's fork servers: `start` an instance warm if it can (None: start it as
     a new interpreter), keeping at most `limit` service servers."""
 
-    def __init__(self, env: dict[str, str], limit: int) -> None:
-        """Nothing starts until `open()`."""
+    def __init__(self, env: dict[str, str], limit: int, keep_services: bool = True) -> None:
+        """Nothing starts until `open()`. Without `keep_services` (isolated services: a
+        fork server would import them beside the farm's credentials) only the generic
+        server forks instances."""
         self.env = env
         self.limit = limit
+        self.keep_services = keep_services
         self.generic: Server | None = None
         self.services: OrderedDict[ServiceKey, Server] = OrderedDict()
         #: service -> when it may be tried again after it could not be kept warm
@@ -513,7 +534,7 @@ class WarmPool:
         if not isinstance(reply.get("pid"), int):
             self._drop(server, f"unexpected answer {reply!r}")
             return None
-        if server is self.generic:
+        if server is self.generic and self.keep_services:
             self._add_service_server(key)
         return AdoptedProcess(reply["pid"])
 

@@ -11,6 +11,7 @@ see docs/cli.md.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -43,6 +44,24 @@ class SoafarmGroup(click.Group):
         except KeyboardInterrupt:
             say("interrupted", "soafarm: interrupted", level="warning")
             ctx.exit(EXIT_INTERRUPTED)
+        except Exception as e:
+            refused = redis_refusal(e)
+            if refused is None:
+                raise
+            report_error(refused, 1)
+            ctx.exit(1)
+
+
+def redis_refusal(error: BaseException) -> str | None:
+    """One line for Redis refusing a command to this user's account (a user fenced to its
+    sessions' keys running a command that reads the farm's), else None."""
+    exceptions = getattr(sys.modules.get("redis"), "exceptions", None)
+    if exceptions is None or not isinstance(error, exceptions.NoPermissionError):
+        return None
+    return (
+        f"Redis refused this user's account: {error}; this command reads the farm's own "
+        "state: run it with the farm's settings (an operator's), not a fenced user's"
+    )
 
 
 def settings_options(f: F) -> F:
@@ -125,6 +144,7 @@ def main() -> None:
 
 
 from soafarm.cli import (  # noqa: E402  (commands register on `cli`)
+    admin,
     batch,
     call,
     dashboard,
@@ -132,12 +152,14 @@ from soafarm.cli import (  # noqa: E402  (commands register on `cli`)
     farm,
     info,
     namespace,
+    packages,
     report,
     sessions,
     templates,
 )
 
 __all__ = [
+    "admin",
     "batch",
     "call",
     "cli",
@@ -147,6 +169,7 @@ __all__ = [
     "info",
     "main",
     "namespace",
+    "packages",
     "report",
     "sessions",
     "templates",

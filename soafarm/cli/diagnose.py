@@ -469,8 +469,8 @@ class Diagnosis:
         self.control: ControlClient | None = None
         self.live: list[HostRecord] = []
         self.echo: Registration | None = None
-        #: the control connection's owner name sessions of this run are created with
-        self.owner: str | None = None
+        #: the control connection's token sessions of this run are created with
+        self.creator: str | None = None
         self.session: Session | None = None
         self.clients: list[BrokerClient] = []
         self.session_id: int | None = None
@@ -631,15 +631,15 @@ class Diagnosis:
         )
 
         control = PooledControl(self.settings)
-        self.owner = control.owner
-        args = SessionStartInfo("echo", min_units=1).to_args(control.owner)
+        self.creator = control.creator
+        args = SessionStartInfo("echo", min_units=1).to_args(control.creator)
         try:
             described = control.request(args, timeout=min(self._left(), 30.0))
         except (KeyboardInterrupt, BrokerNoAnswer):
             # the broker may have made it and the answer not reached us: close what this
             # owner has, never leave it to an idle timeout
             with _signals(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM):
-                close_owned(self.settings, control.owner, "echo")
+                close_owned(self.settings, control.creator, "echo")
             raise
         self.session_id = described.record.id
         try:
@@ -764,7 +764,7 @@ class Diagnosis:
         left = [
             s.record.id
             for s in self.control.request(ListArgs("echo")).items
-            if s.record.owner == self.owner
+            if s.record.creator == self.creator
         ]
         if left:
             raise CheckFailed(

@@ -11,7 +11,7 @@ import click
 
 from soafarm.cli import cli, with_settings
 from soafarm.config import Settings, with_section
-from soafarm.errors import SoafarmError
+from soafarm.errors import ConfigError, SoafarmError
 from soafarm.local.embedded import EmbeddedServers
 from soafarm.logs import configure_logging, say
 from soafarm.processes import follow_parent, stop_on_signals
@@ -28,6 +28,24 @@ def broker(settings: Settings) -> None:
     daemon = BrokerDaemon(settings)
     stop_on_signals(daemon.stop)
     daemon.run()
+
+
+def _add_users(servers: EmbeddedServers, settings: Settings, users: tuple[str, ...]) -> None:
+    """`up --user`: make each user on the private RabbitMQ and say where its settings are."""
+    if users and not servers.rabbitmq_started:
+        raise ConfigError(
+            "--user makes users on the private RabbitMQ `soafarm up` starts, and none was "
+            "started (one answers at amqp_url); make users on your RabbitMQ with rabbitmqctl "
+            "(see docs/security.md)"
+        )
+    for user in users:
+        config = servers.write_config(servers.add_user(settings, user), user)
+        say(
+            "embedded_user",
+            f"user {user!r} reaches this farm with: soafarm --config {config} ...",
+            user=user,
+            config=str(config),
+        )
 
 
 @cli.command()
@@ -112,7 +130,21 @@ def autoscaler(settings: Settings) -> None:
     show_default=True,
     help="Start private RabbitMQ/Redis when none answers at a localhost URL.",
 )
-def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: bool) -> None:
+@click.option(
+    "--user",
+    "users",
+    multiple=True,
+    help="Make RabbitMQ user USER on the private RabbitMQ, with a settings file of its own "
+    "(repeat for more users; each owns the sessions it creates).",
+)
+def up(  # noqa: PLR0917 - click passes every option by name
+    settings: Settings,
+    workers: int,
+    cores: int,
+    autoscale: bool,
+    embedded: bool,
+    users: tuple[str, ...],
+) -> None:
     """Run a broker and local worker hosts in the foreground; Ctrl-C stops everything.
 
     A broker, worker host or autoscaler that crashes is started again (with back-off); they
@@ -133,6 +165,7 @@ def up(settings: Settings, workers: int, cores: int, autoscale: bool, embedded: 
                 f"other soafarm commands reach this farm with: soafarm --config {config} ...",
                 config=str(config),
             )
+        _add_users(servers, effective, users)
         farm = LocalFarm(
             effective, workers=workers, cores=cores, autoscale=autoscale, supervise=True
         )

@@ -10,6 +10,7 @@ from soafarm.errors import SoafarmError
 from soafarm.names import Names
 from soafarm.state.namespace import delete_namespace_state, live_parties
 from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.transport.identity import own_user
 
 
 @cli.group()
@@ -53,7 +54,7 @@ def namespace_delete(settings: Settings, yes: bool, force: bool) -> None:
                 default=False,
             ):
                 raise SoafarmError("nothing deleted")
-            done = delete_namespace_state(client, connection, names)
+            done = delete_namespace_state(client, connection, names, own_user(settings))
         finally:
             if connection.is_open:
                 connection.close()

@@ -21,7 +21,7 @@ import structlog
 from kombu import Connection
 
 from soafarm.client.heartbeat import Heartbeat, IdleGuard
-from soafarm.client.inbox import QueueInbox, StreamInbox
+from soafarm.client.inbox import Authors, QueueInbox, StreamInbox
 from soafarm.client.linger import Linger
 from soafarm.client.queue_reader import COMMIT_INTERVAL, QueueReader
 from soafarm.client.reader import Bitmap, Receiver, StreamReader, StreamTarget
@@ -47,6 +47,7 @@ from soafarm.state.sessions import SessionStore
 from soafarm.transport.backoff import Outage
 from soafarm.transport.connections import Opening, close_quietly, kombu_connection, outage
 from soafarm.transport.errors import REDIS_LOST
+from soafarm.transport.identity import own_user
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +97,9 @@ class BrokerClient:
         self.request_queue = attached.request_queue
         self.response_queue = attached.response_queue
         self.durable = attached.durable
+        self._responders = attached.responders
+        self._request_route = (attached.request_exchange, attached.request_key)
+        self._return_route = (attached.request_exchange, attached.return_key)
         self.closed_session = attached.state == SessionState.CLOSED
         self._names = Names(self.settings.namespace)
         # the session's Redis client, not one of its own: a new client costs a TCP
@@ -143,6 +147,7 @@ class BrokerClient:
             session_id=session.id,
             client_id=self.client_id,
             queues=(self.request_queue, self.response_queue),
+            route=(self._request_route if self._request_route[0] else None),
             durable=self.durable,
             progress=self.progress,
             throttle=Throttle(
@@ -163,9 +168,11 @@ class BrokerClient:
         self._handler_thread: threading.Thread | None = None
         # the one receive path, chosen by the session's kind (it connects on first use)
         self.receiver: Receiver
+        #: Drops response batches not published by the farm (counted in `forged`).
+        self.authors = Authors(self._responders, own_user(self.settings))
         if self.durable:
             self.receiver = StreamReader(
-                StreamInbox(self.settings, self.response_queue),
+                StreamInbox(self.settings, self.response_queue, self.authors),
                 self.progress,
                 self.settings.max_message_bytes,
                 self._describe,
@@ -178,6 +185,8 @@ class BrokerClient:
                     self.settings,
                     self.response_queue,
                     missing=lambda: self._session_lost("response queue"),
+                    authors=self.authors,
+                    give_back_to=self._return_route if self._return_route[0] else None,
                 ),
                 max_bytes=self.settings.max_message_bytes,
                 progress=self.progress,
@@ -271,8 +280,9 @@ class BrokerClient:
 
     @property
     def forged(self) -> int:
-        """Responses dropped for an id this client id never sent (forged, or misrouted)."""
-        return self.receiver.forged
+        """Responses dropped for an id this client id never sent (forged, or misrouted),
+        plus response batches dropped for not being published by the farm's users."""
+        return self.receiver.forged + self.authors.forged
 
     def status(self) -> ClientProgress:
         """Progress of this client id from the farm's counters: accepted, done, faulted...
@@ -472,9 +482,12 @@ class BrokerClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the client (a handler's error is not raised over the block's own)."""
+        """Close the client (a handler's error is not raised over the block's own). Left by
+        Ctrl-C, the buffered requests are dropped, not sent: the caller asked to stop, and a
+        flush could wait on the throttle; they are not counted as accepted, so a resumed
+        durable client sends them."""
         if exc is None:
             self.close()
             return
         with contextlib.suppress(ResponseHandlerError):
-            self.close()
+            self.close(discard=isinstance(exc, KeyboardInterrupt))

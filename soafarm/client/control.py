@@ -27,6 +27,7 @@ from soafarm.names import Names
 from soafarm.protocol import CONTENT_TYPE, ControlReply, ControlRequest, decode, encode
 from soafarm.state.control import ControlCall, R, decode_request
 from soafarm.transport.connections import close_quietly, kombu_connection, reporting_lost_connection
+from soafarm.transport.identity import own_user
 from soafarm.transport.topology import control_queue
 
 #: Control operations safe to send twice.
@@ -55,7 +56,10 @@ class ControlClient:
         """Connect to RabbitMQ (ConnectionFailed if unreachable) and open a reply queue."""
         self.settings = settings
         self.names = Names(settings.namespace)
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+        self.creator = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+        #: The RabbitMQ user this client is (each request carries it as `user_id`, which
+        #: RabbitMQ checks, and the broker daemon takes as the caller).
+        self.user = own_user(settings)
         self.replies: dict[str, bytes] = {}
         self._open()
 
@@ -137,12 +141,15 @@ class ControlClient:
             corr = uuid.uuid4().hex
             self.producer.publish(
                 encode(request),
+                # its exchange, not the default one: a user may publish to this and to the
+                # request exchange only (docs/security.md)
                 routing_key=self.names.control_queue,
-                exchange="",
+                exchange=self.names.control_exchange,
                 content_type=CONTENT_TYPE,
                 content_encoding="binary",
                 reply_to=self.reply_queue.name,
                 correlation_id=corr,
+                user_id=self.user,
                 delivery_mode=1,
             )
             deadline = time.monotonic() + timeout
@@ -174,8 +181,9 @@ class Control(Protocol):
     a `PooledControl` (`Session.create`'s)."""
 
     settings: Settings
-    #: Who created the session (closed by `close_owned` if the broker's answer was lost).
-    owner: str
+    #: This process's token on the sessions it creates (closed by `close_owned` if the
+    #: broker's answer was lost).
+    creator: str
 
     def request(self, args: ControlCall[R], timeout: float | None = None) -> R:
         """Send a typed control request; its reply or the broker's error."""
@@ -274,7 +282,7 @@ class PooledControl:
         """Requests for the broker daemons of `settings.namespace`; connects on first use."""
         self.settings = settings
         self.names = Names(settings.namespace)
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+        self.creator = f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
 
     def request(self, args: ControlCall[R], timeout: float | None = None) -> R:
         """`ControlClient.request` on a borrowed connection."""

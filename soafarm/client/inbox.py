@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import amqp.exceptions
+import structlog
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.message import Message
 
@@ -22,9 +23,36 @@ from soafarm.transport.connections import (
     kombu_connection,
     reporting_lost_connection,
 )
+from soafarm.transport.identity import own_user
 
 #: Deliveries in flight per reader: enough to keep a reader busy between round trips.
 STREAM_PREFETCH = 64
+
+log = structlog.get_logger(__name__)
+
+
+class Authors:
+    """Whom a client id accepts response batches from: the farm's users (the `user_id`
+    each instance stamps, which RabbitMQ checks against its login) and its own user (a
+    reader that was taken over gives batches back under it). A batch from anyone else is
+    dropped and counted, so a user who may publish into the queue cannot forge results."""
+
+    def __init__(self, responders: tuple[str, ...], own: str) -> None:
+        """`responders` from the broker's attach reply (empty: accept every batch)."""
+        self.accepted = frozenset((*responders, own)) if responders else None
+        #: Batches dropped.
+        self.forged = 0
+
+    def accept(self, message: Message) -> bool:
+        """Whether `message` comes from the farm or this user; counts and logs it if not."""
+        if self.accepted is None:
+            return True
+        user = message.properties.get("user_id")
+        if user in self.accepted:
+            return True
+        self.forged += 1
+        log.warning("response_batch_dropped", why="not published by the farm", user_id=user)
+        return False
 
 
 class QueueInbox:
@@ -41,11 +69,17 @@ class QueueInbox:
         settings: Settings,
         queue: str,
         missing: Callable[[], BaseException] | None = None,
+        authors: Authors | None = None,
+        give_back_to: tuple[str, str] | None = None,
     ) -> None:
         """Consume `queue` once started, on a connection of its own: the client publishes on
         its own from another thread (the linger thread). `missing()` is the error raised
-        when the queue does not exist (a RabbitMQ restart drops an interactive session's)."""
+        when the queue does not exist (a RabbitMQ restart drops an interactive session's);
+        `authors` drops batches not published by the farm; `give_back_to` (exchange, routing
+        key) is where batches go back to the queue (by default straight to it)."""
         self.settings = settings
+        self.give_back_to = give_back_to or ("", queue)
+        self.authors = authors or Authors((), "")
         self.url = settings.amqp_url
         self.queue = queue
         self.missing = missing
@@ -63,7 +97,11 @@ class QueueInbox:
                 consumer = Consumer(
                     self.connection.channel(),
                     queues=[Queue(self.queue, no_declare=True)],
-                    on_message=lambda message: on_delivery(Delivery(None, message.body, _acked)),
+                    on_message=lambda message: (
+                        on_delivery(Delivery(None, message.body, _acked))
+                        if self.authors.accept(message)
+                        else None
+                    ),
                     accept=[CONTENT_TYPE],
                     no_ack=True,
                 )
@@ -102,11 +140,13 @@ class QueueInbox:
             for body in bodies:
                 producer.publish(
                     body,
-                    routing_key=self.queue,
-                    exchange="",
+                    routing_key=self.give_back_to[1],
+                    exchange=self.give_back_to[0],
                     content_type=CONTENT_TYPE,
                     content_encoding="binary",
                     delivery_mode=1,
+                    # the batches' author is now this user: the taking reader accepts its own
+                    user_id=own_user(self.settings),
                 )
 
     def close(self) -> None:
@@ -134,16 +174,20 @@ class StreamInbox:
     """A durable client id's response stream, read from an offset on a connection of its own
     (reopened by the reader after RabbitMQ dropped it)."""
 
-    def __init__(self, settings: Settings, stream: str) -> None:
-        """Nothing is open until `open`."""
+    def __init__(self, settings: Settings, stream: str, authors: Authors | None = None) -> None:
+        """Nothing is open until `open`; `authors` drops batches not published by the farm."""
         self.settings = settings
         self.stream = stream
+        self.authors = authors or Authors((), "")
         self.connection: Connection | None = None
 
     def open(self, offset: int, on_delivery: Callable[[Delivery], None]) -> None:
         """Start reading at `offset`; deliveries reach `on_delivery` during `drain`."""
 
         def on_message(message: Message) -> None:
+            if not self.authors.accept(message):
+                message.ack()  # read past it, for good
+                return
             at = message.headers.get("x-stream-offset")
             on_delivery(Delivery(None if at is None else int(at), message.body, message.ack))
 

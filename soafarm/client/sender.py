@@ -40,6 +40,7 @@ from soafarm.protocol import (
 from soafarm.state.clients import ClientProgress, ProgressStore
 from soafarm.transport.connections import (
     UNROUTABLE_RETRY_SECONDS,
+    abandon,
     close_quietly,
     close_quietly_channel,
     kombu_connection,
@@ -48,6 +49,7 @@ from soafarm.transport.connections import (
     reporting_lost_connection,
 )
 from soafarm.transport.errors import LOST, REDIS_LOST, is_unroutable_return
+from soafarm.transport.identity import own_user
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +83,11 @@ class RequestSender:
         session_lost: Callable[[str], BaseException] | None = None,
         connection: Connection | None = None,
         idle: IdleGuard | None = None,
+        route: tuple[str, str] | None = None,
     ) -> None:
-        """`queues` is (request queue, response queue); `start` the client id's counters
+        """`queues` is (request queue, response queue); `route` (exchange, routing key) where
+        batches are published (the attach reply's; by default straight to the request
+        queue); `start` the client id's counters
         when it attached (a durable one continues at `accepted`); `wake(at)` has the client's
         linger thread call `on_linger()` at monotonic time `at`; `session_lost(what)` is the
         error for an interactive session whose request queue RabbitMQ no longer has;
@@ -93,6 +98,8 @@ class RequestSender:
         self.session_id = session_id
         self.client_id = client_id
         self.request_queue, self.response_queue = queues
+        self.exchange, self.routing_key = route or ("", self.request_queue)
+        self.user = own_user(settings)
         self.durable = durable
         self.progress = progress
         self.throttle = throttle
@@ -232,6 +239,9 @@ class RequestSender:
             with self.lock:
                 disconnected = self.idle is not None and self.idle.idle_for is not None
                 if discard or self.lost is not None or disconnected:
+                    # their ids were never published: not accepted, so a resumed client
+                    # sends under them again (else the batch would wait for them forever)
+                    self.next_id -= len(self.buffer)
                     self.buffer, self.buffer_bytes = [], 0
                 self._flush()
                 if self.sent_here and not self.sealed:
@@ -273,16 +283,30 @@ class RequestSender:
             with reporting_lost_connection(self.connection, self.settings.amqp_url):
                 self.producer.publish(
                     body,
-                    routing_key=self.request_queue,
-                    exchange="",
+                    routing_key=self.routing_key,
+                    exchange=self.exchange,
                     content_type=CONTENT_TYPE,
                     content_encoding="binary",
                     mandatory=self.durable,
+                    user_id=self.user,
                     **options,
                 )
 
         if self.lost is not None:
             raise self.lost
+        try:
+            self._publish_until_sent(publish)
+        except (KeyboardInterrupt, SystemExit):
+            # cut mid-frame, perhaps waiting for the confirm: this connection cannot be
+            # read again (a close handshake on it would wait for ever), and whether the
+            # batch arrived is unknown (the next flush sends it again: same ids, answered
+            # once); a later publish opens a new connection
+            if self.connection is not None:
+                abandon(self.connection)
+                self.connection = None
+            raise
+
+    def _publish_until_sent(self, publish: Callable[[], None]) -> None:
         while True:
             try:
                 if self.connection is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,13 @@ from soafarm.state.control import (
 from soafarm.state.records import SessionState
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.backoff import Backoff
-from soafarm.transport.connections import SharedRedis, process_redis_client, redis_client
+from soafarm.transport.connections import (
+    SharedRedis,
+    process_redis_client,
+    redis_client,
+    with_redis_account,
+)
+from soafarm.transport.identity import own_user
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +75,12 @@ class SessionStartInfo:
     #: A name (`lowest`, `below_normal`, `normal`, `above_normal`, `highest`) or 0..4000.
     priority: int | str | None = None
     broker_settings: Mapping[str, Any] = field(default_factory=dict)
-    #: Other clients may find this session by service name and send their own batches.
+    #: Other users may find this session by service name, attach and send their own
+    #: batches (only its owner and admins may close it).
     share_session: bool = False
+    #: The RabbitMQ users admitted to a shared session besides its owner (empty: every
+    #: user); naming any shares the session.
+    share_with: Sequence[str] = ()
     #: Named values every service instance can read with `context.common_data(name)`.
     common_data: Mapping[str, Any] = field(default_factory=dict)
     #: The job template (see `soafarm templates list`); "" means `Default`.
@@ -94,6 +105,8 @@ class SessionStartInfo:
             )
         if self.priority is not None:
             priority_value(self.priority, "SessionStartInfo.priority")
+        if isinstance(self.share_with, str):
+            raise ConfigError("SessionStartInfo.share_with must be a list of user names")
         if isinstance(self.node_groups, str):
             raise ConfigError("SessionStartInfo.node_groups must be a list of names, not a string")
         broker_settings_with(
@@ -101,13 +114,14 @@ class SessionStartInfo:
         )
 
     def to_args(
-        self, owner: str, durable: bool = False, data: Mapping[str, str] | None = None
+        self, creator: str, durable: bool = False, data: Mapping[str, str] | None = None
     ) -> CreateArgs:
         """The `create` control request (common data is uploaded first: `data` holds its
         Redis keys)."""
         return CreateArgs(
             durable=durable,
-            shared=self.share_session,
+            shared=self.share_session or bool(self.share_with),
+            share_with=tuple(self.share_with),
             service=self.service,
             version=self.version,
             min_units=self.min_units,
@@ -115,15 +129,15 @@ class SessionStartInfo:
             resource_unit=self.resource_unit,
             priority=None if self.priority is None else priority_value(self.priority),
             broker_settings=dict(self.broker_settings),
-            owner=owner,
+            creator=creator,
             data=dict(data or {}),
             job_template=self.job_template,
             node_groups=None if self.node_groups is None else tuple(self.node_groups),
         )
 
-    def to_params(self, owner: str, durable: bool = False) -> dict[str, Any]:
+    def to_params(self, creator: str, durable: bool = False) -> dict[str, Any]:
         """The `create` control request's parameters as plain data."""
-        return self.to_args(owner, durable).params()
+        return self.to_args(creator, durable).params()
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,11 @@ class Session:
         self._set_record(record)
         self.settings = settings
         self.closed = False
+        if state_client is None and isinstance(record, SessionInfo) and record.redis_user:
+            # the farm fences this user: the session's state through its own account
+            state_client = redis_client(
+                with_redis_account(settings, record.redis_user, record.redis_password)
+            )
         #: The session's Redis client, shared with its BrokerClients (each releases it).
         self.redis = (
             SharedRedis(process_redis_client(settings), owned=False)
@@ -178,19 +197,23 @@ class Session:
         control = PooledControl(settings)
         try:
             data = _upload(settings, info.common_data) if info.common_data else None
-            described = control.request(info.to_args(control.owner, cls.durable, data))
+            described = control.request(info.to_args(control.creator, cls.durable, data))
         except BrokerNoAnswer:
             # the broker may have made the session and lost its answer (Redis went away
-            # mid-create): close what it made for this owner once it answers again
+            # mid-create): close what it made for this creator once it answers again
             control.close()
-            close_owned(settings, control.owner, info.service)
+            close_owned(settings, control.creator, info.service)
             raise
         except BaseException:
             control.close()
             raise
         try:
             if info.fail_if_queued:
-                described = _placed_or_refused(control, described, settings)
+                described = dataclasses.replace(
+                    _placed_or_refused(control, described, settings),
+                    redis_user=described.redis_user,
+                    redis_password=described.redis_password,
+                )
             return cls(control, described, settings)
         except BaseException as e:
             # the session exists and nothing holds it (Redis went away between the broker's
@@ -238,7 +261,7 @@ class Session:
         settings = settings or load_settings()
         control = PooledControl(settings)
         try:
-            described = control.request(GetArgs(info.session_id))
+            described = control.request(GetArgs(info.session_id, redis_account=True))
             if described.record.durable != cls.durable:
                 kind, other = (
                     ("durable", "DurableSession")
@@ -257,6 +280,8 @@ class Session:
         if isinstance(record, SessionInfo):
             #: The session as the broker last described it, as plain data.
             self.record: dict[str, Any] = record.to_wire()
+            for secret in ("redis_user", "redis_password"):  # not for `record` printers
+                self.record.pop(secret, None)
             #: The session's effective broker settings (fixed when it was created).
             self.broker_settings = record.record.broker_settings
         else:
@@ -332,7 +357,8 @@ class Session:
             self.redis.release()
 
     def __enter__(self) -> Self:
-        """Use as a context manager: the session closes on exit."""
+        """Use as a context manager: the session closes on exit (another user's shared
+        session is only detached from: only its owner or an admin may close it)."""
         return self
 
     def __exit__(
@@ -341,7 +367,10 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the session."""
+        """Close the session, or detach from another user's."""
+        if self.record.get("owner", "") not in ("", own_user(self.settings)):
+            self.detach()
+            return
         self.close()
 
 
@@ -368,7 +397,7 @@ def attach_session(session_id: int, settings: Settings | None = None) -> Session
     settings = settings or load_settings()
     control = PooledControl(settings)
     try:
-        described = control.request(GetArgs(session_id))
+        described = control.request(GetArgs(session_id, redis_account=True))
     except BaseException:
         control.close()
         raise
@@ -416,18 +445,19 @@ def close_best_effort(
 
 
 def close_owned(
-    settings: Settings, owner: str, service: str, limit: float = CLOSE_RETRY_SECONDS
+    settings: Settings, creator: str, service: str, limit: float = CLOSE_RETRY_SECONDS
 ) -> None:
-    """Close the sessions of `service` that `owner` (a ControlClient's) created, retrying for
-    `limit` seconds while the broker cannot answer; best effort (logged if it fails)."""
+    """Close the sessions of `service` that `creator` (a ControlClient's token) created,
+    retrying for `limit` seconds while the broker cannot answer; best effort (logged if it
+    fails)."""
     deadline = time.monotonic() + limit
     try:
         listed = _request_retrying(settings, ListArgs(service), deadline)
     except Exception as e:
-        log.warning("owned_sessions_not_closed", owner=owner, error=repr(e))
+        log.warning("owned_sessions_not_closed", creator=creator, error=repr(e))
         return
     for item in listed.items:
-        if item.record.owner == owner:
+        if item.record.creator == creator:
             left = max(deadline - time.monotonic(), 1.0)
             if close_best_effort(settings, item.record.id, left) is None:
                 log.info("orphan_session_closed", session_id=item.record.id)

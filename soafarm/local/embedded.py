@@ -19,14 +19,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pika
 import redis
 import structlog
 
 from soafarm.config import Settings, mask_url
-from soafarm.errors import ConnectionFailed
+from soafarm.errors import ConfigError, ConnectionFailed
+from soafarm.names import Names
+from soafarm.state.redis_accounts import RedisAccounts
+from soafarm.transport.connections import redis_client, with_redis_account
+from soafarm.transport.permissions import client_permissions
+from soafarm.transport.redis_urls import is_sentinel
 from soafarm.transport.tls import pika_ssl_options, redis_ssl_kwargs
 
 log = structlog.get_logger(__name__)
@@ -38,12 +43,33 @@ RABBITMQ_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 STOP_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+#: What a user name made by `add_user` may hold.
+_USER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+#: Where `free_port` looks: below Linux's ephemeral range (32768-60999), so that between
+#: the choice and the server's bind no outgoing connection is given the port by the kernel
+#: (a RabbitMQ node once failed to start: `dist_port_already_used`).
+_PORTS = (20000, 32000)
+
+
+def free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral
+    range, and not in `avoid`."""
+    for _ in range(200):
+        port = _PORTS[0] + secrets.randbelow(_PORTS[1] - _PORTS[0])
+        if port in avoid:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the range is crowded
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -56,7 +82,10 @@ def answers(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def _local_endpoint(url: str, default_port: int) -> tuple[str, int] | None:
-    """(host, port) of `url` when its host is this machine, else None."""
+    """(host, port) of `url` when its host is this machine, else None (Sentinels: None,
+    a private server is never started for them)."""
+    if is_sentinel(url):
+        return None
     parts = urlsplit(url)
     if parts.hostname not in LOCAL_HOSTS:
         return None
@@ -204,6 +233,11 @@ class EmbeddedServers:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
 
+    @property
+    def rabbitmq_started(self) -> bool:
+        """Whether this started a private RabbitMQ (which `rabbitmqctl` and `add_user` act on)."""
+        return self._rabbitmqctl is not None
+
     def rabbitmqctl(self, *args: str, timeout: float = 120.0) -> str:
         """Run `rabbitmqctl ARGS` against the private RabbitMQ this started (the fault tests
         stop and restart it: never the machine's own) and return its output."""
@@ -259,17 +293,45 @@ class EmbeddedServers:
             self.stop(name)
         self.start(name)
 
-    def write_config(self, settings: Settings) -> Path:
-        """A settings file (readable by this user only) with the URLs of the servers
-        started, passwords included, and `settings`' namespace, for other commands to use
-        with `--config` while they run; removed with them."""
+    def write_config(self, settings: Settings, name: str = "farm") -> Path:
+        """A settings file `<name>.toml` (readable by this user only) with the URLs of the
+        servers started, passwords included, and `settings`' namespace, for other commands
+        to use with `--config` while they run; removed with them."""
         assert self.temp_dir is not None, "no private server was started"
         lines = [
             f"amqp_url = {json.dumps(settings.amqp_url)}",
             f"redis_url = {json.dumps(settings.redis_url)}",
             f"namespace = {json.dumps(settings.namespace)}",
         ]
-        return _private_file(self.temp_dir / "farm.toml", "\n".join(lines) + "\n")
+        return _private_file(self.temp_dir / f"{name}.toml", "\n".join(lines) + "\n")
+
+    def add_user(self, settings: Settings, user: str) -> Settings:
+        """Make RabbitMQ user `user` (a random password, a client's permissions in
+        `settings.namespace`: `transport.permissions`) on the private RabbitMQ, and its own
+        Redis account (common data only: `state.redis_accounts`; the broker daemon hands it
+        one per session), and return `settings` logging in as it to both."""
+        if not user or not set(user) <= _USER_CHARS:
+            raise ConfigError(f"user name {user!r} must be letters, digits, '-', '_' or '.'")
+        # never a leading '-': rabbitmqctl would take the password for an option (1 in 32
+        # of token_urlsafe's begin with one; CI met it)
+        password = "p" + secrets.token_urlsafe(24)
+        self.rabbitmqctl("add_user", user, password)
+        parts = urlsplit(settings.amqp_urls[0])
+        vhost = unquote(parts.path[1:]) or "/"
+        for command in client_permissions(settings.namespace, user).rabbitmqctl(user, vhost):
+            self.rabbitmqctl(*command)
+        host = parts.hostname or "127.0.0.1"
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}:{parts.port or 5672}"
+        made = settings.replace(amqp_url=urlunsplit((parts.scheme, netloc, parts.path, "", "")))
+        client = redis_client(settings)
+        try:
+            account = RedisAccounts(client, Names(settings.namespace)).user_account(user)
+        except redis.ResponseError as e:  # the farm's account may not manage ACL users
+            log.warning("redis_not_fenced", user=user, error=str(e))
+            return made
+        finally:
+            client.close()
+        return with_redis_account(made, account.name, account.password)
 
     def _dir(self, name: str) -> Path:
         if self.temp_dir is None:
@@ -373,10 +435,8 @@ class EmbeddedServers:
         ctl = _script("rabbitmqctl")
         base = self._dir("rabbitmq")
         node = f"soafarm-{os.getpid()}-{secrets.token_hex(3)}@localhost"
-        with socket.socket() as a, socket.socket() as b:  # both open at once: two distinct ports
-            a.bind(("127.0.0.1", 0))
-            b.bind(("127.0.0.1", 0))
-            port, dist_port = a.getsockname()[1], b.getsockname()[1]
+        port = free_port()
+        dist_port = free_port(avoid=frozenset({port}))
         (base / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
         (base / "rabbitmq-env.conf").write_text("")  # instead of the system node's NODENAME etc.
         # The system rabbitmq.conf pins its listener to 5672, so we need a config file of our own.

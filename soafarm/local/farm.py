@@ -29,6 +29,7 @@ from soafarm.state.control import PingArgs
 from soafarm.state.hosts import HostStore
 from soafarm.state.namespace import NamespaceDeleted, delete_namespace_state
 from soafarm.transport.connections import pika_connection, redis_client
+from soafarm.transport.identity import own_user
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +47,9 @@ def delete_namespace(settings: Settings) -> NamespaceDeleted:
     try:
         connection = pika_connection(settings, f"soafarm-cleanup {settings.namespace}")
         try:
-            return delete_namespace_state(client, connection, Names(settings.namespace))
+            return delete_namespace_state(
+                client, connection, Names(settings.namespace), own_user(settings)
+            )
         finally:
             if connection.is_open:
                 connection.close()
@@ -85,6 +88,8 @@ class Child:
     delay: float = 0.0
     #: Settings of its own (`SOAFARM_*` variables over the farm's), restarts included.
     env: dict[str, str] = field(default_factory=dict)
+    #: A command it runs under, restarts included (`ip netns exec NAME`: another machine).
+    prefix: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
         """The command line of its next start."""
@@ -148,18 +153,25 @@ class LocalFarm:
         with self._lock:
             return sum(c.restarts for c in self.children)
 
-    def _popen(self, args: list[str], own: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, args: list[str], own: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         env = with_parent(child_environment(self.settings))
         if self.cores:
             env["SOAFARM_WORKER_CORES"] = str(self.cores)
         env.update(own or {})
-        return subprocess.Popen([sys.executable, "-m", "soafarm", *args], env=env)
+        return subprocess.Popen([*prefix, sys.executable, "-m", "soafarm", *args], env=env)
 
     def _spawn(
-        self, what: str, *args: str, host_id: str | None = None, env: dict[str, str] | None = None
+        self,
+        what: str,
+        *args: str,
+        host_id: str | None = None,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> Child:
-        proc = self._popen(command_line(args, host_id, 0), env)
-        child = Child(what, args, proc, time.monotonic(), host_id, env=env or {})
+        proc = self._popen(command_line(args, host_id, 0), env, prefix)
+        child = Child(what, args, proc, time.monotonic(), host_id, env=env or {}, prefix=prefix)
         with self._lock:
             self.children.append(child)
         return child
@@ -172,17 +184,21 @@ class LocalFarm:
         labels: str = "",
         *,
         timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         """Start one more worker host named `host_id` with settings of its own (`cores`,
-        `pool`, `labels` as "key=value,key=value"), tracked like the others (supervised,
-        stopped by `stop()`); return once its heartbeat is in Redis. Works before or after
-        `start()`."""
+        `pool`, `labels` as "key=value,key=value", and any `SOAFARM_*` variables in `env`),
+        run under `prefix` if given (`ip netns exec NAME`: another machine), tracked like the
+        others (supervised, stopped by `stop()`); return once its heartbeat is in Redis.
+        Works before or after `start()`."""
         env = {
             "SOAFARM_WORKER_CORES": str(cores),
             "SOAFARM_WORKER_POOL": pool,
             "SOAFARM_WORKER_LABELS": labels,
+            **(env or {}),
         }
-        child = self._spawn(f"worker {host_id}", "worker", host_id=host_id, env=env)
+        child = self._spawn(f"worker {host_id}", "worker", host_id=host_id, env=env, prefix=prefix)
         hosts = HostStore(redis_client(self.settings), Names(self.settings.namespace))
         try:
             deadline = time.monotonic() + timeout
@@ -301,7 +317,7 @@ class LocalFarm:
                         self._expire_host(child.proc.pid)
                 if now >= child.due:
                     child.restarts += 1
-                    child.proc = self._popen(child.command(), child.env)
+                    child.proc = self._popen(child.command(), child.env, child.prefix)
                     child.started, child.due = now, None
                     log.warning(
                         "process_restarted",
@@ -334,7 +350,7 @@ class LocalFarm:
                     if child.proc.poll() is None:
                         child.proc.kill()
                         child.proc.wait()
-                    child.proc = self._popen(child.command(), child.env)
+                    child.proc = self._popen(child.command(), child.env, child.prefix)
                     child.started, child.due = time.monotonic(), None
 
     def wait(self) -> None:

@@ -165,13 +165,16 @@ class ProgressStore:
             pipe.hsetnx(self.key, field, 0)
         pipe.execute()
 
-    def create_in(self, batch: Batch) -> Later[None]:
-        """`create()`, sent with `batch` (idempotent, so safe outside a transaction); the
-        returned value raises what the commands raised."""
+    def create_in(self, batch: Batch, user: str = "") -> Later[None]:
+        """`create()`, sent with `batch` (idempotent, so safe outside a transaction), and
+        the RabbitMQ `user` the client id is for (kept from its first attach); the returned
+        value raises what the commands raised."""
 
         def queue(pipe: Any) -> None:
             for field in ("accepted", "done", "faulted"):
                 pipe.hsetnx(self.key, field, 0)
+            if user:
+                pipe.hsetnx(self.key, USER_FIELD, user)
 
         def check(replies: list[Any]) -> None:
             for reply in replies:
@@ -179,6 +182,13 @@ class ProgressStore:
                     raise reply
 
         return batch.add(queue, check)
+
+    def user(self) -> str | None:
+        """The RabbitMQ user this client id is for (None: not attached yet, or from before
+        users were kept)."""
+        return read_client_users(self._r, self.names, self.session_id, [self.client_id]).get(
+            self.client_id
+        )
 
     def load(self) -> ClientProgress:
         """The current counters (a counter that is not an integer reads as 0, logged once)."""
@@ -280,6 +290,21 @@ def client_keys(names: Names, session_id: int, client_id: str) -> list[str]:
     ]
 
 
+#: The client hash's field that keeps the RabbitMQ user the client id is for.
+USER_FIELD = "user"
+
+
+def read_client_users(
+    client: redis.Redis, names: Names, session_id: int, client_ids: list[str]
+) -> dict[str, str]:
+    """The kept user of each of `client_ids` that has one, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for client_id in client_ids:
+        pipe.hget(names.client_key(session_id, client_id), USER_FIELD)
+    replies = pipe.execute()
+    return {c: as_text(u) for c, u in zip(client_ids, replies, strict=True) if u is not None}
+
+
 def parse_progress(client_id: str, raw: dict[str, str], key: str = "") -> ClientProgress:
     """Counters from a client hash read with HGETALL (at `key`, named when a counter is not
     an integer: it reads as 0, and `total`/`read_offset` as unset, logged once)."""
@@ -337,9 +362,18 @@ class DoneMarker:
         """True while the client id has its counters (it was not purged, its session is open)."""
         return bool(self._r.exists(self.names.client_key(session_id, client_id)))
 
+    def client_user(self, session_id: int, client_id: str) -> str | None:
+        """The RabbitMQ user the client id is for (None: none kept)."""
+        return read_client_users(self._r, self.names, session_id, [client_id]).get(client_id)
+
     def session_exists(self, session_id: int) -> bool:
         """True while the session's record exists (it was not closed)."""
         return bool(self._r.exists(self.names.session_key(session_id)))
+
+    def accepted(self, session_id: int, client_id: str) -> int:
+        """The client id's recorded accepted count (0 when it has none, or garbage)."""
+        key = self.names.client_key(session_id, client_id)
+        return garbage.as_int(self._r.hget(key, "accepted"), key, "accepted")
 
     def count_attempt(self, session_id: int, client_id: str, request_id: int) -> int:
         """Count one more execution of a request whose batch came back after a failure."""

@@ -85,16 +85,7 @@ class CommonDataReader:
 
     def __call__(self, name: str) -> Any:
         """The value of `name`; a SoafarmError naming what exists if there is none."""
-        record = self.sessions.get(self.session_id)
-        keys = {} if record is None else record.data
-        if name not in keys:
-            have = ", ".join(sorted(keys)) or "none"
-            raise SoafarmError(
-                f"session {self.session_id} has no common data named {name!r} (it has: {have})"
-            )
-        body = self.data.value(keys[name])
-        if body is None:
-            raise SoafarmError(f"common data {name!r} of session {self.session_id} is gone")
+        body = self.encoded(name)
         try:
             return msgpack.unpackb(
                 body,
@@ -105,3 +96,17 @@ class CommonDataReader:
             )
         except Exception as e:
             raise DecodeError(f"common data {name!r} is undecodable: {e}") from None
+
+    def encoded(self, name: str) -> bytes:
+        """The value of `name` as stored (msgpack); a SoafarmError if there is none."""
+        record = self.sessions.get(self.session_id)
+        keys = {} if record is None else record.data
+        if name not in keys:
+            have = ", ".join(sorted(keys)) or "none"
+            raise SoafarmError(
+                f"session {self.session_id} has no common data named {name!r} (it has: {have})"
+            )
+        body = self.data.value(keys[name])
+        if body is None:
+            raise SoafarmError(f"common data {name!r} of session {self.session_id} is gone")
+        return body

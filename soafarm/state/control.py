@@ -86,6 +86,10 @@ class SessionInfo(Reply):
     status: SessionStatus | None = None
     #: Requests of every client id without a response yet.
     outstanding: int = 0
+    #: The caller's own Redis account for this session (broker.redis_fence), when the
+    #: farm fences users to their sessions' keys: the client's state connection uses it.
+    redis_user: str = ""
+    redis_password: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,15 @@ class Attached(Reply):
     request_queue: str
     durable: bool
     state: SessionState
+    #: The RabbitMQ users the farm's responses come from (`security.farm_users`): a
+    #: response published by anyone else is dropped and counted (empty: any).
+    responders: tuple[str, ...] = ()
+    #: Where the client publishes its request batches: the exchange and its own routing
+    #: key (bound to the request queue for the caller's user).
+    request_exchange: str = ""
+    request_key: str = ""
+    #: The routing key a reader taken over gives batches back to its response queue with.
+    return_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,9 +177,25 @@ class DataAdded(Reply):
 
 @dataclass(frozen=True)
 class Pong(Reply):
-    """Reply to ping: the namespace the answering broker daemon serves."""
+    """Reply to ping: the namespace the answering broker daemon serves, and who the caller
+    is to it."""
 
     namespace: str
+    #: The caller's RabbitMQ user, and whether it has the admin role.
+    user: str = ""
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class Admins(Reply):
+    """Reply to admins: who has the admin role, and why."""
+
+    #: The broker daemon's own user (always an admin).
+    broker_user: str
+    #: From the broker's settings (`security.admins`).
+    configured: tuple[str, ...]
+    #: Granted at run time (`soafarm admin grant`).
+    granted: tuple[str, ...]
 
 
 R = TypeVar("R", bound=Reply)
@@ -208,9 +237,12 @@ class CreateArgs(ControlCall[SessionInfo]):
     priority: int | None = None
     #: Per-session overrides (SessionStartInfo.broker_settings), layered by the broker.
     broker_settings: dict[str, Any] = field(default_factory=dict)
-    owner: str = ""
+    #: The creating process's token (its owner is the RabbitMQ user it connects as).
+    creator: str = ""
     durable: bool = False
     shared: bool = False
+    #: With `shared`: the only users admitted besides the owner (empty: every user).
+    share_with: tuple[str, ...] = ()
     #: Common data: name -> Redis key made by `soafarm.state.commondata.upload`.
     data: dict[str, str] = field(default_factory=dict)
     #: The job template to apply ("": `Default`).
@@ -231,6 +263,9 @@ class GetArgs(ControlCall[SessionInfo]):
     reply_type = SessionInfo
 
     session_id: int
+    #: Also hand out the caller's Redis account for the session (attach does; `sessions
+    #: show` does not, so no password is printed).
+    redis_account: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,6 +384,32 @@ class TemplatesArgs(ControlCall[TemplateList]):
     reply_type = TemplateList
 
 
+#: `soafarm admin ACTION`: what an `admins` request does.
+ADMIN_ACTIONS = ("list", "grant", "revoke")
+
+
+@dataclass(frozen=True)
+class AdminsArgs(ControlCall[Admins]):
+    """List the users with the admin role, or grant or revoke it (an admin's operation)."""
+
+    op: ClassVar[str] = "admins"
+    reply_type = Admins
+
+    #: One of ADMIN_ACTIONS.
+    action: str = "list"
+    #: The RabbitMQ user to grant or revoke.
+    user: str = ""
+
+    def __post_init__(self) -> None:
+        """A known action; grant and revoke name a user."""
+        if self.action not in ADMIN_ACTIONS:
+            raise ValueError(
+                f"action must be one of {', '.join(ADMIN_ACTIONS)}, not {self.action!r}"
+            )
+        if self.action != "list" and not self.user:
+            raise ValueError(f"{self.action} needs a user name")
+
+
 ControlArgs = (
     CreateArgs
     | GetArgs
@@ -361,6 +422,7 @@ ControlArgs = (
     | HostActionArgs
     | PingArgs
     | TemplatesArgs
+    | AdminsArgs
 )
 
 _BY_OP: dict[str, type[ControlArgs]] = {
@@ -377,6 +439,7 @@ _BY_OP: dict[str, type[ControlArgs]] = {
         HostActionArgs,
         PingArgs,
         TemplatesArgs,
+        AdminsArgs,
     )
 }
 

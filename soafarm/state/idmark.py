@@ -7,7 +7,7 @@ session's results (issue 15). So the ids handed out are also recorded in RabbitM
 those queues, where they share the queues' fate: if RabbitMQ keeps the queues, it keeps the
 mark; if it loses them, no old queue is left to be mistaken for a new one.
 
-The mark is a durable queue, `<namespace>.session-ids`, whose message count times
+The mark is a durable (quorum) queue, `<namespace>.session-ids`, whose message count times
 `ID_BLOCK` is above every id handed out. Reading it is a passive declare (any number of
 daemons at once, nothing consumed); raising it is publishing persistent messages with
 confirms, one per block of `ID_BLOCK` ids, before any id of the block is used. The count
@@ -25,12 +25,12 @@ import pika.exceptions
 from soafarm.names import Names
 from soafarm.state.sessions import ID_BLOCK
 from soafarm.transport.errors import is_queue_gone
-from soafarm.transport.topology import QueueSpec
+from soafarm.transport.topology import QUORUM, QueueSpec, declare_farm_queue
 
 
 def id_mark_queue(names: Names) -> QueueSpec:
     """The durable queue whose message count records the session ids handed out."""
-    return QueueSpec(f"{names.namespace}.session-ids", durable=True)
+    return QueueSpec(f"{names.namespace}.session-ids", durable=True, arguments=QUORUM)
 
 
 class QueueIdMark:
@@ -49,8 +49,7 @@ class QueueIdMark:
         return self._channel
 
     def _blocks(self) -> int:
-        ok = self._open().queue_declare(**self.spec.declare_kwargs())
-        return int(ok.method.message_count)
+        return declare_farm_queue(self.connection, self.spec)
 
     def read(self) -> int:
         """Every session id handed out is below this (0 in a new namespace)."""

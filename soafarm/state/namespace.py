@@ -20,9 +20,12 @@ import pika
 import pika.exceptions
 import redis
 
+from soafarm.errors import DecodeError
 from soafarm.names import Names
+from soafarm.state.clients import read_client_users
 from soafarm.state.idmark import id_mark_queue, read_id_mark
 from soafarm.state.records import as_text
+from soafarm.state.redis_accounts import RedisAccounts
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.errors import is_queue_gone
 from soafarm.transport.topology import control_queue, dead_letter_queue
@@ -34,12 +37,27 @@ DEFAULT_CLIENT_ID = "default"
 
 
 def delete_namespace_keys(client: redis.Redis, names: Names) -> int:
-    """Delete every key of `names`' namespace (a private test or demo farm's); returns how
-    many there were. Only for namespaces nobody else uses: it drops open sessions' state."""
+    """Delete every key of `names`' namespace (a private test or demo farm's), and the
+    Redis accounts made for it; returns how many keys there were. Only for namespaces
+    nobody else uses: it drops open sessions' state."""
+    drop_namespace_accounts(client, names)
     keys = list(client.scan_iter(match=f"{names.namespace}:*", count=1000))
     for i in range(0, len(keys), 1000):
         client.delete(*keys[i : i + 1000])
     return len(keys)
+
+
+def drop_namespace_accounts(client: redis.Redis, names: Names) -> None:
+    """Delete the Redis accounts (ACL users) made for `names`' namespace: those its hash
+    lists, and any other named `<namespace>.*`."""
+    accounts = RedisAccounts(client, names)
+    try:
+        made = set(accounts.accounts()) | {
+            u for u in accounts.existing() if u.startswith(f"{names.namespace}.")
+        }
+    except redis.ResponseError:  # the account may not manage ACL users: none were made
+        return
+    accounts.drop(sorted(made))
 
 
 def known_sessions(client: redis.Redis, names: Names) -> dict[int, set[str]]:
@@ -97,13 +115,15 @@ class NamespaceDeleted:
 
 
 def delete_namespace_state(
-    client: redis.Redis, connection: pika.BlockingConnection, names: Names
+    client: redis.Redis, connection: pika.BlockingConnection, names: Names, user: str
 ) -> NamespaceDeleted:
-    """Delete every queue (see the module doc) and every key of `names`' namespace.
+    """Delete every queue (see the module doc), exchange and key of `names`' namespace.
 
     Only for a namespace nobody uses any more: it deletes pending requests and unread
     responses. Queues that exist are deleted one by one (a passive declare first, so the
-    count says what was there), then the keys."""
+    count says what was there), then the keys. A response queue's name carries its
+    client id's user: those Redis keeps are tried, and the session's owner and `user`
+    (the deleter's, the farm's own in a one-user farm) where it keeps none."""
     queues: list[str] = [
         control_queue(names).name,
         dead_letter_queue(names).name,
@@ -114,7 +134,11 @@ def delete_namespace_state(
         queues.append(names.request_queue(sid))
         # an interactive session's default response queue exists from its creation, with or
         # without a client attached by that id (soafarm.broker.sessions)
-        queues += [names.response_queue(sid, c) for c in sorted({*clients, DEFAULT_CLIENT_ID})]
+        queues += [
+            names.response_queue(sid, c, u)
+            for c in sorted({*clients, DEFAULT_CLIENT_ID})
+            for u in _users(client, names, sid, c, user)
+        ]
     swept = 0
     store = SessionStore(client, names)
     if store.lost_below() or not store.ids_known():
@@ -124,10 +148,38 @@ def delete_namespace_state(
             if sid not in sessions:
                 swept += 1
                 queues.append(names.request_queue(sid))
-                queues.append(names.response_queue(sid, DEFAULT_CLIENT_ID))
+                queues.append(names.response_queue(sid, DEFAULT_CLIENT_ID, user))
     deleted = _delete_existing(connection, queues)
+    _delete_exchanges(connection, [names.control_exchange, names.request_exchange])
     keys = delete_namespace_keys(client, names)
     return NamespaceDeleted(deleted, keys, swept)
+
+
+def _users(client: redis.Redis, names: Names, sid: int, client_id: str, user: str) -> set[str]:
+    """Whose response queue a client id of session `sid` may have: its kept user, else the
+    session's owner and `user`."""
+    kept = read_client_users(client, names, sid, [client_id])
+    if kept:
+        return set(kept.values())
+    try:
+        record = SessionStore(client, names).load(sid)
+    except DecodeError:
+        record = None
+    return {user} | ({record.owner} if record is not None and record.owner else set())
+
+
+def _delete_exchanges(connection: pika.BlockingConnection, exchanges: list[str]) -> None:
+    """Delete the namespace's exchanges (a missing one is no error)."""
+    for exchange in exchanges:
+        channel = connection.channel()
+        try:
+            channel.exchange_delete(exchange=exchange)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if not is_queue_gone(e):  # 404: it was not there
+                raise
+        finally:
+            if channel.is_open:
+                channel.close()
 
 
 def _delete_existing(connection: pika.BlockingConnection, queues: list[str]) -> int:

@@ -82,6 +82,8 @@ class SessionRecord(_JsonRecord):
     priority: int
     resource_unit: str
     created: float
+    #: The RabbitMQ user that created it (taken by the broker from the connection, never
+    #: from what the client says).
     owner: str
     #: The effective per-session settings, layered once at creation (records written before
     #: they were typed hold a partial map: missing keys take BrokerSettings' defaults).
@@ -102,6 +104,11 @@ class SessionRecord(_JsonRecord):
     #: Node groups a host must all be in to serve it (its pool, a label key or key=value);
     #: empty: any host.
     node_groups: tuple[str, ...] = ()
+    #: With `shared`: the users admitted besides the owner (empty: every user).
+    share_with: tuple[str, ...] = ()
+    #: The creating process's token (`ControlClient.creator`): a create whose answer was
+    #: lost is closed by it (`close_owned`).
+    creator: str = ""
 
 
 @dataclass(frozen=True)

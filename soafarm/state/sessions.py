@@ -231,15 +231,17 @@ end
 return {table.concat(out, ','), table.concat(gone, ',')}
 """
 
-# KEYS: a session's handles set, the client id's hash, the session's record. ARGV: the
-# handle, the time (epoch seconds), '1' when the handle is attaching. A client handle's
+# KEYS: a session's handles set, the client id's hash. ARGV: the handle, the time (epoch
+# seconds), '1' when the handle is attaching, the session's record key (an ARGV, not a
+# KEYS: Redis checks a script's KEYS for write access, and a client's fenced account may
+# only read the record, docs/security.md; the script only reads it). A client handle's
 # beat: an attaching handle clears the client id's `idle_out` and starts its idle clock
 # (`sent_at`); a later beat of a client id the broker disconnected for
 # `client_idle_timeout` answers how long it was idle and leaves its handle out, so it stops
 # counting. Counters missing (purged): just beats. A session deleted meanwhile (its close
 # raced this beat): nothing is written.
 _BEAT_CLIENT = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return false end
+if redis.call('EXISTS', ARGV[4]) == 0 then return false end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   if ARGV[3] == '1' then
     redis.pcall('HDEL', KEYS[2], 'idle_out')
@@ -256,11 +258,12 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 return false
 """
 
-# KEYS: the session's handles, its record. ARGV: the handle, the time. A beat that comes
-# after the session was deleted (its client's close() raced its heartbeat thread) writes
-# nothing: the handle would outlive the session's other keys.
+# KEYS: the session's handles. ARGV: the handle, the time, the session's record key (read
+# only: see _BEAT_CLIENT). A beat that comes after the session was deleted (its client's
+# close() raced its heartbeat thread) writes nothing: the handle would outlive the
+# session's other keys.
 _BEAT = """
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
+if redis.call('EXISTS', ARGV[3]) == 1 then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
 return false
 """
 
@@ -815,8 +818,10 @@ class SessionStore:
     def beat(self, session_id: int, handle: str, at: float | None = None) -> None:
         """Record that client handle `handle` is alive (now, or at `at`)."""
         when = time.time() if at is None else at
-        keys = [self.names.session_handles_key(session_id), self.names.session_key(session_id)]
-        self._beat(keys=keys, args=[handle, when])
+        self._beat(
+            keys=[self.names.session_handles_key(session_id)],
+            args=[handle, when, self.names.session_key(session_id)],
+        )
 
     def beat_client(
         self,
@@ -835,9 +840,13 @@ class SessionStore:
             keys=[
                 self.names.session_handles_key(session_id),
                 self.names.client_key(session_id, client_id),
+            ],
+            args=[
+                handle,
+                time.time() if at is None else at,
+                "1" if attaching else "0",
                 self.names.session_key(session_id),
             ],
-            args=[handle, time.time() if at is None else at, "1" if attaching else "0"],
         )
         if idle is None:
             return None

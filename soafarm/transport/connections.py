@@ -13,16 +13,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import redis
 import structlog
 from kombu import Connection
+from redis.sentinel import Sentinel
 
 from soafarm.config import Settings, TlsSettings, mask_url
 from soafarm.errors import ConnectionFailed, ConnectionLost
 from soafarm.transport.backoff import Outage
 from soafarm.transport.errors import REDIS_LOST, is_unroutable_return
+from soafarm.transport.redis_urls import is_sentinel, parse_sentinel_url
 from soafarm.transport.tls import kombu_ssl, pika_ssl_options, redis_ssl_kwargs
 
 log = structlog.get_logger(__name__)
@@ -157,6 +160,18 @@ def close_quietly(connection: Connection) -> None:
             raw.collect()
 
 
+def abandon(connection: Connection) -> None:
+    """Close a kombu connection's socket without the AMQP close handshake: for a connection
+    whose frames were cut mid-read (a Ctrl-C while a publish waited for its confirm), where
+    the handshake would wait for a reply it cannot parse."""
+    raw = getattr(connection, "_connection", None)
+    with contextlib.suppress(Exception):
+        connection.collect()
+    if raw is not None:
+        with contextlib.suppress(Exception):
+            raw.collect()
+
+
 def close_quietly_channel(channel: Any) -> None:
     """Close an AMQP channel, ignoring a connection or channel already gone."""
     with contextlib.suppress(Exception):
@@ -229,22 +244,42 @@ _DRIVER_INFO: dict[str, Any] | None = None
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A Redis client that has answered a PING, or ConnectionFailed naming the URL."""
+    """A Redis client that has answered a PING, or ConnectionFailed naming the URL (a
+    `redis+sentinel://` URL: the master its Sentinels name, found again after a failover)."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.client.connect_timeout,
+        "health_check_interval": 30,
+        "decode_responses": False,
+        **redis_ssl_kwargs(settings),
+        **_driver_info(),
+    }
     try:
-        client: redis.Redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=settings.client.connect_timeout,
-            health_check_interval=30,
-            decode_responses=False,
-            **redis_ssl_kwargs(settings),
-            **_driver_info(),
-        )
+        client: redis.Redis
+        if is_sentinel(settings.redis_url):
+            url = parse_sentinel_url(settings.redis_url)
+            sentinel = Sentinel(
+                url.sentinels,
+                sentinel_kwargs={"socket_connect_timeout": settings.client.connect_timeout},
+            )
+            client = sentinel.master_for(
+                url.master, db=url.db, username=url.username, password=url.password, **options
+            )
+        else:
+            client = redis.Redis.from_url(settings.redis_url, **options)
         client.ping()
     except (redis.RedisError, ValueError, OSError) as e:
         raise ConnectionFailed(
             f"cannot connect to Redis at {mask_url(settings.redis_url)}: {e}; {REDIS_HINT}"
         ) from None
     return client
+
+
+def with_redis_account(settings: Settings, user: str, password: str) -> Settings:
+    """`settings` logging in to Redis as `user` (a session's fenced account)."""
+    parts = urlsplit(settings.redis_url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return settings.replace(redis_url=urlunsplit(parts._replace(netloc=netloc)))
 
 
 _PROCESS_REDIS: dict[tuple[str, float, TlsSettings], redis.Redis] = {}

@@ -15,6 +15,8 @@ from soafarm.errors import ConnectionFailed
 
 #: AMQP reply code of a channel closed because its queue does not exist (deleted session).
 NOT_FOUND = 404
+#: AMQP reply code of a declare whose arguments differ from the existing queue's.
+PRECONDITION_FAILED = 406
 #: AMQP reply code of a message published with `mandatory` that no queue took.
 NO_ROUTE = 312
 
@@ -35,6 +37,15 @@ def is_queue_gone(error: BaseException) -> bool:
     """True for a channel RabbitMQ closed because the queue it used was deleted."""
     return (
         isinstance(error, pika.exceptions.ChannelClosedByBroker) and error.reply_code == NOT_FOUND
+    )
+
+
+def is_inequivalent_queue(error: BaseException) -> bool:
+    """True for a channel RabbitMQ closed because a declare's arguments differ from those
+    of the queue that exists (another queue type, other dead-lettering)."""
+    return (
+        isinstance(error, pika.exceptions.ChannelClosedByBroker)
+        and error.reply_code == PRECONDITION_FAILED
     )
 
 

@@ -979,7 +979,8 @@ class CliSubmitter:
         with (run.tmp / f"submit-{k}.err").open("wb") as err_fh:
             return subprocess.Popen(
                 command,
-                env=cli_env(run.settings),
+                # a submit that hangs is sent SIGABRT, which then prints every thread's stack
+                env={**cli_env(run.settings), "PYTHONFAULTHANDLER": "1"},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=err_fh,
@@ -1020,7 +1021,13 @@ class CliSubmitter:
             time.sleep(0.02)
         t0 = time.monotonic()
         proc.send_signal(sig)
-        proc.communicate(timeout=60)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # its threads' stacks, for the failure
+            proc.communicate(timeout=30)
+            stacks = err.read_text(errors="replace")[-6000:]
+            raise AssertionError(f"submit still running 60 s after {sig.name}:\n{stacks}") from None
         said = err.read_text(errors="replace")
         record = FaultRecord(
             f"{sig.name} soafarm submit at {before} accepted (exit {proc.returncode})",

@@ -102,6 +102,41 @@ def test_client_killed_while_sending_and_while_reading(settings: Settings, farm:
         again.close()
 
 
+def test_requests_dropped_by_close_discard_are_not_counted_sent(
+    settings: Settings, farm: LocalFarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a long linger and large batches, and no pause counts as the caller done sending (the
+    # linger thread would send a buffer the caller left for LINGER_QUIET): the last
+    # requests wait in the buffer until the close drops them
+    monkeypatch.setattr("soafarm.client.sender.LINGER_QUIET", 3600.0)
+    s = settings.replace(
+        client=dataclasses.replace(settings.client, linger=60.0, request_batch_size=1000)
+    )
+    session = DurableSession.create(SessionStartInfo("echo"), s)
+    sid = session.id
+    with BrokerClient(session, "dropping") as client:
+        for i in range(10):
+            client.send_request("echo", i, user_data=i)
+        client.flush()
+        for i in range(10, 15):
+            client.send_request("echo", i, user_data=i)
+        dropped = len(client.sender.buffer)
+        assert dropped == 5
+        client.close(discard=True)
+    session.detach()
+    with (
+        DurableSession.attach(SessionAttachInfo(sid), s) as again,
+        BrokerClient(again, "dropping") as client,
+    ):
+        # the dropped ids were never published: a resumed client sends them again
+        assert client.sent == 15 - dropped
+        for i in range(client.sent, 20):
+            client.send_request("echo", i, user_data=i)
+        client.end_requests()
+        assert_each_once(list(client.get_responses(timeout=60)), 20)
+        again.close()
+
+
 def slow_batch(session: DurableSession, client_id: str) -> BrokerClient:
     client = BrokerClient(session, client_id)
     for i in range(N):
@@ -248,6 +283,7 @@ def test_a_durable_publish_no_queue_takes_is_sent_again_not_dropped(
 
     from soafarm.names import Names
     from soafarm.transport import connections
+    from soafarm.transport.identity import own_user
     from soafarm.transport.topology import request_queue
 
     with DurableSession.create(SessionStartInfo("echo"), settings) as session:
@@ -264,7 +300,18 @@ def test_a_durable_publish_no_queue_takes_is_sent_again_not_dropped(
                 # and not a silent drop; it stays buffered for the next flush
                 client.send_request("echo", "lost?")
             monkeypatch.setattr(connections, "UNROUTABLE_RETRY_SECONDS", 60.0)
-            admin.call_later(0.3, lambda: channel.queue_declare(**spec.declare_kwargs()))
+
+            def again() -> None:
+                # declared again with its binding (a RabbitMQ restart keeps both: the queue
+                # and the request exchange are durable)
+                channel.queue_declare(**spec.declare_kwargs())
+                channel.queue_bind(
+                    spec.name,
+                    names.request_exchange,
+                    names.request_key(session.id, own_user(settings)),
+                )
+
+            admin.call_later(0.3, again)
             sender = threading.Thread(target=client.flush)
             sender.start()
             while sender.is_alive():

@@ -8,7 +8,7 @@ import msgpack
 import pika
 import pytest
 
-from soafarm import BrokerClient, Session, SessionStartInfo
+from soafarm import BrokerClient, DurableSession, Session, SessionStartInfo
 from soafarm.config import Settings
 from soafarm.local.farm import LocalFarm
 from soafarm.names import Names
@@ -21,6 +21,7 @@ from soafarm.protocol import (
     encode_response_batch,
 )
 from soafarm.transport.connections import redis_client
+from soafarm.transport.identity import own_user
 from soafarm.transport.topology import dead_letter_queue
 from tests.waiting import wait_until
 
@@ -48,7 +49,7 @@ def test_crafted_batches_are_dead_lettered_and_the_session_goes_on(
         client.end_requests()
         assert len(list(client.get_responses(timeout=60))) == 1
         sid = session.id
-        reply = names.response_queue(sid, "default")
+        reply = names.response_queue(sid, "default", own_user(settings))
 
         def raw(request_id: int, session_id: int = sid, reply_to: str = reply) -> bytes:
             body: bytes = msgpack.packb(
@@ -66,15 +67,21 @@ def test_crafted_batches_are_dead_lettered_and_the_session_goes_on(
         crafted = [
             raw(-5),  # made Redis refuse the done mark: the instance reconnected forever
             raw(4_000_000_000 * 2),  # past the done bitmap's offsets
+            raw(4_000_000_000),  # a valid offset, far past what was sent: grew Redis by 512 MB
             raw(7, session_id=sid + 1000),  # aimed at another session: ran and counted there
-            raw(8, reply_to=names.response_queue(sid + 1000, "default")),  # forged reply address
+            raw(
+                8, reply_to=names.response_queue(sid + 1000, "default", own_user(settings))
+            ),  # forged reply address
         ]
         before = dead_letters(settings)
         connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
         try:
             channel = connection.channel()
+            # as the farm's user (RabbitMQ checks user_id): the sender is known, so each
+            # batch meets the check made for it
+            props = pika.BasicProperties(user_id=own_user(settings))
             for body in crafted:
-                channel.basic_publish("", names.request_queue(sid), body)
+                channel.basic_publish("", names.request_queue(sid), body, props)
         finally:
             connection.close()
         wait_until(
@@ -94,6 +101,7 @@ def test_crafted_batches_are_dead_lettered_and_the_session_goes_on(
         r = redis_client(settings)
         done_key = names.client_done_key(sid, "default")
         assert [r.getbit(done_key, i) for i in (7, 8)] == [0, 0]
+        assert r.strlen(done_key) < 1000  # bytes: the bitmap never reached id 4,000,000,000
         assert client.status().done <= 1
         r.close()
 
@@ -110,7 +118,7 @@ def test_a_valid_but_foreign_batch_made_by_the_library_is_refused_too(
         body = encode_request_batch(
             b.id,
             "default",
-            names.response_queue(b.id, "default"),
+            names.response_queue(b.id, "default", own_user(settings)),
             [encode_request(Req(0, "echo", ("x",)), settings.max_message_bytes)],
         )
         before = dead_letters(settings)
@@ -141,8 +149,12 @@ def test_a_forged_response_is_ignored_and_counted(settings: Settings, farm: Loca
         )
         connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
         try:
+            # as the farm's own user: only the id gives it away
             connection.channel().basic_publish(
-                "", names.response_queue(session.id, "default"), forged
+                "",
+                names.response_queue(session.id, "default", own_user(settings)),
+                forged,
+                pika.BasicProperties(user_id=own_user(settings)),
             )
         finally:
             connection.close()
@@ -151,3 +163,37 @@ def test_a_forged_response_is_ignored_and_counted(settings: Settings, farm: Loca
         client.end_requests()
         assert sorted(r.id for r in client.get_responses(timeout=60)) == list(range(5))
         assert client.forged == 1
+
+
+def test_a_batch_redis_refuses_is_dead_lettered_not_looped_on(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    """A client id's done bitmap overwritten with a list (anyone with the Redis password can):
+    Redis refuses every count of its batches with WRONGTYPE. The instance used to take that
+    for a lost connection and reconnect for ever; now the batch is requeued up to
+    message_resend_limit times, then dead-lettered, and the session serves other batches."""
+    names = Names(settings.namespace)
+    info = SessionStartInfo("echo", broker_settings={"message_resend_limit": 2})
+    session = DurableSession.create(info, settings)
+    r = redis_client(settings)
+    try:
+        before = dead_letters(settings)
+        with BrokerClient(session, "spoilt") as spoilt:
+            done_key = names.client_done_key(session.id, "spoilt")
+            r.delete(done_key)
+            r.rpush(done_key, "not a bitmap")
+            spoilt.send_request("echo", "refused")
+            spoilt.flush()
+            wait_until(
+                "the refused batch dead-lettered",
+                lambda: dead_letters(settings) == before + 1,
+                timeout=60,
+            )
+        with BrokerClient(session, "fine") as fine:
+            for i in range(20):
+                fine.send_request("echo", i)
+            fine.end_requests()
+            assert sorted(x.id for x in fine.get_responses(timeout=60)) == list(range(20))
+    finally:
+        r.close()
+        session.close()

@@ -24,6 +24,7 @@ from soafarm.errors import (
 )
 from soafarm.local.farm import LocalFarm
 from soafarm.names import Names
+from soafarm.transport.identity import own_user
 from tests.proxy import CuttableProxy
 
 pytestmark = pytest.mark.integration
@@ -164,7 +165,10 @@ def test_close_deletes_queues_and_later_use_says_closed(
     names = Names(settings.namespace)
     conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
-        for queue in (names.request_queue(sid), names.response_queue(sid, "c1")):
+        for queue in (
+            names.request_queue(sid),
+            names.response_queue(sid, "c1", own_user(settings)),
+        ):
             channel = conn.channel()
             with pytest.raises(pika.exceptions.ChannelClosedByBroker):
                 channel.queue_declare(queue, passive=True)

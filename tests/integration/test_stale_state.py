@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pika
 import pika.exceptions
@@ -39,6 +40,7 @@ from soafarm.state.leases import LEASE_SECONDS, Lease
 from soafarm.state.namespace import delete_namespace_keys
 from soafarm.state.records import SessionState
 from soafarm.transport.errors import is_queue_gone
+from soafarm.transport.identity import own_user
 from tests.conftest import PrivateServers, cli_env
 from tests.waiting import wait_until
 
@@ -159,12 +161,15 @@ def state_or_none(settings: Settings, sid: int) -> str | None:
 
 def soafarm(settings: Settings, *args: str) -> Any:
     """Run a `soafarm` command in this process (a subprocess costs ~2 s of imports here);
-    stdin is empty, so a confirmation prompt reads "no"."""
+    stdin is empty, so a confirmation prompt reads "no". The CLI's logging set-up is left
+    out: it is process-wide and caches every logger it serves, so later tests in this
+    process could no longer capture their logs."""
     from click.testing import CliRunner
 
     from soafarm.cli import cli
 
-    return CliRunner().invoke(cli, list(args), env=cli_env(settings), input="")
+    with mock.patch("soafarm.cli.configure_logging"):
+        return CliRunner().invoke(cli, list(args), env=cli_env(settings), input="")
 
 
 def redis_of(settings: Settings) -> redis.Redis:
@@ -313,6 +318,26 @@ def test_sessions_whose_queue_vanished_fail_with_a_reason_and_free_their_units(
     print(f"RabbitMQ restart took {restarted - began:.1f}s; zombie failed {detected:.1f}s later")
 
 
+def test_an_attach_to_a_session_whose_queue_vanished_is_its_error_not_the_brokers(
+    settings: Settings, farm: LocalFarm
+) -> None:
+    """Between a RabbitMQ restart that dropped an interactive session's queues and the round
+    that marks it failed, an attach binds to a queue RabbitMQ no longer has: the caller gets
+    the session's error at once, and the broker daemon keeps its connection."""
+    with Session.create(SessionStartInfo("echo", min_units=0), settings) as session:
+        admin = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+        try:
+            admin.channel().queue_delete(Names(settings.namespace).request_queue(session.id))
+        finally:
+            admin.close()
+        began = time.monotonic()
+        with pytest.raises(SessionFailed, match="its queues are gone from RabbitMQ"):
+            BrokerClient(session, "late")
+        assert time.monotonic() - began < 5  # answered, not a control timeout
+        assert rpc(settings, HostsArgs()) is not None  # the broker answers at once
+        assert control_consumers(settings) >= 1
+
+
 # --- 4. a lost host's instance records ----------------------------------------------------------
 
 
@@ -378,7 +403,7 @@ def test_redis_coming_back_empty_never_reuses_a_session_id(settings: Settings) -
     done = soafarm(settings, "namespace", "delete", "--yes")
     assert done.exit_code == 0, done.output
     assert not queue_exists(settings, names.request_queue(old.id))
-    assert not queue_exists(settings, names.response_queue(old.id, "default"))
+    assert not queue_exists(settings, names.response_queue(old.id, "default", own_user(settings)))
 
 
 # --- 6. soafarm namespace delete -----------------------------------------------------------------
@@ -405,7 +430,7 @@ def test_namespace_delete_refuses_while_in_use_then_removes_every_queue_and_key(
         assert "1 broker daemon(s)" in busy.stderr
     refused = soafarm(settings, "namespace", "delete")  # no tty, no --yes: nothing happens
     assert refused.exit_code != 0
-    assert queue_exists(settings, names.response_queue(durable.id, "t"))
+    assert queue_exists(settings, names.response_queue(durable.id, "t", own_user(settings)))
     done = soafarm(settings, "namespace", "delete", "--yes")
     assert done.exit_code == 0, done.output
     assert f"namespace {settings.namespace!r} deleted" in done.stdout
@@ -434,7 +459,7 @@ def test_read_only_commands_never_create_queues(settings: Settings, farm: LocalF
         # a reader attaching a client id the session does not have creates nothing
         with pytest.raises(SessionNotFound, match=r"has no client id 'nobody' \(it has: t\)"):
             rpc(settings, AttachClientArgs(sid, "nobody", create=False))
-        assert not queue_exists(settings, names.response_queue(sid, "nobody"))
+        assert not queue_exists(settings, names.response_queue(sid, "nobody", own_user(settings)))
         session.close(purge=False)
     for args, code in (
         (("sessions", "list"), 0),
@@ -449,7 +474,7 @@ def test_read_only_commands_never_create_queues(settings: Settings, farm: LocalF
     assert not queue_exists(settings, names.request_queue(sid))
     with pytest.raises(SessionClosed, match="has no client 'other'"):
         rpc(settings, AttachClientArgs(sid, "other"))
-    assert not queue_exists(settings, names.response_queue(sid, "other"))
+    assert not queue_exists(settings, names.response_queue(sid, "other", own_user(settings)))
     assert not queue_exists(settings, names.request_queue(12345))
     assert not redis_of(settings).exists(names.client_key(sid, "other"))
 

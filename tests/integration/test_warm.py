@@ -6,6 +6,7 @@ instances nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -190,8 +191,13 @@ def test_killed_fork_servers_leave_instances_serving(
         client.send_request("probe", None)
         (first,) = list(client.get_responses(timeout=60))
         assert first.result["name"] == "sf-instance"
-        for pid in roles(settings.namespace)["warm"]:
-            os.kill(pid, signal.SIGKILL)
+        servers = roles(settings.namespace)["warm"]
+        assert len(servers) >= 2  # the generic server and probe's own
+        for pid in servers:
+            # a server's double fork shows its middle process (and the new child, until it
+            # renames itself) under the server's name for an instant: already gone is fine
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for _ in range(50):
             client.send_request("probe", None)
         later = list(client.get_responses(timeout=60))

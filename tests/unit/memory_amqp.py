@@ -16,6 +16,9 @@ from typing import Any
 
 import pika.exceptions
 
+#: The user every delivered batch was sent by.
+SENDER = "tester"
+
 
 @dataclass
 class Message:
@@ -151,7 +154,8 @@ class MemoryChannel:
         tag, self.next_tag = self.next_tag, self.next_tag + 1
         self.unacked[tag] = (queue, message)
         method = pika.spec.Basic.Deliver(delivery_tag=tag, redelivered=message.redelivered)
-        callback(self, method, pika.BasicProperties(), message.body)
+        # every batch as sent by one user: the call loop answers to its sender (workers.calls)
+        callback(self, method, pika.BasicProperties(user_id=SENDER), message.body)
         return True
 
     def basic_ack(self, delivery_tag: int) -> None:

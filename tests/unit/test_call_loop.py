@@ -6,12 +6,16 @@ The same behaviours run against the real RabbitMQ and Redis in tests/integration
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
+import pika
 import pytest
+import redis
 
 from soafarm.names import check_client_id
 from soafarm.protocol import (
@@ -25,7 +29,7 @@ from soafarm.protocol import (
 from soafarm.service import CallRunner
 from soafarm.workers.calls import CallLoop, CallWatch, Link
 from soafarm.workers.dispatch import CallTimes
-from tests.unit.memory_amqp import MemoryBroker
+from tests.unit.memory_amqp import SENDER, MemoryBroker
 from tests.waiting import wait_until
 
 LIMIT = 1 << 20
@@ -61,6 +65,9 @@ class MemoryCounts:
     attempts: dict[tuple[int, str, int], int] = field(default_factory=dict)
     clients: set[tuple[int, str]] = field(default_factory=lambda: {(1, "c")})
     marks: int = 0
+    users: dict[tuple[int, str], str] = field(default_factory=dict)
+    accepted_counts: dict[tuple[int, str], int] = field(default_factory=dict)
+    accepted_reads: int = 0
 
     def answered(self, session_id: int, client_id: str, ids: list[int]) -> set[int]:
         return set(ids) & set(self.done.get((session_id, client_id), {}))
@@ -80,8 +87,15 @@ class MemoryCounts:
     def client_exists(self, session_id: int, client_id: str) -> bool:
         return (session_id, client_id) in self.clients
 
+    def client_user(self, session_id: int, client_id: str) -> str | None:
+        return self.users.get((session_id, client_id), SENDER)
+
     def session_exists(self, session_id: int) -> bool:
         return any(s == session_id for s, _ in self.clients)
+
+    def accepted(self, session_id: int, client_id: str) -> int:
+        self.accepted_reads += 1
+        return self.accepted_counts.get((session_id, client_id), 0)
 
 
 def batch(*requests: Request) -> bytes:
@@ -111,7 +125,12 @@ def make(durable: bool = False, resend_limit: int = 3) -> Harness:
     stopped = threading.Event()
     # every client id's responses go to REPLY here; a client id that is no name is refused
     link = Link(
-        durable, QUEUE, threading.Event(), stopped.set, 1, lambda c: check_client_id(c) and REPLY
+        durable,
+        QUEUE,
+        threading.Event(),
+        stopped.set,
+        1,
+        lambda c, user: check_client_id(c) and user == SENDER and REPLY,
     )
     runner = CallRunner(service, frozenset({"echo", "fail", "wait"}), False, LIMIT, resend_limit)
     loop = CallLoop(
@@ -340,3 +359,84 @@ def test_each_outage_starts_its_back_off_afresh_once_consuming_again(running: An
             ),
             timeout=5,
         )
+
+
+class RefusingCounts(MemoryCounts):
+    """Redis refuses every count of client id "bad" (its keys hold another type)."""
+
+    def mark(self, session_id: int, client_id: str, outcomes: list[tuple[int, bool]]) -> int:
+        if client_id == "bad":
+            raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+        return super().mark(session_id, client_id, outcomes)
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "interactive"])
+def test_a_batch_redis_refuses_is_dead_lettered_after_the_resend_limit(
+    running: Any, durable: bool
+) -> None:
+    h = make(durable=durable, resend_limit=2)
+    h.counts = h.loop.counts = h.loop.done.counts = RefusingCounts()
+    h.counts.clients.add((1, "bad"))
+    refused = encode_request_batch(
+        1, "bad", REPLY, [encode_request(Request(0, "echo", (0,)), LIMIT)]
+    )
+    running(h)
+    h.broker.put(QUEUE, refused)
+    h.broker.put(QUEUE, batch(Request(1, "echo", (1,))))
+    wait_until("the other client id answered", lambda: 1 in h.responses(), timeout=5)
+    if durable:  # counted before the ack: refused, requeued twice, then dead-lettered
+        wait_until("the refused batch dead-lettered", lambda: h.broker.dead_letters, timeout=5)
+        assert h.broker.dead_letters == [refused]
+        assert h.service.calls.count(0) == 3
+    else:  # acknowledged before it is counted: answered once, the refused count logged
+        wait_until("its count refused", lambda: h.counts.done.get((1, "c")), timeout=5)
+        assert h.broker.dead_letters == [] and h.service.calls.count(0) == 1
+    assert h.counts.done[(1, "c")] == {1: False}
+
+
+def test_a_batchs_sender_is_its_routing_key_or_the_farms_header() -> None:
+    h = make()
+    h.loop.link = dataclasses.replace(h.link, request_exchange="ns.requests")
+    props = pika.BasicProperties
+    sender = h.loop._sender
+    assert sender(SimpleNamespace(exchange="ns.requests", routing_key="a%2Eb.7"), props()) == "a.b"
+    # a routing key names its sender even when user_id claims another (RabbitMQ checked it)
+    assert (
+        sender(SimpleNamespace(exchange="ns.requests", routing_key="bob.7"), props(user_id="x"))
+        == "bob"
+    )
+    handed_back = props(user_id="farm", headers={"soafarm-sender": "alice"})
+    assert sender(SimpleNamespace(exchange="", routing_key="q"), handed_back) == "alice"
+    assert sender(SimpleNamespace(exchange="", routing_key="q"), props(user_id="farm")) == "farm"
+    assert sender(SimpleNamespace(exchange="", routing_key="q"), props()) == ""
+
+
+def test_a_batch_sent_under_another_users_client_id_is_dead_lettered(running: Any) -> None:
+    h = make()
+    h.counts.users[(1, "c")] = "alice"  # every batch here is sent by SENDER
+    running(h)
+    h.broker.put(QUEUE, batch(Request(0, "echo", (0,))))
+    wait_until("the batch dead-lettered", lambda: h.broker.dead_letters, timeout=5)
+    assert h.service.calls == [] and h.responses() == {}
+
+
+def test_a_request_id_far_past_the_accepted_count_is_dead_lettered(running: Any) -> None:
+    h = make()
+    h.loop.id_slack = 1000
+    running(h)
+    crafted = batch(Request(4_000_000_000, "echo", (1,)))
+    h.broker.put(QUEUE, crafted)
+    h.broker.put(QUEUE, batch(Request(999, "echo", (2,))))  # within the slack: runs
+    wait_until("the later batch answered", lambda: 999 in h.responses(), timeout=5)
+    assert h.broker.dead_letters == [crafted]
+    assert h.service.calls == [2]
+    assert (1, "c") not in h.counts.done or 4_000_000_000 not in h.counts.done[(1, "c")]
+    # the client recorded more: the bound is read again before a batch is refused
+    h.counts.accepted_counts[(1, "c")] = 5000
+    reads = h.counts.accepted_reads
+    h.broker.put(QUEUE, batch(Request(5500, "echo", (3,))))
+    wait_until("the id within the new bound answered", lambda: 5500 in h.responses(), timeout=5)
+    assert h.counts.accepted_reads == reads + 1
+    h.broker.put(QUEUE, batch(Request(5600, "echo", (4,))))  # below the bound it read
+    wait_until("answered without a read", lambda: 5600 in h.responses(), timeout=5)
+    assert h.counts.accepted_reads == reads + 1

@@ -13,6 +13,7 @@ from soafarm.protocol import ControlRequest, decode, encode
 from soafarm.state.control import (
     OPS,
     AddDataArgs,
+    AdminsArgs,
     AttachClientArgs,
     Attached,
     ClientPurged,
@@ -99,6 +100,9 @@ ARGS: list[ControlCall[Any]] = [
     HostActionArgs("h1", "drain"),
     PingArgs(),
     TemplatesArgs(),
+    AdminsArgs(),
+    AdminsArgs("grant", "alice"),
+    CreateArgs("echo", share_with=("alice", "bob")),
     CreateArgs("echo", priority=4000, job_template="gpu", node_groups=("gpu", "zone=a")),
 ]
 
@@ -135,7 +139,11 @@ def test_omitted_arguments_take_defaults() -> None:
         ("get", {}, r"control request 'get': missing 'session_id'"),
         ("get", {"session_id": "3"}, r"'get': session_id: expected int, got '3'"),
         ("get", {"session_id": True}, r"session_id: expected int, got True"),
-        ("get", {"session_id": 3, "sesion": 1}, r"unknown key\(s\) sesion; allowed: session_id"),
+        (
+            "get",
+            {"session_id": 3, "sesion": 1},
+            r"unknown key\(s\) sesion; allowed: redis_account, session_id",
+        ),
         ("close", {"session_id": 3, "purge": 1}, r"purge: expected bool, got 1"),
         ("create", {"service": ""}, r"'create': service must be a non-empty string"),
         ("create", {"service": 5}, r"service: expected str, got 5"),
@@ -197,7 +205,7 @@ def test_every_reply_round_trips_through_msgpack(args: ControlCall[Any], reply: 
 def test_session_description_is_the_flat_map_of_before() -> None:
     wire = INFO.to_wire()
     assert list(wire)[:3] == ["id", "service", "version"]
-    assert list(wire)[-8:] == [
+    assert list(wire)[-10:] == [
         "request_queue",
         "instances",
         "clients",
@@ -206,6 +214,8 @@ def test_session_description_is_the_flat_map_of_before() -> None:
         "target_units",
         "status",
         "outstanding",
+        "redis_user",
+        "redis_password",
     ]
     assert wire["state"] == "running"
     assert type(wire["state"]) is str

@@ -31,8 +31,10 @@ def fake_starts(
     settings) and, with `register`, the host named by `--name` beats at once."""
     started: list[tuple[list[str], dict[str, str]]] = []
 
-    def popen(args: list[str], own: dict[str, str] | None = None) -> FakeProc:
-        started.append((args, dict(own or {})))
+    def popen(
+        args: list[str], own: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> FakeProc:
+        started.append(([*prefix, *args], dict(own or {})))
         if register:
             HostStore(r, NAMES).beat(HostRecord(args[-1], "box", 1, 1, 0.0), timeout=30.0)
         return FakeProc(args, pid=2000 + len(started))
@@ -41,25 +43,34 @@ def fake_starts(
     return started
 
 
-def test_a_worker_of_its_own_settings_restarts_with_them(
+def test_a_worker_of_its_own_settings_and_machine_restarts_with_them(
     monkeypatch: pytest.MonkeyPatch, r: redis.Redis
 ) -> None:
     farm = LocalFarm(Settings(namespace=NAMES.namespace), workers=0, cores=4, supervise=True)
     started = fake_starts(monkeypatch, farm, r)
-    farm.add_worker("gpu-1", cores=2, pool="gpu", labels="zone=a,gpu=1")
+    farm.add_worker(
+        "gpu-1",
+        cores=2,
+        pool="gpu",
+        labels="zone=a,gpu=1",
+        env={"SOAFARM_AMQP_URL": "amqp://far/"},
+        prefix=("ip", "netns", "exec", "far"),
+    )
     own = {
         "SOAFARM_WORKER_CORES": "2",
         "SOAFARM_WORKER_POOL": "gpu",
         "SOAFARM_WORKER_LABELS": "zone=a,gpu=1",
+        "SOAFARM_AMQP_URL": "amqp://far/",
     }
-    assert started == [(["worker", "--name", "gpu-1"], own)]
+    far = ["ip", "netns", "exec", "far"]
+    assert started == [([*far, "worker", "--name", "gpu-1"], own)]
     (child,) = farm.children
     assert (child.name, child.host_id) == ("worker gpu-1", "gpu-1")
 
     assert isinstance(child.proc, FakeProc)
     child.proc.returncode = -9  # crashed: restarted at once, with its own settings again
     farm.supervise_once(child.started + 1.0)
-    assert started[1] == (["worker", "--name", "gpu-1-restart1"], own)
+    assert started[1] == ([*far, "worker", "--name", "gpu-1-restart1"], own)
     farm.stop()
     assert farm.children == []
 
@@ -83,8 +94,10 @@ def test_a_worker_that_exits_before_registering_says_so(
     starts = fake_starts(monkeypatch, farm, r, register=False)
     real = farm._popen
 
-    def exits(args: list[str], own: dict[str, str] | None = None) -> FakeProc:
-        proc = real(args, own)
+    def exits(
+        args: list[str], own: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> FakeProc:
+        proc = real(args, own, prefix)
         assert isinstance(proc, FakeProc)
         proc.returncode = 2
         return proc

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
@@ -108,11 +109,20 @@ def test_compose_scrapes_the_default_ports_and_checks_health() -> None:
     assert {"prometheus", "grafana"} <= set(services)
 
 
-def test_the_kubernetes_workers_probe_healthz_and_expose_their_metrics() -> None:
-    deployment = yaml.safe_load((COMPOSE / "kubernetes/worker-deployment.yaml").read_text())
+@pytest.mark.parametrize(
+    ("manifest", "port"),
+    [
+        ("worker-deployment.yaml", MetricsSettings().worker_port),
+        ("broker-deployment.yaml", MetricsSettings().broker_port),
+        ("autoscaler-deployment.yaml", MetricsSettings().autoscaler_port),
+    ],
+)
+def test_the_kubernetes_pods_probe_healthz_and_expose_their_metrics(
+    manifest: str, port: int
+) -> None:
+    deployment = next(yaml.safe_load_all((COMPOSE / "kubernetes" / manifest).read_text()))
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
-    port = MetricsSettings().worker_port
     assert container["ports"] == [{"name": "metrics", "containerPort": port}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}

@@ -93,8 +93,10 @@ def fake_farm(monkeypatch: pytest.MonkeyPatch) -> tuple[LocalFarm, list[FakeProc
     r = fake_redis()
     farm = LocalFarm(Settings(namespace=NAMES.namespace), workers=1, supervise=True)
 
-    def popen(args: list[str], own: dict[str, str] | None = None) -> FakeProc:
-        started.append(FakeProc(args, pid=1000 + len(started)))
+    def popen(
+        args: list[str], own: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> FakeProc:
+        started.append(FakeProc([*prefix, *args], pid=1000 + len(started)))
         return started[-1]
 
     monkeypatch.setattr(farm, "_popen", popen)
