@@ -1,8 +1,16 @@
 """The allocator's pure functions: minimums by priority, sharing by outstanding work, unit
 types, stable placement."""
 
-from soafarm.broker.allocator import Demand, allocate, totals
-from soafarm.resources import HostSize, capacity, units_per_host
+import dataclasses
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from soafarm.broker import allocator
+from soafarm.broker.allocator import Assignments, Demand, allocate, totals
+from soafarm.resources import HostSize, capacity, unit_cores, units_per_host
 
 ONE_HOST = {"a": HostSize(5)}
 
@@ -91,3 +99,87 @@ def test_a_running_session_that_lost_a_host_keeps_what_it_can_get() -> None:
     assert allocate({"a": HostSize(1)}, {"a": {1: 1}}, [demand]) == {"a": {1: 1}}
     starting = Demand(1, 2, 2, 2000)
     assert allocate({"a": HostSize(1)}, {}, [starting]) == {"a": {}}
+
+
+# --- the heap of fullest hosts places exactly as a scan of every host did ----------------
+
+
+class _ScanPlan(allocator._Plan):
+    """The placement as it was first written: every host scanned for each unit."""
+
+    def add(self, demand: Demand) -> bool:
+        sid, unit = demand.session_id, demand.unit
+        candidates = []
+        for h, size in self.hosts.items():
+            have = self.result[h].get(sid, 0)
+            if (
+                h in self.excluded.get(sid, set())
+                or have >= units_per_host(unit, size)
+                or self.free[h] < unit_cores(unit, size)
+            ):
+                continue
+            moves = have >= self.current.get(h, {}).get(sid, 0)
+            if moves and h in self.offline:
+                continue
+            candidates.append((moves, self.free[h], h))
+        if not candidates:
+            return False
+        self.place(sid, unit, min(candidates)[2])
+        return True
+
+
+@st.composite
+def farms(draw: st.DrawFn) -> dict[str, Any]:
+    """Hosts, what runs on them, sessions' demands, exclusions, offline hosts and a mode."""
+    host_ids = [f"h{i}" for i in range(draw(st.integers(1, 6)))]
+    hosts = {h: HostSize(draw(st.integers(0, 8)), draw(st.integers(1, 2))) for h in host_ids}
+    sids = list(range(1, draw(st.integers(1, 5)) + 1))
+    demands = []
+    for sid in sids:
+        low = draw(st.integers(0, 4))
+        demands.append(
+            Demand(
+                sid,
+                low,
+                low + draw(st.integers(0, 10)),
+                draw(st.integers(0, 3)),
+                draw(st.sampled_from(["core", "core", "socket", "node"])),
+                draw(st.integers(0, 1000)),
+                draw(st.booleans()),
+            )
+        )
+    current = {
+        h: {sid: draw(st.integers(0, 3)) for sid in draw(st.lists(st.sampled_from(sids)))}
+        for h in host_ids
+    }
+    excluded = {sid: set(draw(st.lists(st.sampled_from(host_ids)))) for sid in sids}
+    offline = frozenset(draw(st.lists(st.sampled_from(host_ids))))
+    mode = draw(st.sampled_from(["queued", "balanced"]))
+    return {
+        "hosts": hosts,
+        "current": current,
+        "demands": demands,
+        "excluded": excluded,
+        "offline": offline,
+        "mode": mode,
+    }
+
+
+@given(farms())
+@settings(max_examples=400, deadline=None)
+def test_placement_is_the_same_as_scanning_every_host(
+    farm: dict[str, Any],
+) -> None:
+    def run(plan: type[allocator._Plan]) -> Assignments:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(allocator, "_Plan", plan)
+            return allocate(
+                farm["hosts"],
+                farm["current"],
+                [dataclasses.replace(d) for d in farm["demands"]],
+                farm["excluded"],
+                mode=farm["mode"],
+                offline=farm["offline"],
+            )
+
+    assert run(allocator._Plan) == run(_ScanPlan)
