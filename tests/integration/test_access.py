@@ -60,6 +60,7 @@ from soafarm.state.redis_accounts import RedisAccounts
 from soafarm.state.sessions import SessionStore
 from soafarm.transport.connections import redis_client
 from tests.conftest import cli_env
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -425,7 +426,8 @@ def test_a_fenced_users_whole_workflow_meets_no_refusal(users: Users) -> None:
             assert client.sent == 30
             client.end_requests()
             assert sorted(r.id for r in client.get_responses(timeout=60)) == list(range(30))
-            assert client.status().done == 30
+            # counted just after the responses are published (see workers/calls.py)
+            wait_until("the done count", lambda: client.status().done == 30, timeout=10)
             again.set_common_data("more", {"x": 1})
             made.add(again.redis.client.acl_whoami())
             again.close()

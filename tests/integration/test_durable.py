@@ -19,7 +19,7 @@ from soafarm.errors import BrokerUnavailable, ReaderTakenOver, SessionClosed, Se
 from soafarm.local.embedded import EmbeddedServers, free_port
 from soafarm.local.farm import LocalFarm
 from tests.conftest import cli_env
-from tests.waiting import wait_until
+from tests.waiting import counted, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ def test_client_killed_while_sending_and_while_reading(settings: Settings, farm:
         everything = list(client.get_responses(timeout=60))
         assert_each_once(everything)
         assert all(r.result.endswith(f":{r.id}") for r in everything)
-        status = client.status()
+        status = counted(client, N)
         assert (status.accepted, status.done, status.total, status.finished) == (N, N, N, True)
         again.close()
 

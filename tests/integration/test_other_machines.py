@@ -15,7 +15,7 @@ from soafarm.names import Names
 from soafarm.state.hosts import HostStore
 from soafarm.transport.connections import redis_client
 from tests.netns import other_machine, servers_seen_from
-from tests.waiting import wait_until
+from tests.waiting import counted, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def test_a_host_cut_off_mid_batch_is_forgotten_its_work_finished_elsewhere_then_
                 forgotten = time.monotonic() - cut
                 seen = [r.user_data for r in client.get_responses(timeout=180)]
                 finished = time.monotonic() - cut
-                status = client.status()
+                status = counted(client, N)
             session.close()  # its units, on the host left, are free for the next session
             assert not machine.reachable()
             machine.link(up=True)

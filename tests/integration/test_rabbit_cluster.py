@@ -21,7 +21,7 @@ from soafarm.state.idmark import id_mark_queue
 from soafarm.transport.connections import pika_connection
 from soafarm.transport.topology import dead_letter_queue, declare_farm_queue
 from tests.rabbit_cluster import RabbitCluster, rabbitmq_cluster
-from tests.waiting import wait_until
+from tests.waiting import counted, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def test_a_durable_batch_completes_exactly_once_with_its_queues_leader_stopped(
                     seen.append(response.user_data)
                     arrived.append(time.monotonic())
                 fault.join(timeout=120)
-                status = client.status()
+                status = counted(client, N)
             # the session goes on: a second client id, through the nodes left
             with BrokerClient(session, "after") as client:
                 client.send_request("echo", 1, user_data="still here")

@@ -14,6 +14,7 @@ from soafarm.config import Settings
 from soafarm.local.farm import LocalFarm
 from soafarm.transport.connections import redis_client
 from tests.sentinel import RedisSentinels, redis_sentinels
+from tests.waiting import counted
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +70,7 @@ def test_a_durable_batch_completes_exactly_once_through_a_redis_failover(
                 if len(seen) == N // 4:  # a quarter answered: the master dies
                     failover.start()
             failover.join(timeout=60)
-            status = client.status()
+            status = counted(client, N)
         session.close()
     assert killed and promoted and promoted[0] != killed[0]
     assert outstanding[0] > N // 4, "the master died after the batch was done"
