@@ -8,6 +8,7 @@ nothing for a metric nobody scrapes; `serve_metrics` serves it on a thread of it
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import threading
 from collections.abc import Callable, Iterable
@@ -39,6 +40,10 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Say nothing."""
+
+
+#: How often (seconds) a metrics server's thread checks whether it is asked to stop.
+SHUTDOWN_POLL = 0.05
 
 
 @dataclass
@@ -97,7 +102,10 @@ def serve_metrics(
         return serve_metrics(registry, health, bind, 0, process)
     host, actual = server.server_address[:2]
     url = f"http://{_url_host(str(host))}:{actual}/metrics"
-    thread = threading.Thread(target=server.serve_forever, name=f"metrics-{process}", daemon=True)
+    # serve_forever looks for a shutdown request between polls: at its default 0.5 s a
+    # stopping process waited up to that long for its metrics thread
+    serve = functools.partial(server.serve_forever, poll_interval=SHUTDOWN_POLL)
+    thread = threading.Thread(target=serve, name=f"metrics-{process}", daemon=True)
     thread.start()
     log.info("metrics_serving", process=process, url=url)
     return MetricsServer(url, server, thread)
