@@ -33,6 +33,12 @@ log = structlog.get_logger(__name__)
 #: them for every open session four times a second was most of an idle farm's Redis load.
 FACTS_MAX_AGE = 1.0
 
+#: Seconds a host that failed to load a session's service is excluded at least, whatever
+#: the session's `end_point_not_found_retry_period`: the leader may read a load error up to
+#: FACTS_MAX_AGE (and a round) after it was written, and an exclusion that ended before it
+#: was seen would never drop the host's assignment (the host holds it, not retrying).
+MIN_LOAD_EXCLUSION = FACTS_MAX_AGE + 1.0
+
 Facts = dict[int, tuple[int, dict[str, str]]]
 
 
@@ -184,7 +190,7 @@ def _session_facts(
             errors = {h: LoadError.parse(why) for h, why in raw_errors.items()}
             # a host that failed to load the service is left out for the session's
             # end_point_not_found_retry_period, then tried again
-            period = s.broker_settings.end_point_not_found_retry_period
+            period = max(s.broker_settings.end_point_not_found_retry_period, MIN_LOAD_EXCLUSION)
             until = {h: e.at + period for h, e in errors.items() if now < e.at + period}
         outside, mine = nowhere, everywhere
         if s.node_groups:

@@ -76,6 +76,12 @@ def instance_restart(code: int, ran_for: float, failures: int) -> Restart:
     return INSTANCE_CRASH_POLICY.decide(failures, ran_for)
 
 
+#: Seconds after its service failed to load before a host starts an instance of the session
+#: again, if the broker still assigns it one (normally the broker's exclusion has dropped
+#: the assignment within a second, and no retry happens here).
+LOAD_FAILED_RETRY = 10.0
+
+
 @dataclass
 class SessionProcs:
     """Instance processes of one session on this host, and its restart back-off."""
@@ -85,6 +91,8 @@ class SessionProcs:
     failures: int = 0
     next_start: float = 0.0
     counter: int = 0
+    #: its service failed to load here: the broker excludes this host for the session (and
+    #: drops the assignment); `next_start` is then LOAD_FAILED_RETRY away
     load_failed: bool = False
     #: its session is closed (or gone): start nothing more until the broker drops it
     ended: bool = False
@@ -109,8 +117,10 @@ def plan_reconcile(
     """Decide, without side effects, how to make each session run what `wanted` says.
 
     Extra instances stop at once; missing ones start only once the session's restart
-    back-off (`next_start`, on the monotonic clock `now`) has passed, and never after its
-    service failed to load here (the broker excludes this host for it instead).
+    back-off (`next_start`, on the monotonic clock `now`) has passed. After its service
+    failed to load here the broker excludes this host for it, which drops the assignment;
+    one still standing LOAD_FAILED_RETRY later (the broker missed the failure, or had no
+    leader) is tried again, which reports the failure afresh, rather than held for ever.
     """
     stop: dict[int, int] = {}
     start: dict[int, int] = {}
@@ -121,9 +131,7 @@ def plan_reconcile(
         running = len(procs.running)
         if running > want:
             stop[sid] = running - want
-        elif (
-            running < want and now >= procs.next_start and not procs.load_failed and not procs.ended
-        ):
+        elif running < want and now >= procs.next_start and not procs.ended:
             start[sid] = want - running
         if want == 0:
             drop.add(sid)
@@ -381,7 +389,9 @@ class WorkerHost:
                     self.metrics.exits.labels(self.services.get(sid, ""), str(code)).inc()
                 if code == EXIT_LOAD_FAILED:
                     # the broker excludes this host for the session; retrying cannot help
+                    # unless the assignment outlives the exclusion (see plan_reconcile)
                     procs.load_failed = True
+                    procs.next_start = now + LOAD_FAILED_RETRY
                     log.error("service_load_failed", instance=iid, session_id=sid)
                     continue
                 ran_for = now - procs.started.pop(iid, now)

@@ -94,10 +94,12 @@ def test_plan_starts_what_is_missing_and_stops_extras() -> None:
     assert plan.drop == frozenset()
 
 
-def test_plan_waits_for_the_back_off_and_never_retries_a_load_failure() -> None:
-    sessions = {1: procs(next_start=15.0), 2: procs(load_failed=True)}
+def test_plan_waits_for_the_back_off_and_the_load_failure_retry() -> None:
+    sessions = {1: procs(next_start=15.0), 2: procs(load_failed=True, next_start=30.0)}
     assert plan_reconcile(sessions, {1: 1, 2: 1}, 10.0).start == {}
     assert plan_reconcile(sessions, {1: 1, 2: 1}, 15.0).start == {1: 1}
+    # an assignment that outlived the broker's exclusion is tried again, not held for ever
+    assert plan_reconcile(sessions, {1: 1, 2: 1}, 30.0).start == {1: 1, 2: 1}
 
 
 def test_plan_drops_sessions_no_longer_assigned() -> None:
