@@ -91,9 +91,6 @@ class SessionProcs:
     failures: int = 0
     next_start: float = 0.0
     counter: int = 0
-    #: its service failed to load here: the broker excludes this host for the session (and
-    #: drops the assignment); `next_start` is then LOAD_FAILED_RETRY away
-    load_failed: bool = False
     #: its session is closed (or gone): start nothing more until the broker drops it
     ended: bool = False
 
@@ -390,7 +387,6 @@ class WorkerHost:
                 if code == EXIT_LOAD_FAILED:
                     # the broker excludes this host for the session; retrying cannot help
                     # unless the assignment outlives the exclusion (see plan_reconcile)
-                    procs.load_failed = True
                     procs.next_start = now + LOAD_FAILED_RETRY
                     log.error("service_load_failed", instance=iid, session_id=sid)
                     continue

@@ -80,8 +80,8 @@ def host(r: redis.Redis) -> WorkerHost:
     return worker
 
 
-def procs(running: int = 0, next_start: float = 0.0, load_failed: bool = False) -> SessionProcs:
-    out = SessionProcs(next_start=next_start, load_failed=load_failed)
+def procs(running: int = 0, next_start: float = 0.0) -> SessionProcs:
+    out = SessionProcs(next_start=next_start)
     out.running = [(f"i{n}", FakeProcess([])) for n in range(running)]  # type: ignore[misc]
     return out
 
@@ -95,7 +95,7 @@ def test_plan_starts_what_is_missing_and_stops_extras() -> None:
 
 
 def test_plan_waits_for_the_back_off_and_the_load_failure_retry() -> None:
-    sessions = {1: procs(next_start=15.0), 2: procs(load_failed=True, next_start=30.0)}
+    sessions = {1: procs(next_start=15.0), 2: procs(next_start=30.0)}  # 2 failed to load
     assert plan_reconcile(sessions, {1: 1, 2: 1}, 10.0).start == {}
     assert plan_reconcile(sessions, {1: 1, 2: 1}, 15.0).start == {1: 1}
     # an assignment that outlived the broker's exclusion is tried again, not held for ever
@@ -103,7 +103,7 @@ def test_plan_waits_for_the_back_off_and_the_load_failure_retry() -> None:
 
 
 def test_plan_drops_sessions_no_longer_assigned() -> None:
-    plan = plan_reconcile({1: procs(running=2), 2: procs(load_failed=True)}, {}, 0.0)
+    plan = plan_reconcile({1: procs(running=2), 2: procs(next_start=30.0)}, {}, 0.0)
     assert plan.stop == {1: 2}
     assert plan.drop == {1, 2}
 
